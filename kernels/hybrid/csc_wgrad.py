@@ -1,0 +1,79 @@
+"""Weight gradients of the cold part through the per-neuron (CSC) view.
+
+out1[j] = sum over cold slots p of neuron j of c1[p] * a[token(p)]  (and out2 with c2, DUAL).
+  dW_u, dW_g: a = x, c1 = du, c2 = dg   (one gather of each x row feeds both gradients);
+  dW_d^T:     a = dy, c1 = g * u = h    (PRODUCT forms h on the fly).
+Rows of neurons with no cold slot (dead or hot) are written as 0; the caller then overwrites
+hot rows with the dense panel's GEMM. Neuron-major order makes each output row a private
+accumulator: no atomics, no race, deterministic up to the fixed slot order.
+Grid (neuron, D chunk); the segment length is bounded by hot_frac * M (hot neurons are dense).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, ceil_div
+
+
+@triton.jit
+def _csc_wgrad_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out1_ptr, out2_ptr,
+                      D, width,
+                      KT: tl.constexpr, BD: tl.constexpr, PRODUCT: tl.constexpr, DUAL: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = rd < D
+    start = tl.load(ptr_ptr + j)
+    end = tl.load(ptr_ptr + j + 1)
+    rt = tl.arange(0, KT)
+    acc1 = tl.zeros((KT, BD), dtype=tl.float32)
+    acc2 = tl.zeros((KT, BD), dtype=tl.float32)
+    for t0 in range(start, end, KT):
+        t_ok = (t0 + rt) < end
+        slot = tl.load(slot_ptr + t0 + rt, mask=t_ok, other=0).to(tl.int64)
+        tok = slot // width
+        c1 = tl.load(c1_ptr + slot, mask=t_ok, other=0.0)
+        if PRODUCT:
+            c1 = c1 * tl.load(c3_ptr + slot, mask=t_ok, other=0.0)
+        av = tl.load(a_ptr + tok[:, None] * D + rd[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        acc1 += c1[:, None] * av
+        if DUAL:
+            c2 = tl.load(c2_ptr + slot, mask=t_ok, other=0.0)
+            acc2 += c2[:, None] * av
+    o = j * D + rd
+    tl.store(out1_ptr + o, tl.sum(acc1, axis=0).to(out1_ptr.dtype.element_ty), mask=d_ok)
+    if DUAL:
+        tl.store(out2_ptr + o, tl.sum(acc2, axis=0).to(out2_ptr.dtype.element_ty), mask=d_ok)
+
+
+def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=None, c2=None,
+              out_dtype=None):
+    """Returns out1 [H, D] (and out2 when c2 is given) in out_dtype (default a.dtype)."""
+    M, D = a.shape
+    if csc_ptr.shape != (H + 1,):
+        raise ValueError(f"csc_ptr has shape {tuple(csc_ptr.shape)}, expected ({H + 1},)")
+    dt = out_dtype or a.dtype
+    out1 = torch.empty(H, D, dtype=dt, device=a.device)
+    out2 = torch.empty(H, D, dtype=dt, device=a.device) if c2 is not None else out1
+    if INTERPRET:
+        cfg, opts = dict(KT=16, BD=32), {}
+    else:
+        cfg, opts = dict(KT=16, BD=256), dict(num_warps=4)
+    if H and D:
+        grid = (H, ceil_div(D, cfg["BD"]))
+        _csc_wgrad_kernel[grid](a, csc_ptr, csc_slot, c1, c1 if c3 is None else c3,
+                                c1 if c2 is None else c2, out1, out2, D, width,
+                                PRODUCT=c3 is not None, DUAL=c2 is not None, **cfg, **opts)
+    return (out1, out2) if c2 is not None else out1
+
+
+def reference(a, idx, cnt, H, c1, c3=None):
+    """Scatter-add formulation straight from the token ELL (no CSC), fp32 [H, D]."""
+    m = torch.arange(idx.shape[1], device=idx.device)[None, :] < cnt[:, None]
+    c = c1 if c3 is None else c1 * c3
+    rows, slots = m.nonzero(as_tuple=True)
+    out = torch.zeros(H, a.shape[1], dtype=torch.float32, device=a.device)
+    out.index_add_(0, idx[rows, slots].long(), c[rows, slots, None] * a.float()[rows])
+    return out

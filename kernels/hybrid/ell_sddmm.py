@@ -1,0 +1,99 @@
+"""Sampled dense-dense products on the cold ELL: out[i, s] = a_i . w[idx[i, s]].
+
+Forward: u at the gate's pattern (a = x, w = W_u).
+Backward: dh at the same pattern (a = dy, w = W_d^T), with the epilogue folding in the L1
+gradient and the gating: dh += scale * sign(h), du = dh * relu(g), dg = dh * u * 1[g > 0].
+(In the ELL every stored g is > 0, so relu(g) = g and the indicator is 1.)
+
+One program per token: its row a_i is read once per SP-slot chunk while SP weight rows are
+gathered; the inner loop walks D so each gathered row is read once, coalesced, 16 B per thread.
+The slot loop stops at the token's own count, so a light token costs only its nonzeros.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET
+
+
+@triton.jit
+def _ell_sddmm_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, out_ptr,
+                      g_ptr, u_ptr, out2_ptr, scale_ptr,
+                      D, width,
+                      SP: tl.constexpr, BD: tl.constexpr, BWD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.load(cnt_ptr + row)
+    rs = tl.arange(0, SP)
+    rd = tl.arange(0, BD)
+    a_row = a_ptr + row * D
+    for s0 in range(0, n, SP):
+        s_ok = (s0 + rs) < n
+        off = row * width + s0 + rs
+        cols = tl.load(idx_ptr + off, mask=s_ok, other=0)
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * D
+        acc = tl.zeros((SP, BD), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            d_ok = (d0 + rd) < D
+            av = tl.load(a_row + d0 + rd, mask=d_ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_rows + (d0 + rd)[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += wv.to(tl.float32) * av[None, :]
+        dot = tl.sum(acc, axis=1)
+        if BWD:
+            g = tl.load(g_ptr + off, mask=s_ok, other=0.0)
+            u = tl.load(u_ptr + off, mask=s_ok, other=0.0)
+            # sign(h) = sign(u) since g > 0; d|h|/dh at h == 0 is taken as 0, like torch.abs.
+            sgn = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+            dh = dot + tl.load(scale_ptr) * sgn
+            tl.store(out_ptr + off, dh * g, mask=s_ok)       # du
+            tl.store(out2_ptr + off, dh * u, mask=s_ok)      # dg
+        else:
+            tl.store(out_ptr + off, dot, mask=s_ok)
+
+
+def _config(width: int):
+    if INTERPRET:
+        return dict(SP=16, BD=32), {}
+    sp = 16 if width <= 16 else 32
+    return dict(SP=sp, BD=128), dict(num_warps=4)
+
+
+def ell_sddmm(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
+    """u[i, s] = a[i] . w[idx[i, s]] for s < cnt[i]; 0 elsewhere. fp32 [M, width]."""
+    M, D = a.shape
+    if w.shape[1] != D or idx.shape[0] != M or cnt.shape != (M,):
+        raise ValueError(f"shape mismatch: a {tuple(a.shape)}, w {tuple(w.shape)}, idx {tuple(idx.shape)}, cnt {tuple(cnt.shape)}")
+    out = torch.zeros(idx.shape, dtype=torch.float32, device=a.device)
+    if M:
+        cfg, opts = _config(idx.shape[1])
+        _ell_sddmm_kernel[(M,)](a, w, idx, cnt, out, out, out, out, out, D, idx.shape[1],
+                                BWD=False, **cfg, **opts)
+    return out
+
+
+def ell_sddmm_bwd(dy, w_t, idx, cnt, g, u, scale):
+    """du, dg (fp32 [M, width]) at the cold slots; `scale` is a 0-dim fp32 tensor g_l1 / M."""
+    M, D = dy.shape
+    du = torch.zeros(idx.shape, dtype=torch.float32, device=dy.device)
+    dg = torch.zeros_like(du)
+    if M:
+        cfg, opts = _config(idx.shape[1])
+        _ell_sddmm_kernel[(M,)](dy, w_t, idx, cnt, du, g, u, dg, scale, D, idx.shape[1],
+                                BWD=True, **cfg, **opts)
+    return du, dg
+
+
+def _slot_mask(idx, cnt):
+    return torch.arange(idx.shape[1], device=idx.device)[None, :] < cnt[:, None]
+
+
+def reference(a, w, idx, cnt):
+    rows = w.float()[idx.long()]                      # [M, width, D]
+    return (rows * a.float()[:, None, :]).sum(-1) * _slot_mask(idx, cnt)
+
+
+def reference_bwd(dy, w_t, idx, cnt, g, u, scale):
+    dh = reference(dy, w_t, idx, cnt) + scale.float() * torch.sign(u)
+    m = _slot_mask(idx, cnt)
+    return dh * g * m, dh * u * m

@@ -1,0 +1,92 @@
+"""The hybrid sparse format used for training: cold ELL + per-neuron CSC + two dense backups.
+
+An activation (token i, neuron j) with g_ij > 0 lands in exactly one of three parts:
+  * hot neurons (fire_counts[j] > hot_frac * M): a dense [M, K] panel over all tokens. A neuron
+    that fires for more than ~1% of tokens is cheaper through a tensor-core GEMM than through
+    per-activation row gathers (the gather moves 2*D bytes per activation, the GEMM 2*M*D flops
+    per neuron). This is the dense backup in the neuron direction, and it bounds the length of
+    every cold neuron's CSC segment by hot_frac * M.
+  * heavy tokens (more than `ell_width` nonzeros): the gate epilogue could not store them all, so
+    they are recomputed densely (over cold neurons) from x in forward and backward: the dense
+    backup in the token direction. Never truncated: their true count comes from the epilogue.
+  * everything else, the cold tail, as a per-token ELL of width Wc = the largest cold count of a
+    light token (exact, so nothing overflows), plus the per-neuron (CSC) view of the same slots
+    that the weight-gradient products need: csc_slot lists flat ELL slots (i * Wc + s) sorted by
+    neuron, csc_ptr[j]:csc_ptr[j+1] delimits neuron j.
+
+Host synchronisation: building this costs ONE device-to-host read per layer forward (R heavy
+rows, K hot neurons, Wc) so that buffers are sized exactly and dense backups run through cuBLAS
+with exact shapes. Backward has none. It prevents CUDA-graph capture of the layer (see NOTES.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .gate_pack import gate_pack
+
+
+@dataclass
+class HybridPattern:
+    fire: torch.Tensor      # [H] int32: tokens with g_j > 0 (all parts)
+    cnt: torch.Tensor       # [M] int32: cold nonzeros of a light token (0 for heavy tokens)
+    idx: torch.Tensor       # [M, Wc] int32: neuron of each cold slot (0 in unused slots)
+    g: torch.Tensor         # [M, Wc] fp32: g at each cold slot (0 in unused slots, > 0 in used ones)
+    csc_ptr: torch.Tensor   # [H + 1] int32
+    csc_slot: torch.Tensor  # [M * Wc] int32: flat slots sorted by neuron (tail past csc_ptr[H] unused)
+    hot: torch.Tensor       # [K] int64: hot neuron ids
+    heavy: torch.Tensor     # [R] int64: heavy token ids
+    cold_mask: torch.Tensor  # [H] bool: neurons outside the hot set (used by the heavy backup)
+
+    @property
+    def width(self) -> int:
+        return self.idx.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.fire, self.cnt, self.idx, self.g, self.csc_ptr, self.csc_slot, self.hot,
+                    self.heavy, self.cold_mask))
+
+
+def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_frac: float | None,
+                  _packed=None) -> HybridPattern:
+    """Run the gate GEMM + epilogue pack, then split into hot / heavy / cold parts.
+
+    `hot_frac=None` disables the hot dense panel (every neuron goes through the CSC path).
+    `_packed` lets tests inject gate_pack's output (e.g. from its reference).
+    """
+    M = x.shape[0]
+    H = w_gate.shape[0]
+    fire, cnt0, idx0, val0 = _packed if _packed is not None else gate_pack(x, w_gate, ell_width)
+    dev = x.device
+    W0 = idx0.shape[1]
+    slot = torch.arange(W0, device=dev)
+    light = cnt0 <= W0
+    valid = (slot[None, :] < cnt0[:, None]) & light[:, None]
+    idx0 = torch.where(valid, idx0, 0)
+    if hot_frac is None:
+        hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
+    else:
+        hot_mask = fire > int(hot_frac * M)
+    cold = valid & ~hot_mask[idx0.long()]
+    ccnt = cold.sum(1)
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    stats = torch.stack([(~light).sum(), hot_mask.sum(), ccnt.max() if M else zero])
+    R, K, Wc = (int(v) for v in stats.tolist())  # the one host sync of the layer
+    Wc = max(Wc, 1)
+    dest = torch.where(cold, torch.cumsum(cold, 1) - 1, Wc)
+    idx = torch.zeros(M, Wc + 1, dtype=torch.int32, device=dev).scatter_(1, dest, idx0)
+    idx = idx[:, :Wc].contiguous()
+    g = torch.zeros(M, Wc + 1, dtype=torch.float32, device=dev).scatter_(1, dest, torch.where(cold, val0, 0.0))
+    g = g[:, :Wc].contiguous()
+    cnt = ccnt.to(torch.int32)
+    # Per-neuron view: sort flat slots by neuron; empty slots get key H and sort to the tail.
+    keys = torch.where(torch.arange(Wc, device=dev)[None, :] < cnt[:, None], idx, H).flatten().long()
+    csc_slot = torch.argsort(keys, stable=True).to(torch.int32)
+    counts = torch.zeros(H + 1, dtype=torch.int64, device=dev).scatter_add_(0, keys, torch.ones_like(keys))
+    csc_ptr = torch.zeros(H + 1, dtype=torch.int64, device=dev)
+    csc_ptr[1:] = torch.cumsum(counts[:H], 0)
+    hot = torch.argsort(hot_mask.to(torch.int8), descending=True, stable=True)[:K]
+    heavy = torch.argsort(light.to(torch.int8), stable=True)[:R]
+    return HybridPattern(fire, cnt, idx, g, csc_ptr.to(torch.int32), csc_slot, hot, heavy, ~hot_mask)

@@ -1,0 +1,137 @@
+"""SparseGatedMLPFunction: the training autograd.Function over the hybrid format, and its reference.
+
+Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
+  gate GEMM + epilogue pack (Triton) -> HybridPattern (one host sync, see format.py)
+  hot panel:   [g_h | u_h] = x [W_g[hot]; W_u[hot]]^T (one cuBLAS GEMM), h_h = relu(g_h) u_h
+               y = h_h W_d[:, hot]^T                      (cuBLAS)
+  cold ELL:    u = SDDMM(x, W_u) at the pattern            (Triton)
+               y += (g u) W_d^T via gathered rows           (Triton, accumulates into y)
+  heavy rows:  dense torch over cold neurons, recomputed in backward (usually R = 0)
+Saved for backward: x and the weights (the caller holds them anyway), the cold ELL
+(idx, g, u), the CSC view, and the hot panel g_h, u_h [M, K]. Never dense g, u or h [M, H].
+Backward has no host sync: the L1 scale g_l1 / M stays a device tensor read by the kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import check_matrix
+from .csc_wgrad import csc_wgrad
+from .ell_sddmm import ell_sddmm, ell_sddmm_bwd
+from .ell_spmm import ell_spmm
+from .format import HybridPattern, build_pattern
+
+DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the dense backup
+DEFAULT_HOT_FRAC = 0.02   # neurons firing on > 2% of the tokens take the dense hot panel
+
+
+def _heavy_dense(x_r, w_gate, w_up, cold_mask):
+    """g, u, h (fp32) of the heavy tokens over the cold neurons only (hot ones live in the panel)."""
+    g = x_r.float() @ w_gate.float().t()
+    u = x_r.float() @ w_up.float().t()
+    on = (g > 0) & cold_mask[None, :]
+    return g, u, torch.where(on, g * u, 0.0), on
+
+
+class SparseGatedMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, ell_width=DEFAULT_ELL_WIDTH, hot_frac=DEFAULT_HOT_FRAC):
+        M, D = x.shape
+        H = w_gate.shape[0]
+        pat: HybridPattern = build_pattern(x, w_gate, ell_width, hot_frac)
+        hot, heavy = pat.hot, pat.heavy
+        K, R = hot.numel(), heavy.numel()
+        w_down_t = w_down.t().contiguous()          # [H, D]: row j of W_d^T is contiguous
+        if K:
+            gu = x @ torch.cat([w_gate[hot], w_up[hot]]).t()       # [M, 2K]
+            g_h, u_h = gu[:, :K], gu[:, K:]
+            h_h = torch.relu(g_h) * u_h
+            y = h_h @ w_down_t[hot]
+        else:
+            g_h = u_h = h_h = x.new_zeros(M, 0)
+            y = torch.empty_like(x)
+        u = ell_sddmm(x, w_up, pat.idx, pat.cnt)
+        ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=K > 0)
+        l1 = (pat.g * u).abs().sum() + h_h.float().abs().sum()
+        if R:
+            _, _, h_r, _ = _heavy_dense(x[heavy], w_gate, w_up, pat.cold_mask)
+            y.index_add_(0, heavy, (h_r @ w_down_t.float()).to(y.dtype))
+            l1 = l1 + h_r.abs().sum()
+        l1 = l1 / max(M, 1)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, pat.cnt, pat.idx, pat.g, u, pat.csc_ptr,
+                              pat.csc_slot, hot, heavy, pat.cold_mask,
+                              g_h.contiguous(), u_h.contiguous())
+        ctx.mark_non_differentiable(pat.fire)
+        return y, l1, pat.fire
+
+    @staticmethod
+    def backward(ctx, dy, dl1, _dfire):
+        (x, w_gate, w_up, w_down, cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, cold_mask,
+         g_h, u_h) = ctx.saved_tensors
+        M, D = x.shape
+        H = w_gate.shape[0]
+        K, R, Wc = hot.numel(), heavy.numel(), idx.shape[1]
+        dy = torch.zeros_like(x) if dy is None else dy.contiguous().to(x.dtype)
+        scale = (torch.zeros((), device=x.device) if dl1 is None else dl1.float()) / max(M, 1)
+        scale = scale.reshape(())
+        w_down_t = w_down.t().contiguous()
+        # dh, du, dg on the cold slots (L1 term and gating folded into the kernel epilogue).
+        du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)
+        if K:
+            h_h = torch.relu(g_h) * u_h
+            dh_h = dy @ w_down_t[hot].t() + (scale * torch.sign(h_h)).to(dy.dtype)
+            dudg_h = torch.cat([dh_h * torch.relu(g_h), dh_h * u_h * (g_h > 0)], 1)   # [M, 2K]
+            w_ug_h = torch.cat([w_up[hot], w_gate[hot]])                              # [2K, D]
+            dx = dudg_h @ w_ug_h
+        else:
+            dx = torch.empty_like(x)
+        ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=K > 0)
+        dw_up, dw_gate = csc_wgrad(x, csc_ptr, csc_slot, Wc, H, du, c2=dg, out_dtype=w_up.dtype)
+        dw_down_t = csc_wgrad(dy, csc_ptr, csc_slot, Wc, H, g, c3=u, out_dtype=w_down.dtype)
+        if K:
+            dwug = dudg_h.t() @ x                                       # [2K, D]
+            dw_up.index_copy_(0, hot, dwug[:K].to(dw_up.dtype))
+            dw_gate.index_copy_(0, hot, dwug[K:].to(dw_gate.dtype))
+            dw_down_t.index_copy_(0, hot, (h_h.t() @ dy).to(dw_down_t.dtype))
+        if R:
+            x_r, dy_r = x[heavy], dy[heavy].float()
+            g_r, u_r, h_r, on = _heavy_dense(x_r, w_gate, w_up, cold_mask)
+            dh_r = (dy_r @ w_down_t.float().t() + scale * torch.sign(h_r)) * on
+            du_r, dg_r = dh_r * g_r, dh_r * u_r
+            dx.index_add_(0, heavy, (du_r @ w_up.float() + dg_r @ w_gate.float()).to(dx.dtype))
+            dw_up += (du_r.t() @ x_r.float()).to(dw_up.dtype)
+            dw_gate += (dg_r.t() @ x_r.float()).to(dw_gate.dtype)
+            dw_down_t += (h_r.t() @ dy_r).to(dw_down_t.dtype)
+        return dx, dw_gate, dw_up, dw_down_t.t(), None, None
+
+
+def sparse_gated_mlp(x, w_gate, w_up, w_down, *, ell_width: int = DEFAULT_ELL_WIDTH,
+                     hot_frac: float | None = DEFAULT_HOT_FRAC):
+    """(y [M, D], l1 0-dim fp32, fire_counts [H] int32): the hybrid-sparse training MLP.
+
+    ell_width: per-token capacity of the gate epilogue; tokens with more nonzeros go to the dense
+    backup (never truncated). hot_frac: neurons firing on more than this fraction of the tokens
+    go to the dense hot panel (None: none). Both change speed only, never the result.
+    """
+    M, D = x.shape if x.dim() == 2 else (None, None)
+    x = check_matrix("x", x)
+    H = w_gate.shape[0] if w_gate.dim() == 2 else None
+    w_gate = check_matrix("w_gate", w_gate, cols=D)
+    w_up = check_matrix("w_up", w_up, rows=H, cols=D)
+    w_down = check_matrix("w_down", w_down, rows=D, cols=H)
+    for name, t in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; "
+                            "cast the weights and activations to one dtype/device")
+    return SparseGatedMLPFunction.apply(x, w_gate, w_up, w_down, ell_width, hot_frac)
+
+
+def sparse_gated_mlp_reference(x, w_gate, w_up, w_down):
+    """Pure-torch reference (fp32 math, outputs in x.dtype): same signature and semantics."""
+    g = x.float() @ w_gate.float().t()
+    u = x.float() @ w_up.float().t()
+    h = torch.relu(g) * u
+    y = (h @ w_down.float().t()).to(x.dtype)
+    l1 = h.abs().sum(1).mean() if x.shape[0] else h.sum()
+    fire = (g > 0).sum(0).to(torch.int32)
+    return y, l1, fire
