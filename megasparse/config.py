@@ -1,0 +1,318 @@
+"""Typed run configuration: nested dataclasses, a strict YAML loader and `key.sub=value` overrides.
+
+Every field has a default, so a YAML file only names what it changes. Unknown keys are errors
+that name the key and the allowed ones (a typo must never be silently ignored). Validation that
+needs only the config lives in each dataclass's ``__post_init__``; validation that needs the
+world size (data-parallel degree) lives in :func:`resolve_batch`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from megasparse.errors import ConfigError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None        # grouped-query attention; None means n_heads
+    ffn_hidden: int = 704                # H, the MLP hidden width (global, before TP)
+    max_seq_len: int = 256
+    mlp: str = "relu_gated"              # relu_gated (sparse, L1) | swiglu (dense baseline)
+    mlp_backend: str = "auto"            # auto | torch | twell | hybrid (see model/sparse_mlp.py)
+    sparse_nnz_threshold: float = 0.05   # auto: use the sparse training kernel below this nnz/H
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        _check(self.d_model % self.n_heads == 0,
+               f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}; "
+               f"pick a head count that divides it (e.g. {self.d_model // 64 or 1})")
+        _check((self.d_model // self.n_heads) % 2 == 0,
+               f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings")
+        _check(self.n_heads % self.n_kv_heads == 0,
+               f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        _choice("model.mlp", self.mlp, ("relu_gated", "swiglu"))
+        _choice("model.mlp_backend", self.mlp_backend, ("auto", "torch", "twell", "hybrid"))
+        _check(0.0 <= self.sparse_nnz_threshold <= 1.0,
+               f"model.sparse_nnz_threshold={self.sparse_nnz_threshold} is a fraction of H in [0, 1]")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class SparsityConfig:
+    l1_coeff: float = 0.0                # lambda: the final (or constant) L1 coefficient
+
+    def __post_init__(self) -> None:
+        _check(self.l1_coeff >= 0, f"sparsity.l1_coeff={self.l1_coeff} must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1                          # tensor-parallel degree; DP = world_size / tp
+    zero_stage: int = 1                  # DeepSpeed ZeRO stage 0..3
+    backend: str = "auto"                # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+    def __post_init__(self) -> None:
+        _check(self.tp >= 1, f"parallel.tp={self.tp} must be >= 1")
+        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None    # cosine decay length; None means train.max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0               # 0 disables clipping
+    decay_norms: bool = False            # apply weight decay to norm gains
+    decay_embeddings: bool = False       # apply weight decay to embeddings and the LM head
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr={self.lr} must be positive")
+        _check(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None              # a `megasparse data preprocess` directory; None: bundled demo text
+    tokenizer: str | None = None         # sentencepiece .model; None: the cached demo tokenizer
+    seq_len: int = 256
+    valid_fraction: float = 0.05         # bundled text only: held-out share, split by document
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len > 0, f"data.seq_len={self.seq_len} must be positive")
+        _check(0 < self.valid_fraction < 1, f"data.valid_fraction={self.valid_fraction} must be in (0, 1)")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str | None = None           # default: runs/<config file stem>
+    max_steps: int = 200
+    micro_batch_size: int = 8            # sequences per DP rank per forward
+    global_batch_size: int = 8           # sequences per optimizer step over all DP ranks
+    grad_accum_steps: int | None = None  # None: derived from the two above and DP
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    save_interval: int = 100
+    seed: int = 1234
+    dtype: str = "auto"                  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"                 # auto | cpu | cuda
+    on_nonfinite: str = "stop"           # stop | skip: what a NaN/inf loss does
+    progress_bar: bool = True            # only when stdout is a terminal
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval",
+                     "eval_interval", "eval_iters", "save_interval"):
+            _check(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
+        _check(self.grad_accum_steps is None or self.grad_accum_steps > 0,
+               f"train.grad_accum_steps={self.grad_accum_steps} must be positive (or omitted to derive it)")
+        _choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "run"                    # the config file stem unless set
+
+    def __post_init__(self) -> None:
+        m, d = self.model, self.data
+        _check(d.seq_len <= m.max_seq_len,
+               f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
+        _check(m.n_heads % self.parallel.tp == 0,
+               f"parallel.tp={self.parallel.tp} must divide model.n_heads={m.n_heads}")
+        _check(m.n_kv_heads % self.parallel.tp == 0 or self.parallel.tp % m.n_kv_heads == 0,
+               f"parallel.tp={self.parallel.tp} and model.n_kv_heads={m.n_kv_heads}: one must divide the other")
+        _check(m.ffn_hidden % self.parallel.tp == 0,
+               f"parallel.tp={self.parallel.tp} must divide model.ffn_hidden={m.ffn_hidden}")
+        _check(m.vocab_size % self.parallel.tp == 0,
+               f"parallel.tp={self.parallel.tp} must divide model.vocab_size={m.vocab_size}; pad the vocab to a multiple")
+        if self.train.run_dir is None:
+            self.train.run_dir = os.path.join("runs", self.name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch arithmetic, resolved once the data-parallel degree is known."""
+    dp: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+
+
+def resolve_batch(cfg: Config, world_size: int) -> BatchPlan:
+    """micro × accumulation × DP must equal the global batch; derive accumulation when omitted."""
+    tp = cfg.parallel.tp
+    _check(world_size % tp == 0,
+           f"world size {world_size} is not divisible by parallel.tp={tp}; launch a multiple of {tp} processes")
+    dp = world_size // tp
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    if t.grad_accum_steps is None:
+        _check(t.global_batch_size % per_step == 0,
+               f"train.global_batch_size={t.global_batch_size} is not divisible by "
+               f"train.micro_batch_size={t.micro_batch_size} x DP={dp} = {per_step}; "
+               f"use a global batch that is a multiple of {per_step}")
+        accum = t.global_batch_size // per_step
+    else:
+        accum = t.grad_accum_steps
+        _check(per_step * accum == t.global_batch_size,
+               f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum_steps={accum} x DP={dp} = "
+               f"{per_step * accum} != train.global_batch_size={t.global_batch_size}; "
+               f"fix one of them or omit train.grad_accum_steps to derive it")
+    return BatchPlan(dp=dp, micro_batch_size=t.micro_batch_size, grad_accum_steps=accum,
+                     global_batch_size=t.global_batch_size)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML value against a field's type annotation; int->float is allowed."""
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is not None and type(None) in args:  # Optional[X] / X | None
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "3e-4" as a string
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool):
+        ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+        _check(ok, f"{where}={value!r} should be of type {annotation.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'; allowed keys{' under ' + where if where else ''}: "
+                              f"{', '.join(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - defensive; fields are all defaulted
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`a.b=value` strings to a nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults when path is None) and apply `key.sub=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/demo.yaml")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+        data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML, atomically (write then rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)

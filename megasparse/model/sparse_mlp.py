@@ -1,0 +1,137 @@
+"""The ReLU-gated MLP with its L1 activation term, the dense SwiGLU baseline, and the single
+dispatch point that picks a compute backend.
+
+Math (DESIGN.md): g = x W_g^T, u = x W_u^T, h = relu(g) * u, y = h W_d^T, and per layer
+l1 = mean over tokens of sum_j |h_j|. Under tensor parallelism the weights here are this rank's
+shard (H/tp neurons): every backend works on the local shard and never communicates; the
+caller's row-parallel down projection all-reduces y.
+
+Backends (``model.mlp_backend``):
+- ``torch``: plain torch ops; the reference, and the path on CPU.
+- ``twell``: ``kernels.twell`` inference kernels (no autograd): eval and generation on CUDA.
+- ``hybrid``: ``kernels.hybrid`` sparse training kernels (autograd) on CUDA.
+- ``auto``: CUDA + grad enabled + this layer's measured nnz/H under
+  ``model.sparse_nnz_threshold`` -> hybrid; CUDA + no grad -> twell; otherwise torch.
+  Activations are dense early in training, where the dense path is faster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megasparse.errors import ConfigError
+
+
+@dataclass
+class MLPResult:
+    y: torch.Tensor                      # [M, D] (a partial sum under tensor parallelism)
+    l1: torch.Tensor                     # 0-dim, >= fp32, mean over tokens of sum_j |h_j| (local shard)
+    fire_counts: torch.Tensor | None     # [H_local] int32: tokens with g_j > 0; None if unknown
+
+
+def torch_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                    w_down: torch.Tensor) -> MLPResult:
+    g = x @ w_gate.t()
+    h = F.relu(g) * (x @ w_up.t())
+    y = h @ w_down.t()
+    # Accumulate in at least fp32 (bf16 sums over H lose precision); fp64 stays fp64 for gradcheck.
+    acc = torch.promote_types(h.dtype, torch.float32)
+    l1 = h.abs().sum(-1, dtype=acc).mean() if h.shape[0] else h.new_zeros((), dtype=acc)
+    fire_counts = (g > 0).sum(0, dtype=torch.int32)
+    return MLPResult(y, l1, fire_counts)
+
+
+def _twell_forward(x, w_gate, w_up, w_down, cache: dict) -> MLPResult:
+    import kernels.twell as twell  # lazily: CPU runs never need Triton
+
+    # Re-derive the kernel's weight layout only when a parameter changed (its version counter
+    # moves on every in-place optimizer update) or was replaced (ZeRO-3 gathers new storage).
+    key = tuple((w.data_ptr(), w._version) for w in (w_gate, w_up, w_down))
+    if cache.get("key") != key:
+        cache["key"], cache["weights"] = key, twell.prepare_weights(w_gate, w_up, w_down)
+    y = twell.twell_ffn(x, cache["weights"])
+    return MLPResult(y, x.new_zeros((), dtype=torch.float32), None)
+
+
+def _hybrid_forward(x, w_gate, w_up, w_down) -> MLPResult:
+    import kernels.hybrid as hybrid
+
+    y, l1, fire_counts = hybrid.sparse_gated_mlp(x, w_gate, w_up, w_down)
+    return MLPResult(y, l1, fire_counts)
+
+
+def choose_backend(requested: str, x: torch.Tensor, nnz_fraction: float, threshold: float) -> str:
+    """The one dispatch rule; see the module docstring."""
+    if requested != "auto":
+        if requested in ("twell", "hybrid") and not x.is_cuda:
+            raise ConfigError(f"model.mlp_backend={requested} needs a CUDA device; use 'auto' or 'torch' on CPU")
+        if requested == "twell" and torch.is_grad_enabled():
+            raise ConfigError("model.mlp_backend=twell is inference-only (no autograd); use 'auto' for training")
+        return requested
+    if not x.is_cuda:
+        return "torch"
+    if not torch.is_grad_enabled():
+        return "twell"
+    return "hybrid" if nnz_fraction < threshold else "torch"
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class ReluGatedMLP(nn.Module):
+    """The sparse MLP. It owns its three weights directly (nn.Linear layouts: gate/up [H, D],
+    down [D, H], H being this rank's shard) because the backends consume the weights as one
+    fused op; owning them here also lets ZeRO-3 gather them when this module runs.
+
+    ``enter_region`` and ``leave_region`` are the tensor-parallel mappings around the local
+    computation (copy-to-region on x, all-reduce on y); identity without tensor parallelism.
+    """
+
+    def __init__(self, d_model: int, hidden: int, backend: str = "auto", sparse_nnz_threshold: float = 0.05,
+                 enter_region=_identity, leave_region=_identity):
+        super().__init__()
+        self.gate_weight = nn.Parameter(torch.empty(hidden, d_model))
+        self.up_weight = nn.Parameter(torch.empty(hidden, d_model))
+        self.down_weight = nn.Parameter(torch.empty(d_model, hidden))
+        self.backend = backend
+        self.sparse_nnz_threshold = sparse_nnz_threshold
+        self.enter_region, self.leave_region = enter_region, leave_region
+        # Set by the trainer from measured statistics at log intervals, so the choice never syncs.
+        self.measured_nnz_fraction = 1.0
+        self.last_backend = "torch"
+        self._twell_cache: dict = {}
+
+    def local_forward(self, x2d: torch.Tensor) -> MLPResult:
+        """The MLP on this rank's shard, before any tensor-parallel reduction of y."""
+        wg, wu, wd = self.gate_weight, self.up_weight, self.down_weight
+        backend = choose_backend(self.backend, x2d, self.measured_nnz_fraction, self.sparse_nnz_threshold)
+        self.last_backend = backend
+        if backend == "torch":
+            return torch_gated_mlp(x2d, wg, wu, wd)
+        if backend == "twell":
+            return _twell_forward(x2d, wg, wu, wd, self._twell_cache)
+        return _hybrid_forward(x2d, wg, wu, wd)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        shape = x.shape
+        result = self.local_forward(self.enter_region(x.reshape(-1, shape[-1])))
+        return self.leave_region(result.y).view(shape), result.l1, result.fire_counts
+
+
+class SwiGLUMLP(nn.Module):
+    """The dense baseline: silu(x W_g^T) * x W_u^T, no L1 term. ``linear_factory(in, out, kind)``
+    builds the projections ("column" for gate/up, "row" for down)."""
+
+    def __init__(self, d_model: int, hidden: int, linear_factory):
+        super().__init__()
+        self.gate_proj = linear_factory(d_model, hidden, "column")
+        self.up_proj = linear_factory(d_model, hidden, "column")
+        self.down_proj = linear_factory(hidden, d_model, "row")
+
+    def forward(self, x: torch.Tensor):
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y, x.new_zeros((), dtype=torch.float32), None

@@ -1,0 +1,253 @@
+"""The training loop: data -> model -> DeepSpeed engine -> metrics, evaluation, checkpoints.
+
+Loss = CE + lambda(step) * aux, where aux is the mean over layers of each layer's L1 term and
+lambda comes from the L1 schedule (megasparse/sparsity/schedule.py).
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megasparse import __version__
+from megasparse.config import Config, resolve_batch, save_config
+from megasparse.errors import TrainingError
+from megasparse.train.checkpoint import save_checkpoint
+from megasparse.train.deepspeed_config import build_deepspeed_config
+from megasparse.train.distributed import DistInfo, init_distributed
+from megasparse.train.flops import executed_flops_per_token, model_flops_per_token, peak_flops
+from megasparse.train.metrics import MetricsLogger
+from megasparse.train.optimizer import build_lr_scheduler, build_optimizer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StepTotals:
+    """Sums over a log interval, kept on the device so that logging is the only sync."""
+    loss: torch.Tensor
+    ce: torch.Tensor
+    aux: torch.Tensor
+    micro_batches: int = 0
+    skipped: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from megasparse.parallel.setup import build_parallel  # TP-aware model plan and mpu
+
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(cfg.train.device, cfg.parallel.backend)
+        self.parallel = build_parallel(cfg)
+        self.batch = resolve_batch(cfg, self.dist.world_size)
+        self.is_main = self.dist.rank == 0
+        self.run_dir = cfg.train.run_dir
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        if self.is_main:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        seed_everything(cfg.train.seed)
+        self.data = self._build_data()
+        self.model = self.parallel.build_model(cfg.model)
+        self.use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.dist.device.type == "cuda")
+        self._init_engine()
+        from megasparse.sparsity.schedule import build_l1_schedule
+        from megasparse.sparsity.stats import SparsityStats
+
+        self.l1_schedule = build_l1_schedule(cfg.sparsity)
+        hidden_local = cfg.model.ffn_hidden // cfg.parallel.tp
+        self.stats = SparsityStats(cfg.model.n_layers, hidden_local, cfg.model.ffn_hidden, self.dist.device)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.step = 0
+        self.consumed_samples = 0
+
+    # ------------------------------------------------------------------ setup
+    def _build_data(self):
+        from megasparse.data import build_data
+
+        # Rank 0 first: it may train and cache the demo tokenizer; the others then read the cache.
+        if not self.is_main:
+            dist.barrier()
+        data = build_data(self.cfg.data, vocab_size=self.cfg.model.vocab_size, seed=self.cfg.train.seed)
+        if self.is_main:
+            dist.barrier()
+        return data
+
+    def _init_engine(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        self.model.to(self.dist.device)
+        optimizer = build_optimizer(self.model, cfg.optim)
+        scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        ds_config = build_deepspeed_config(cfg, self.batch, self.use_bf16)
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            mpu=self.parallel.mpu, dist_init_required=False)
+
+    # ------------------------------------------------------------------ data
+    def _sampler(self):
+        from megasparse.data import GlobalBatchSampler
+
+        return GlobalBatchSampler(num_samples=len(self.data.train), global_batch_size=self.batch.global_batch_size,
+                                  dp_rank=self.parallel.dp_rank, dp_size=self.batch.dp, seed=self.cfg.train.seed,
+                                  consumed_samples=self.consumed_samples)
+
+    def _micro_batches(self, dataset, indices: list[int]):
+        mb = self.batch.micro_batch_size
+        for start in range(0, len(indices), mb):
+            seqs = torch.stack([dataset[i] for i in indices[start:start + mb]]).to(self.dist.device, non_blocking=True)
+            yield seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
+
+    # ------------------------------------------------------------------ steps
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank must agree, or ZeRO hangs
+        return bool(flag.item())
+
+    def train_step(self, indices: list[int], totals: StepTotals) -> None:
+        lam = self.l1_schedule.coeff(self.step)
+        for inputs, labels in self._micro_batches(self.data.train, indices):
+            out = self.engine(inputs, labels)
+            loss = out.ce_loss + lam * out.aux_loss
+            if not self._finite_everywhere(loss):
+                if self.cfg.train.on_nonfinite == "stop":
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {self.step}; lower optim.lr, check the data, "
+                        f"or set train.on_nonfinite=skip to drop such micro-batches")
+                # Skip: a zero loss tied to every parameter gives zero gradients, so the collective
+                # schedule of ZeRO stays identical on every rank while this batch contributes nothing.
+                loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
+                totals.skipped += 1
+            else:
+                totals.loss += loss.detach().float()
+                totals.ce += out.ce_loss.detach().float()
+                totals.aux += out.aux_loss.detach().float()
+                totals.micro_batches += 1
+                self.stats.update(out.fire_counts, out.l1_per_layer, out.tokens)
+            self.engine.backward(loss)
+            self.engine.step()
+        self.step += 1
+        self.consumed_samples += self.batch.global_batch_size
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean CE over the first eval_iters global batches of the held-out split."""
+        self.engine.eval()
+        n_valid = len(self.data.valid)
+        per_rank = self.batch.global_batch_size // self.batch.dp
+        total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        for it in range(self.cfg.train.eval_iters):
+            base = (it * self.batch.global_batch_size) % max(n_valid, 1)
+            start = base + self.parallel.dp_rank * per_rank
+            indices = [(start + k) % n_valid for k in range(per_rank)]
+            for inputs, labels in self._micro_batches(self.data.valid, indices):
+                out = self.engine(inputs, labels)
+                total += torch.stack([out.ce_loss.double() * labels.numel(),
+                                      torch.tensor(float(labels.numel()), device=total.device, dtype=torch.float64)])
+        self.engine.train()
+        dist.all_reduce(total, group=self.parallel.dp_group)
+        val_loss = (total[0] / total[1]).item()
+        return {"step": self.step, "val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 50.0)))}
+
+    def client_state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples,
+                "config": self.cfg.to_dict(), "l1_schedule": self.l1_schedule.state_dict(),
+                "tokenizer_hash": self.data.tokenizer_hash, "data_hash": self.data.data_hash,
+                "megasparse_version": __version__}
+
+    def save(self) -> str:
+        return save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(), self.dist.rank)
+
+    # ------------------------------------------------------------------ logging
+    def _log_record(self, totals: StepTotals, steps: int, elapsed: float) -> dict:
+        cfg = self.cfg
+        sums = torch.stack([totals.loss, totals.ce, totals.aux,
+                            torch.tensor(float(totals.micro_batches), device=self.dist.device)])
+        dist.all_reduce(sums, group=self.parallel.dp_group)
+        loss, ce, aux, n = sums.tolist()
+        n = max(n, 1.0)
+        sparsity = self.stats.reduce_and_reset(self.parallel.dp_group, self.parallel.tp_group)
+        nnz_frac = sparsity.get("nnz_fraction_layer")
+        if nnz_frac:
+            self.engine.module.set_measured_nnz(nnz_frac)
+        tokens = steps * self.batch.global_batch_size * cfg.data.seq_len
+        tokens_per_s = tokens / max(elapsed, 1e-9)
+        model_fpt = model_flops_per_token(cfg.model, cfg.data.seq_len)
+        sparse_layers = [getattr(layer.mlp, "last_backend", "torch") == "hybrid" for layer in self.engine.module.layers]
+        exec_fpt = executed_flops_per_token(cfg.model, cfg.data.seq_len, nnz_frac or [1.0] * cfg.model.n_layers,
+                                            sparse_layers)
+        world = self.dist.world_size
+        model_tflops = model_fpt * tokens_per_s / world / 1e12  # per GPU
+        peak = peak_flops(self.dist.device)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.step, "loss": loss / n, "ce_loss": ce / n, "l1_term": aux / n,
+            "l1_coeff": self.l1_schedule.coeff(self.step), "lr": self.lr_scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tokens_per_s, "model_tflops": model_tflops,
+            "executed_tflops": exec_fpt * tokens_per_s / world / 1e12,
+            "mfu": model_tflops * 1e12 / peak if peak else None,
+            "consumed_samples": self.consumed_samples, "skipped_micro_batches": totals.skipped,
+            "sparse_layers": sum(sparse_layers),
+        }
+        if self.dist.device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        record.update(sparsity)
+        self.l1_schedule.observe(self.step, record)
+        return record
+
+    def _new_totals(self) -> StepTotals:
+        z = lambda: torch.zeros((), device=self.dist.device)  # noqa: E731
+        return StepTotals(z(), z(), z())
+
+    def _progress(self):
+        if self.is_main and self.cfg.train.progress_bar and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            return tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        return None
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self) -> dict:
+        cfg = self.cfg.train
+        sampler = iter(self._sampler())
+        totals, last_record = self._new_totals(), {}
+        t0, steps_in_window = time.perf_counter(), 0
+        bar = self._progress()
+        while self.step < cfg.max_steps:
+            self.train_step(next(sampler), totals)
+            steps_in_window += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                if self.dist.device.type == "cuda":
+                    torch.cuda.synchronize()
+                last_record = self._log_record(totals, steps_in_window, time.perf_counter() - t0)
+                self.metrics.log(last_record)
+                totals, steps_in_window = self._new_totals(), 0
+                t0 = time.perf_counter()
+            pause = time.perf_counter()
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                self.metrics.log(self.evaluate(), prefix="valid")
+            if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
+                self.save()
+            t0 += time.perf_counter() - pause  # keep eval and save time out of tokens/s
+        if bar is not None:
+            bar.close()
+        self.metrics.close()
+        return last_record
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).fit()

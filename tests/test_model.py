@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from megasparse.config import ModelConfig
+from megasparse.model.sparse_mlp import ReluGatedMLP, torch_gated_mlp
+from megasparse.model.transformer import SparseLlama
+
+
+def tiny(**kw):
+    base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def handwritten_mlp(x, wg, wu, wd):
+    """Loop-per-token reference written from the formula, independent of the library code."""
+    ys, l1 = [], 0.0
+    for t in range(x.shape[0]):
+        g = torch.stack([x[t] @ wg[j] for j in range(wg.shape[0])])
+        u = torch.stack([x[t] @ wu[j] for j in range(wu.shape[0])])
+        h = torch.clamp(g, min=0) * u
+        ys.append(torch.stack([h @ wd[i] for i in range(wd.shape[0])]))
+        l1 = l1 + h.abs().sum()
+    return torch.stack(ys), l1 / x.shape[0]
+
+
+def test_torch_mlp_matches_handwritten_reference():
+    torch.manual_seed(0)
+    x, wg, wu, wd = torch.randn(5, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64), \
+        torch.randn(12, 8, dtype=torch.float64), torch.randn(8, 12, dtype=torch.float64)
+    res = torch_gated_mlp(x, wg, wu, wd)
+    y_ref, l1_ref = handwritten_mlp(x, wg, wu, wd)
+    torch.testing.assert_close(res.y, y_ref)
+    torch.testing.assert_close(res.l1.double(), l1_ref)
+    assert torch.equal(res.fire_counts, (x @ wg.t() > 0).sum(0).int())
+
+
+def test_l1_gradient_is_sign_of_h_over_tokens():
+    """d l1 / d u_j = sign(h_j) relu(g_j) / M: the gradient the sparse kernels must reproduce."""
+    torch.manual_seed(1)
+    m = 6
+    x = torch.randn(m, 8, dtype=torch.float64)
+    wg = torch.randn(10, 8, dtype=torch.float64)
+    wu = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(8, 10, dtype=torch.float64)
+    res = torch_gated_mlp(x, wg, wu, wd)
+    res.l1.backward()
+    g, u = x @ wg.t(), x @ wu.detach().t()
+    h = torch.relu(g) * u
+    expected = ((torch.sign(h) * torch.relu(g)) / m).t() @ x
+    torch.testing.assert_close(wu.grad, expected)
+
+
+def test_l1_gradcheck():
+    torch.manual_seed(2)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    wg = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    wu = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    fn = lambda *a: (lambda r: (r.y, r.l1))(torch_gated_mlp(*a))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, wg, wu, wd))
+
+
+@pytest.mark.parametrize("mlp", ["relu_gated", "swiglu"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_forward_backward(mlp, tied):
+    torch.manual_seed(0)
+    model = SparseLlama(tiny(mlp=mlp, tie_embeddings=tied))
+    ids = torch.randint(0, 256, (3, 17))
+    out = model(ids[:, :-1], ids[:, 1:])
+    assert out.ce_loss.shape == () and torch.isfinite(out.ce_loss)
+    assert abs(out.ce_loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5  # near-uniform at init
+    assert out.l1_per_layer.shape == (2,) and out.tokens == 48
+    (out.ce_loss + 0.1 * out.aux_loss).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if mlp == "relu_gated":
+        assert out.aux_loss > 0 and all(c.shape == (96,) for c in out.fire_counts)
+        assert model.layers[0].mlp.gate_weight.grad.abs().sum() > 0
+    else:
+        assert out.aux_loss == 0 and all(c is None for c in out.fire_counts)
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = SparseLlama(tiny()).eval()
+    ids = torch.randint(0, 256, (1, 12))
+    full = model(ids).logits
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 256
+    part = model(changed).logits
+    torch.testing.assert_close(full[:, :8], part[:, :8])
+    assert not torch.allclose(full[:, 8:], part[:, 8:])
+
+
+def test_activation_checkpointing_gives_same_grads():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 9))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = SparseLlama(tiny(activation_checkpointing=ckpt))
+        out = model(ids[:, :-1], ids[:, 1:])
+        (out.ce_loss + 0.5 * out.aux_loss).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_cpu_auto_backend_is_torch_and_explicit_kernel_backend_errors():
+    mlp = ReluGatedMLP(16, 32, backend="auto")
+    torch.nn.init.normal_(mlp.gate_weight); torch.nn.init.normal_(mlp.up_weight); torch.nn.init.normal_(mlp.down_weight)
+    mlp(torch.randn(2, 3, 16))
+    assert mlp.last_backend == "torch"
+    from megasparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        ReluGatedMLP(16, 32, backend="hybrid")(torch.randn(2, 3, 16))
+
+
+def test_sequence_too_long_is_clear():
+    model = SparseLlama(tiny())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 40, dtype=torch.long))
