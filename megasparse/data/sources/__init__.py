@@ -1,0 +1,1 @@
+"""Corpus sources: each module turns one downloaded package into plain-text documents."""
