@@ -1,0 +1,56 @@
+"""twell_ffn: the inference FFN y = (relu(x W_g^T) * (x W_u^T)) W_d^T over TwELL.
+
+Pipeline (no dense gate tensor ever reaches memory):
+  1. gate kernel on the sparse columns [n_hot, H): tensor-core GEMM + TwELL epilogue;
+  2. up/down kernel: per token, gathers only its active neurons' W_u / W_d^T rows -> y;
+  3. if weights.n_hot > 0 (see weights.calibrate): the hot columns [0, n_hot) go through a
+     dense gate+up GEMM (h written densely) and a cuBLAS down GEMM accumulated into y.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import check_matrix, interpreting
+from .gate import gate_twell, gate_up_dense
+from .reference import twell_ffn_reference
+from .updown import updown
+from .weights import TwellWeights
+
+
+def _check(x: torch.Tensor, weights: TwellWeights) -> None:
+    if not isinstance(weights, TwellWeights):
+        raise TypeError(f"weights must come from kernels.twell.prepare_weights, got {type(weights).__name__}")
+    w = weights.w_gate
+    check_matrix("x", x, (None, weights.d_model), w.dtype, w.device)
+
+
+@torch.no_grad()
+def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: bool = False,
+              updown_entries: int | None = None, updown_warps: int | None = None):
+    """y [M, D] = FFN(x [M, D]) in x's dtype; optionally also fire_counts [H] int32 (tokens with
+    g_j > 0, per ORIGINAL neuron index). On CPU without TRITON_INTERPRET it runs the reference."""
+    _check(x, weights)
+    if not x.is_cuda and not interpreting():
+        y = twell_ffn_reference(x, weights)
+        if return_fire_counts:
+            g = x.float() @ weights.w_gate_orig().float().t()
+            return y, (g > 0).sum(0, dtype=torch.int32)
+        return y
+    m, d = x.shape
+    h, n_hot = weights.hidden, weights.n_hot
+    fire = torch.zeros(h, dtype=torch.int32, device=x.device) if return_fire_counts else None
+    y = torch.empty(m, d, dtype=x.dtype, device=x.device)
+    if n_hot < h:
+        counts, values, cols = gate_twell(x, weights.w_gate, weights.tile, weights.cap, n_hot, fire)
+        updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, values, cols, y,
+               tile=weights.tile, cap=weights.cap, col0=n_hot, entries=updown_entries, num_warps=updown_warps)
+    else:
+        y.zero_()
+    if n_hot:
+        h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
+        y.addmm_(h_hot, weights.w_down_t[:n_hot])
+    if return_fire_counts:
+        orig = torch.empty_like(fire)
+        orig[weights.perm] = fire
+        return y, orig
+    return y

@@ -1,0 +1,168 @@
+"""Gate kernels: relu(x W_g^T) as a tensor-core GEMM (tl.dot) whose epilogue writes TwELL.
+
+Two kernels share the GEMM main loop:
+  * _gate_twell_kernel: the sparse ("cold") columns [col0, H). One program = BM rows x one TwELL
+    tile (BN = T columns). The epilogue applies ReLU, counts nonzeros per row, ranks them with a
+    prefix sum and scatters (value, local column) pairs to their slots. The dense gate never
+    reaches memory; only real entries are written (no memset). Counts keep the true value, so a
+    (row, tile) with more than cap nonzeros is visible as overflow downstream.
+  * _gate_up_dense_kernel: the dense ("hot") columns [0, n_hot): the same A tile feeds two dots
+    (gate and up), and the epilogue writes h = relu(g) * u densely [M, n_hot] for a cuBLAS down.
+Both can add per-neuron fire counts (atomic adds of column sums) for statistics/calibration.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+_INTERPRET = interpreting()
+
+
+def _configs():
+    if _INTERPRET:  # the interpreter fails with several autotune configs; small tiles keep it quick
+        return [triton.Config({"BM": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BM": bm, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4),
+                                 (256, 64, 8, 3), (128, 128, 8, 3)]]
+
+
+@triton.jit
+def _tile_ids(M, n_tiles_n, BM: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row blocks sweep the N tiles together so A tiles stay in L2.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    per_group = GROUP_M * n_tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+    if INTERPRET:  # the interpreter's bf16/fp16 dot is wrong: do it in fp32
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IEEE:     # fp32 inputs: exact fp32, not tf32 (tests compare with fp32 references)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "H", "BN"], reset_to_zero=["fire_ptr"])
+@triton.jit
+def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, val_ptr, col_ptr, fire_ptr, M, D, H, col0, n_tiles,
+                       M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
+                       IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, n_tiles, BM, GROUP_M)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = col0 + pid_n * BN + tl.arange(0, BN)          # global (internal) neuron index
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m < M
+    n_ok = offs_n < H
+    a_ptrs = x_ptr + offs_m[:, None] * D + offs_k[None, :]
+    b_ptrs = wg_ptr + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]   # [BK, BN] view of W_g^T
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, D, BK):
+        k_ok = (k + offs_k) < D
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE, INTERPRET)
+        a_ptrs += BK
+        b_ptrs += BK
+    # Epilogue: ReLU + pack. Masked rows/columns loaded zeros, so they are never "nonzero".
+    nz = acc > 0
+    nzi = nz.to(tl.int32)
+    cnt = tl.sum(nzi, axis=1)                       # true count, may exceed CAP (overflow)
+    pos = tl.cumsum(nzi, axis=1) - 1                # slot of each nonzero, in column order
+    tl.store(cnt_ptr + offs_m * n_tiles + pid_n, cnt, mask=m_ok)
+    slot = (offs_m[:, None] * n_tiles + pid_n) * CAP + pos
+    smask = nz & (pos < CAP) & m_ok[:, None]
+    tl.store(val_ptr + slot, acc.to(val_ptr.dtype.element_ty), mask=smask)
+    local = tl.zeros((BM, BN), dtype=tl.int32) + tl.arange(0, BN)[None, :]
+    tl.store(col_ptr + slot, local.to(tl.int16), mask=smask)
+    if COUNT_FIRES:
+        # fire_ptr is the [H - col0] slice of the counts, so autotune's reset_to_zero cannot
+        # wipe counts that the hot kernel already added
+        tl.atomic_add(fire_ptr + (offs_n - col0), tl.sum(nzi, axis=0), mask=n_ok)
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "N_HOT", "BN"], reset_to_zero=["fire_ptr"])
+@triton.jit
+def _gate_up_dense_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, fire_ptr, M, D, N_HOT, M_BUCKET,
+                          BN: tl.constexpr, COUNT_FIRES: tl.constexpr, IEEE: tl.constexpr,
+                          INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, tl.cdiv(N_HOT, BN), BM, GROUP_M)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m < M
+    n_ok = offs_n < N_HOT
+    a_ptrs = x_ptr + offs_m[:, None] * D + offs_k[None, :]
+    boff = offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, D, BK):
+        k_ok = (k + offs_k) < D
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        bmask = k_ok[:, None] & n_ok[None, :]
+        bg = tl.load(wg_ptr + boff, mask=bmask, other=0.0)
+        bu = tl.load(wu_ptr + boff, mask=bmask, other=0.0)
+        acc_g = _dot(a, bg, acc_g, IEEE, INTERPRET)
+        acc_u = _dot(a, bu, acc_u, IEEE, INTERPRET)
+        a_ptrs += BK
+        boff += BK
+    nz = acc_g > 0
+    h = tl.where(nz, acc_g, 0.0) * acc_u
+    tl.store(h_ptr + offs_m[:, None] * N_HOT + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+    if COUNT_FIRES:
+        tl.atomic_add(fire_ptr + offs_n, tl.sum(nz.to(tl.int32), axis=0), mask=n_ok)
+
+
+def _grid(m, n_cols_tiles):
+    return lambda meta: (triton.cdiv(m, meta["BM"]) * n_cols_tiles,)
+
+
+def _m_bucket(m: int) -> int:
+    # autotune once per power-of-two range of M, not per exact M
+    return 1 << max(m - 1, 1).bit_length()
+
+
+def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0: int = 0,
+               fire: torch.Tensor | None = None):
+    """Launch the gate+pack kernel on columns [col0, H). Returns (counts, values, cols).
+    x [M, D] and w_gate [H, D] contiguous, same dtype/device (checked by the caller)."""
+    m, d = x.shape
+    h = w_gate.shape[0]
+    nt = -(-(h - col0) // tile)
+    counts = torch.empty(m, nt, dtype=torch.int32, device=x.device)
+    values = torch.empty(m, nt, cap, dtype=x.dtype, device=x.device)
+    cols = torch.empty(m, nt, cap, dtype=torch.int16, device=x.device)
+    if m == 0 or nt == 0:
+        return counts.zero_(), values, cols
+    _gate_twell_kernel[_grid(m, nt)](
+        x, w_gate, counts, values, cols, fire[col0:] if fire is not None else counts, m, d, h, col0, nt,
+        _m_bucket(m), CAP=cap, BN=tile, COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32,
+        INTERPRET=_INTERPRET)
+    return counts, values, cols
+
+
+def gate_up_dense(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, n_hot: int, tile: int,
+                  fire: torch.Tensor | None = None) -> torch.Tensor:
+    """h = relu(x W_g[:n_hot]^T) * (x W_u[:n_hot]^T), dense [M, n_hot] in x's dtype."""
+    m, d = x.shape
+    out = torch.empty(m, n_hot, dtype=x.dtype, device=x.device)
+    if m == 0 or n_hot == 0:
+        return out
+    _gate_up_dense_kernel[_grid(m, -(-n_hot // tile))](
+        x, w_gate, w_up, out, fire[:n_hot] if fire is not None else out, m, d, n_hot, _m_bucket(m),
+        BN=tile, COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32, INTERPRET=_INTERPRET)
+    return out

@@ -1,0 +1,176 @@
+"""TwELL kernels against their pure-torch references (CPU: TRITON_INTERPRET=1, set in conftest).
+
+Grids are kept near 100 programs: the interpreter costs ~2.5 ms per program-iteration.
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import kernel_device
+from kernels import twell
+from kernels.synthetic import make_ffn_inputs
+from kernels.twell.gate import gate_twell
+
+DEV = kernel_device()
+# bf16 outputs are rounded (truncated by the interpreter) once for g and once for y: ~2 ulps
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def inputs(m, d, h, nnz, dtype, dense_rows=0, seed=0):
+    return make_ffn_inputs(m, d, h, target_nnz=nnz, dense_rows=dense_rows, dtype=dtype, device=DEV, seed=seed)
+
+
+def check_ffn(f, w, dtype):
+    y, fire = twell.twell_ffn(f.x, w, return_fire_counts=True)
+    ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
+    assert y.shape == f.x.shape and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    err = rel(y, ref)
+    assert err < TOL[dtype], f"rel err {err:.2e} >= {TOL[dtype]:.0e}"
+    fire_ref = (f.x.float() @ f.w_gate.float().t() > 0).sum(0)
+    assert (fire.long() - fire_ref).abs().max() <= 1   # a gate within rounding of 0 may flip
+    return y
+
+
+# ---------------------------------------------------------------- format (pure torch)
+def test_pack_unpack_roundtrip_and_overflow():
+    g = torch.relu(torch.randn(6, 300)) * (torch.rand(6, 300) < 0.1)
+    g[3] = torch.rand(300) + 0.1                       # fully dense row: overflows cap
+    a = twell.pack_reference(g, tile=128, cap=16)
+    assert a.counts.shape == (6, 3) and a.counts[3].tolist() == [128, 128, 44]
+    assert a.overflowed()[3].all() and not a.overflowed()[[0, 1, 2, 4, 5]].any()
+    with pytest.raises(ValueError, match="overflowed"):
+        twell.unpack_reference(a)
+    assert torch.equal(twell.unpack_reference(a, dense_fill=g), g)
+    sub = g[[0, 1, 2, 4, 5]]
+    assert torch.equal(twell.unpack_reference(twell.pack_reference(sub, 64, 8)), sub)
+    a = twell.pack_reference(sub, 64, 8, col0=64)       # hot columns [0, 64) are not stored
+    expect = sub.clone()
+    expect[:, :64] = 0
+    assert torch.equal(twell.unpack_reference(a), expect)
+    assert (a.cols[a.counts.clamp(max=8).unsqueeze(2) > torch.arange(8)] < 64).all()
+
+
+# ---------------------------------------------------------------- gate kernel
+@pytest.mark.parametrize("m,d,h,tile,cap,dtype", [
+    (70, 128, 355, 64, 8, torch.float32),     # M, H not multiples of the tiles
+    (33, 64, 1408, 128, 32, torch.bfloat16),  # the tp=4 local width
+    (45, 96, 200, 64, 16, torch.float16),     # D not a power of two
+])
+def test_gate_kernel_writes_twell(m, d, h, tile, cap, dtype):
+    f = inputs(m, d, h, nnz=0.04 * h, dtype=dtype, dense_rows=1)
+    counts, values, cols = gate_twell(f.x, f.w_gate.contiguous(), tile, cap)
+    ref = twell.gate_twell_reference(f.x, f.w_gate, tile, cap)
+    mism = (counts != ref.counts).sum().item()
+    assert mism <= (0 if dtype == torch.float32 else 2), f"{mism} counts differ"
+    assert (counts > cap).any(), "the dense row should overflow"
+    same = (counts == ref.counts).unsqueeze(2)
+    valid = (torch.arange(cap, device=DEV) < counts.clamp(max=cap).unsqueeze(2)) & same
+    assert torch.equal(cols[valid], ref.cols[valid])
+    assert (cols[valid] < tile).all() and (cols[valid] >= 0).all()
+    v, rv = values[valid].float(), ref.values[valid].float()
+    assert (v > 0).all()
+    assert torch.allclose(v, rv, rtol=TOL[dtype], atol=1e-5)
+
+
+# ---------------------------------------------------------------- full FFN
+@pytest.mark.parametrize("m,d,h,nnz,dtype,tile,cap", [
+    (37, 64, 1408, 7.0, torch.bfloat16, 128, 32),
+    (50, 256, 300, 20.0, torch.float32, 64, 16),
+    (29, 96, 200, 40.0, torch.float16, 64, 16),
+    (40, 128, 2816 // 8, 2.0, torch.float32, 128, 32),   # very sparse
+])
+def test_ffn_matches_reference(m, d, h, nnz, dtype, tile, cap):
+    f = inputs(m, d, h, nnz, dtype, seed=m)
+    w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=tile, cap=cap)
+    check_ffn(f, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_dense_rows_overflow_is_exact(dtype):
+    # cap=4 of a 64-column tile: the dense rows overflow every tile; popular neurons overflow too
+    f = inputs(24, 64, 330, 12.0, dtype, dense_rows=3, seed=3)
+    w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
+    counts, _, _ = gate_twell(f.x, w.w_gate, 64, 4)
+    assert (counts > 4).sum() >= 3 * 5
+    y = check_ffn(f, w, dtype)
+    dense = (f.x[:, 0] < 0).nonzero().squeeze(1)          # the generator marks dense rows with x0 = -4
+    assert dense.numel() == 3
+    ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
+    assert rel(y[dense], ref[dense]) < TOL[dtype]
+
+
+def test_all_zero_activations():
+    f = inputs(20, 64, 150, 5.0, torch.float32)
+    f.w_gate[:, 0] = -100.0                                 # every gate negative
+    w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=8)
+    y, fire = twell.twell_ffn(f.x, w, return_fire_counts=True)
+    assert torch.equal(y, torch.zeros_like(y)) and int(fire.sum()) == 0
+
+
+def test_hot_neurons_calibrated():
+    f = inputs(48, 64, 400, 30.0, torch.float32, dense_rows=1, seed=5)
+    w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=8)
+    _, fire = twell.twell_ffn(f.x, w0, return_fire_counts=True)
+    w = twell.calibrate(w0, fire, 48, n_hot=128)
+    assert w.n_hot == 128
+    assert fire[w.perm[:128]].min() >= fire[w.perm[128:]].max()    # popular ones moved first
+    assert torch.allclose(w.w_down_orig(), f.w_down) and torch.allclose(w.w_gate_orig(), f.w_gate)
+    check_ffn(f, w, torch.float32)
+    assert twell.calibrate(w0, fire, 48, min_rate=0.0).n_hot % 64 == 0
+    check_ffn(f, twell.calibrate(w0, fire, 48, n_hot=384), torch.float32)  # all but a partial tile hot
+
+
+def test_m_zero_and_cpu_fallback(monkeypatch):
+    f = inputs(9, 64, 100, 5.0, torch.float32)
+    w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=8)
+    assert twell.twell_ffn(f.x[:0], w).shape == (0, 64)
+    if DEV == "cpu":   # without the interpreter a CPU tensor takes the torch reference
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        y = twell.twell_ffn(f.x, w)
+        assert torch.allclose(y, twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down), atol=1e-5)
+
+
+def test_clear_errors():
+    f = inputs(8, 64, 100, 5.0, torch.float32)
+    w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=8)
+    with pytest.raises(ValueError, match="not contiguous"):
+        twell.twell_ffn(f.x.t().contiguous().t(), w)
+    with pytest.raises(ValueError, match=r"expected \[\*, 64\]"):
+        twell.twell_ffn(f.x[:, :32].contiguous(), w)
+    with pytest.raises(ValueError, match="dtype"):
+        twell.twell_ffn(f.x.double(), w)
+    with pytest.raises(ValueError, match="weights are torch.float32"):
+        twell.twell_ffn(f.x.half(), w)
+    with pytest.raises(ValueError, match="w_down has shape"):
+        twell.prepare_weights(f.w_gate, f.w_up, f.w_down.t().contiguous())
+    with pytest.raises(ValueError, match="tile"):
+        twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=100)
+    with pytest.raises(ValueError, match="n_hot"):
+        twell.calibrate(w, torch.zeros(100), 8, n_hot=70)
+
+
+# ---------------------------------------------------------------- GPU only (real shapes)
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [1408, 2816, 5632])
+def test_gpu_realistic_bf16(h):
+    f = inputs(3000, 2048, h, 29.0 * h / 5632, torch.bfloat16, dense_rows=4, seed=h)
+    w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
+    y = check_ffn(f, w0, torch.bfloat16)
+    ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
+    assert rel(y, ref) < 1e-2
+    _, fire = twell.twell_ffn(f.x, w0, return_fire_counts=True)
+    w = twell.calibrate(w0, fire, 3000, n_hot=512)
+    assert rel(twell.twell_ffn(f.x, w), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_other_dtypes(dtype):
+    f = inputs(1000, 512, 1408, 10.0, dtype, dense_rows=2)
+    check_ffn(f, twell.prepare_weights(f.w_gate, f.w_up, f.w_down), dtype)
