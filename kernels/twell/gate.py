@@ -12,6 +12,8 @@ Both can add per-neuron fire counts (atomic adds of column sums) for statistics/
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,8 @@ _INTERPRET = interpreting()
 def _configs():
     if _INTERPRET:  # the interpreter fails with several autotune configs; small tiles keep it quick
         return [triton.Config({"BM": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    if os.environ.get("TWELL_NO_AUTOTUNE", "0") != "0":  # GPU tests: one config, fewer compiles
+        return [triton.Config({"BM": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)]
     return [triton.Config({"BM": bm, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4),
                                  (256, 64, 8, 3), (128, 128, 8, 3)]]
