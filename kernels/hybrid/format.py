@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from .gate_pack import gate_pack
+from .split_pack import reference as split_reference
+from .split_pack import split_pack
 
 
 @dataclass
@@ -50,43 +52,31 @@ class HybridPattern:
 
 
 def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_frac: float | None,
-                  _packed=None) -> HybridPattern:
+                  _packed=None, _use_reference: bool = False) -> HybridPattern:
     """Run the gate GEMM + epilogue pack, then split into hot / heavy / cold parts.
 
     `hot_frac=None` disables the hot dense panel (every neuron goes through the CSC path).
-    `_packed` lets tests inject gate_pack's output (e.g. from its reference).
+    `_packed` lets tests inject gate_pack's output (e.g. from its reference), and
+    `_use_reference` then builds the split with the pure-torch reference.
     """
     M = x.shape[0]
     H = w_gate.shape[0]
     fire, cnt0, idx0, val0 = _packed if _packed is not None else gate_pack(x, w_gate, ell_width)
     dev = x.device
     W0 = idx0.shape[1]
-    slot = torch.arange(W0, device=dev)
     light = cnt0 <= W0
-    valid = (slot[None, :] < cnt0[:, None]) & light[:, None]
-    idx0 = torch.where(valid, idx0, 0)
     if hot_frac is None:
         hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
     else:
         hot_mask = fire > int(hot_frac * M)
-    cold = valid & ~hot_mask[idx0.long()]
-    ccnt = cold.sum(1)
-    zero = torch.zeros((), dtype=torch.int64, device=dev)
-    stats = torch.stack([(~light).sum(), hot_mask.sum(), ccnt.max() if M else zero])
+    zero = torch.zeros((), dtype=cnt0.dtype, device=dev)
+    # Wc = the largest light-token count bounds every light token's cold count.
+    stats = torch.stack([(~light).sum().to(cnt0.dtype), hot_mask.sum().to(cnt0.dtype),
+                         torch.where(light, cnt0, 0).max() if M else zero])
     R, K, Wc = (int(v) for v in stats.tolist())  # the one host sync of the layer
     Wc = max(Wc, 1)
-    dest = torch.where(cold, torch.cumsum(cold, 1) - 1, Wc)
-    idx = torch.zeros(M, Wc + 1, dtype=torch.int32, device=dev).scatter_(1, dest, idx0)
-    idx = idx[:, :Wc].contiguous()
-    g = torch.zeros(M, Wc + 1, dtype=torch.float32, device=dev).scatter_(1, dest, torch.where(cold, val0, 0.0))
-    g = g[:, :Wc].contiguous()
-    cnt = ccnt.to(torch.int32)
-    # Per-neuron view: sort flat slots by neuron; empty slots get key H and sort to the tail.
-    keys = torch.where(torch.arange(Wc, device=dev)[None, :] < cnt[:, None], idx, H).flatten().long()
-    csc_slot = torch.argsort(keys, stable=True).to(torch.int32)
-    counts = torch.zeros(H + 1, dtype=torch.int64, device=dev).scatter_add_(0, keys, torch.ones_like(keys))
-    csc_ptr = torch.zeros(H + 1, dtype=torch.int64, device=dev)
-    csc_ptr[1:] = torch.cumsum(counts[:H], 0)
+    cnt, idx, g, csc_ptr, csc_slot = (split_reference if _packed is not None and _use_reference
+                                      else split_pack)(cnt0, idx0, val0, hot_mask, Wc)
     hot = torch.argsort(hot_mask.to(torch.int8), descending=True, stable=True)[:K]
     heavy = torch.argsort(light.to(torch.int8), stable=True)[:R]
-    return HybridPattern(fire, cnt, idx, g, csc_ptr.to(torch.int32), csc_slot, hot, heavy, ~hot_mask)
+    return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, ~hot_mask)

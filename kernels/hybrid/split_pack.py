@@ -1,0 +1,98 @@
+"""Split the gate epilogue's ELL into the cold ELL and build its per-neuron (CSC) view.
+
+Two small kernels replace ~20 torch ops (a sort and several scatters cost ~1.2 ms at M=16384,
+NOTES.md):
+  _split_kernel:   per token, drop hot-neuron entries (and every entry of a heavy token),
+                   compact the rest to the front of a [M, Wc] ELL, and count each neuron's cold
+                   entries with int32 atomics (colcount).
+  _csc_fill_kernel: after csc_ptr = exclusive cumsum(colcount), each cold entry takes the next
+                   free position of its neuron with an atomic cursor and writes its flat slot.
+The order of tokens inside a neuron's segment follows atomic arrival: sums over a segment are
+deterministic only up to fp32 reassociation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET
+
+
+@triton.jit
+def _split_kernel(cnt0_ptr, idx0_ptr, val0_ptr, hot_ptr, cnt_ptr, idx_ptr, g_ptr, colcount_ptr,
+                  W0, Wc, WP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n0 = tl.load(cnt0_ptr + row)
+    s = tl.arange(0, WP)
+    valid = (s < n0) & (n0 <= W0)          # heavy tokens (n0 > W0) keep nothing here
+    j = tl.load(idx0_ptr + row * W0 + s, mask=valid, other=0)
+    v = tl.load(val0_ptr + row * W0 + s, mask=valid, other=0.0)
+    hot = tl.load(hot_ptr + j, mask=valid, other=1)
+    cold = valid & (hot == 0)
+    ci = cold.to(tl.int32)
+    pos = tl.cumsum(ci, axis=0) - 1
+    tl.store(idx_ptr + row * Wc + pos, j, mask=cold)
+    tl.store(g_ptr + row * Wc + pos, v, mask=cold)
+    tl.store(cnt_ptr + row, tl.sum(ci, axis=0))
+    tl.atomic_add(colcount_ptr + j, ci, mask=cold)
+
+
+@triton.jit
+def _csc_fill_kernel(cnt_ptr, idx_ptr, ptr_ptr, cursor_ptr, slot_ptr, Wc, WP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.load(cnt_ptr + row)
+    s = tl.arange(0, WP)
+    ok = s < n
+    j = tl.load(idx_ptr + row * Wc + s, mask=ok, other=0)
+    base = tl.load(ptr_ptr + j, mask=ok, other=0)
+    k = tl.atomic_add(cursor_ptr + j, tl.full((WP,), 1, tl.int32), mask=ok)
+    tl.store(slot_ptr + base + k, (row * Wc + s).to(tl.int32), mask=ok)
+
+
+def split_pack(cnt0, idx0, val0, hot_mask, Wc: int):
+    """(cnt [M] int32, idx [M, Wc] int32, g [M, Wc] fp32, csc_ptr [H+1] int32, csc_slot [M*Wc] int32).
+
+    Wc must be >= every light token's number of cold entries (the caller passes the largest
+    light-token count, which bounds it); unused slots hold idx 0 and g 0.
+    """
+    M, W0 = idx0.shape
+    H = hot_mask.numel()
+    dev = idx0.device
+    cnt = torch.empty(M, dtype=torch.int32, device=dev)
+    idx = torch.zeros(M, Wc, dtype=torch.int32, device=dev)
+    g = torch.zeros(M, Wc, dtype=torch.float32, device=dev)
+    colcount = torch.zeros(H, dtype=torch.int32, device=dev)
+    hot_i8 = hot_mask.to(torch.int8)
+    if M:
+        _split_kernel[(M,)](cnt0, idx0, val0, hot_i8, cnt, idx, g, colcount, W0, Wc,
+                            WP=triton.next_power_of_2(W0))
+    csc_ptr = torch.zeros(H + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(colcount, 0, out=csc_ptr[1:])
+    csc_slot = torch.zeros(M * Wc, dtype=torch.int32, device=dev)
+    cursor = torch.zeros(H, dtype=torch.int32, device=dev)
+    if M:
+        _csc_fill_kernel[(M,)](cnt, idx, csc_ptr, cursor, csc_slot, Wc, WP=triton.next_power_of_2(Wc))
+    return cnt, idx, g, csc_ptr, csc_slot
+
+
+def reference(cnt0, idx0, val0, hot_mask, Wc: int):
+    """Pure-torch split_pack (CSC segments sorted by flat slot; the kernel's order may differ)."""
+    M, W0 = idx0.shape
+    H = hot_mask.numel()
+    dev = idx0.device
+    slot = torch.arange(W0, device=dev)
+    valid = (slot[None, :] < cnt0[:, None]) & (cnt0 <= W0)[:, None]
+    idx0 = torch.where(valid, idx0, 0)
+    cold = valid & ~hot_mask[idx0.long()]
+    dest = torch.where(cold, torch.cumsum(cold, 1) - 1, Wc)
+    idx = torch.zeros(M, Wc + 1, dtype=torch.int32, device=dev).scatter_(1, dest, idx0)[:, :Wc].contiguous()
+    g = torch.zeros(M, Wc + 1, dtype=torch.float32, device=dev).scatter_(
+        1, dest, torch.where(cold, val0, 0.0))[:, :Wc].contiguous()
+    cnt = cold.sum(1).to(torch.int32)
+    keys = torch.where(torch.arange(Wc, device=dev)[None, :] < cnt[:, None], idx, H).flatten().long()
+    csc_slot = torch.argsort(keys, stable=True).to(torch.int32)
+    counts = torch.zeros(H + 1, dtype=torch.int64, device=dev).scatter_add_(0, keys, torch.ones_like(keys))
+    csc_ptr = torch.zeros(H + 1, dtype=torch.int64, device=dev)
+    csc_ptr[1:] = torch.cumsum(counts[:H], 0)
+    return cnt, idx, g, csc_ptr.to(torch.int32), csc_slot
