@@ -68,10 +68,80 @@ class ModelConfig:
 
 @dataclass
 class SparsityConfig:
+    """The L1 lever (docs/sparsity.md). lambda(step): 0 for `delay_steps`, then a ramp from
+    `l1_start` to `l1_coeff` over `ramp_steps`, then `l1_coeff`. With a controller, lambda
+    follows the measured nnz/token towards a target once the ramp ends."""
     l1_coeff: float = 0.0                # lambda: the final (or constant) L1 coefficient
+    schedule: str = "constant"           # constant | linear | cosine | exponential (the ramp shape)
+    l1_start: float = 0.0                # lambda0 at the start of the ramp (exponential needs > 0)
+    delay_steps: int = 0                 # lambda = 0 before this step (dense warm-up)
+    ramp_steps: int = 0                  # ramp length K in steps
+    controller: str = "none"             # none | multiplicative | pi: lambda tracks a target nnz
+    target_nnz_fraction: float | None = None   # target nnz/token as a fraction of H (e.g. 0.01)
+    target_nnz_per_token: float | None = None  # ... or as an absolute count of neurons per token
+    controller_start_step: int | None = None   # None: when the ramp ends (delay_steps + ramp_steps)
+    controller_gain: float = 0.2         # integral gain on log(measured/target), per update
+    controller_kp: float = 1.0           # pi only: proportional gain (damps the approach)
+    controller_max_step: float = 0.2     # max |change of log lambda| per update (x1.22)
+    controller_smoothing: float = 0.5    # EMA weight of a new measurement (1 = no smoothing)
+    controller_deadband: float = 0.1     # |log error| below this (about 10%) leaves lambda alone
+    l1_min: float = 1e-6                 # controller bounds on lambda
+    l1_max: float = 10.0
+    stats_window_tokens: int = 0         # firing/dead-neuron window in tokens; 0: one log interval
+    reinit_dead: bool = False            # re-initialise neurons dead for a whole window
+    reinit_interval: int = 1000          # steps between re-initialisations
+    reinit_until_step: int | None = None  # stop re-initialising after this step (None: never)
 
     def __post_init__(self) -> None:
         _check(self.l1_coeff >= 0, f"sparsity.l1_coeff={self.l1_coeff} must be >= 0")
+        _choice("sparsity.schedule", self.schedule, ("constant", "linear", "cosine", "exponential"))
+        _choice("sparsity.controller", self.controller, ("none", "multiplicative", "pi"))
+        _check(self.l1_start >= 0, f"sparsity.l1_start={self.l1_start} must be >= 0")
+        for name in ("delay_steps", "ramp_steps"):
+            _check(getattr(self, name) >= 0, f"sparsity.{name}={getattr(self, name)} must be >= 0")
+        if self.schedule == "constant":
+            _check(self.ramp_steps == 0,
+                   f"sparsity.ramp_steps={self.ramp_steps} has no effect with sparsity.schedule=constant; "
+                   f"set sparsity.schedule to linear, cosine or exponential (or ramp_steps to 0)")
+        else:
+            _check(self.ramp_steps > 0,
+                   f"sparsity.schedule={self.schedule} needs sparsity.ramp_steps > 0 (got {self.ramp_steps})")
+        if self.schedule == "exponential":
+            _check(self.l1_start > 0 and self.l1_coeff > 0,
+                   f"sparsity.schedule=exponential ramps geometrically, so sparsity.l1_start={self.l1_start} and "
+                   f"sparsity.l1_coeff={self.l1_coeff} must both be > 0; use linear or cosine to start from 0")
+        targets = [t for t in (self.target_nnz_fraction, self.target_nnz_per_token) if t is not None]
+        if self.controller == "none":
+            _check(not targets, "sparsity.target_nnz_fraction / target_nnz_per_token need a controller; "
+                                "set sparsity.controller to multiplicative or pi")
+        else:
+            _check(len(targets) == 1,
+                   f"sparsity.controller={self.controller} needs exactly one of sparsity.target_nnz_fraction "
+                   f"(fraction of H, e.g. 0.01) or sparsity.target_nnz_per_token (neurons per token)")
+        if self.target_nnz_fraction is not None:
+            _check(0 < self.target_nnz_fraction < 1,
+                   f"sparsity.target_nnz_fraction={self.target_nnz_fraction} must be in (0, 1), e.g. 0.01 for 1% of H")
+        if self.target_nnz_per_token is not None:
+            _check(self.target_nnz_per_token > 0,
+                   f"sparsity.target_nnz_per_token={self.target_nnz_per_token} must be > 0")
+        _check(self.controller_start_step is None or self.controller_start_step >= 0,
+               f"sparsity.controller_start_step={self.controller_start_step} must be >= 0 (or omitted)")
+        for name in ("controller_gain", "controller_kp", "controller_deadband"):
+            _check(getattr(self, name) >= 0, f"sparsity.{name}={getattr(self, name)} must be >= 0")
+        _check(self.controller_max_step > 0, f"sparsity.controller_max_step={self.controller_max_step} must be > 0")
+        _check(0 < self.controller_smoothing <= 1,
+               f"sparsity.controller_smoothing={self.controller_smoothing} must be in (0, 1] (1: no smoothing)")
+        _check(0 < self.l1_min <= self.l1_max,
+               f"sparsity.l1_min={self.l1_min} and l1_max={self.l1_max} need 0 < l1_min <= l1_max")
+        _check(self.stats_window_tokens >= 0,
+               f"sparsity.stats_window_tokens={self.stats_window_tokens} must be >= 0 (0: one log interval)")
+        _check(self.reinit_interval > 0, f"sparsity.reinit_interval={self.reinit_interval} must be positive")
+        _check(self.reinit_until_step is None or self.reinit_until_step >= 0,
+               f"sparsity.reinit_until_step={self.reinit_until_step} must be >= 0 (or omitted)")
+
+    @property
+    def ramp_end(self) -> int:
+        return self.delay_steps + self.ramp_steps
 
 
 @dataclass
