@@ -138,7 +138,7 @@ def markdown(env, rows):
 
 
 def explore():
-    """Kernel pieces at M=16384, H=5632, nnz=29: what each stage costs, and variants."""
+    """Kernel pieces and variants at H=5632, nnz=29 (M=16384, then a few at M=131072)."""
     from kernels.twell.gate import gate_twell, _gate_twell_kernel
     from kernels.twell.updown import updown
     m, h = 16384, H_FULL
@@ -147,22 +147,34 @@ def explore():
     print(f"dense separate {median_ms(lambda: sep(x)):.3f} ms, packed {median_ms(lambda: packed(x)):.3f} ms")
     print(f"cuBLAS relu(x Wg^T) {median_ms(lambda: torch.relu(F.linear(x, f.w_gate))):.3f} ms")
     ref = fp32_reference(x, f)
-    for tile, cap in [(128, 32), (128, 16), (256, 32)]:
+    for tile, cap in [(128, 32), (64, 16)]:
         w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=tile, cap=cap)
-        c, v, cl = gate_twell(x, w.w_gate, tile, cap)
-        tg = median_ms(lambda: gate_twell(x, w.w_gate, tile, cap))
-        cfg = _gate_twell_kernel.best_config
+        for epi in (2, 0, 1):
+            c, v, cl = gate_twell(x, w.w_gate, tile, cap, epilogue=epi)
+            tg = median_ms(lambda: gate_twell(x, w.w_gate, tile, cap, epilogue=epi))
+            print(f"T={tile} cap={cap} gate epilogue={epi}: {tg:.3f} ms  {_gate_twell_kernel.best_config}")
         y = torch.empty_like(x)
-        for ent, nw in [(None, None), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)]:
+        for ent, nw in [(1, 4), (2, 4), (4, 4), (2, 2), (1, 2), (4, 8), (8, 8)]:
             tu = median_ms(lambda: updown(x, w.w_gate, w.w_up, w.w_down_t, c, v, cl, y, tile=tile, cap=cap,
                                           col0=0, entries=ent, num_warps=nw))
-            print(f"T={tile} cap={cap}: gate {tg:.3f} ms ({cfg}), updown E={ent} warps={nw} {tu:.3f} ms, "
-                  f"overflow tiles {int((c > cap).sum())}, rel err {rel_err(y, ref):.2e}")
-    variants = sparse_variants(f, xc, hot_list=(256, 512, 768, 1024, 1536, 2048))
+            print(f"T={tile} cap={cap} updown E={ent} warps={nw}: {tu:.3f} ms, overflow tiles {int((c > cap).sum())},"
+                  f" rel err {rel_err(y, ref):.2e}")
+    variants = sparse_variants(f, xc, hot_list=(512, 1024, 1536, 2048, 2560))
     for name, w in variants.items():
-        y = twell.twell_ffn(x, w)
-        print(f"{name}: n_hot={w.n_hot} total {median_ms(lambda: twell.twell_ffn(x, w)):.3f} ms, "
-              f"rel err {rel_err(y, ref):.2e}")
+        for ov in (False, True):
+            y = twell.twell_ffn(x, w, overlap=ov)
+            print(f"{name}: n_hot={w.n_hot} overlap={ov} total "
+                  f"{median_ms(lambda: twell.twell_ffn(x, w, overlap=ov)):.3f} ms, rel err {rel_err(y, ref):.2e}")
+    del f, x, xc, ref, variants
+    torch.cuda.empty_cache()
+    m = 131072
+    f, x, xc = make_inputs(m, h, 29.0)
+    sep, packed = dense_fns(f)
+    print(f"M={m}: dense separate {median_ms(lambda: sep(x)):.3f} ms, packed {median_ms(lambda: packed(x)):.3f} ms")
+    variants = sparse_variants(f, xc, hot_list=(1024, 2048))
+    for name, w in variants.items():
+        print(f"M={m} {name}: n_hot={w.n_hot} total {median_ms(lambda: twell.twell_ffn(x, w)):.3f} ms, "
+              f"overlap {median_ms(lambda: twell.twell_ffn(x, w, overlap=True)):.3f} ms")
 
 
 def main():

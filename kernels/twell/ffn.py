@@ -26,9 +26,12 @@ def _check(x: torch.Tensor, weights: TwellWeights) -> None:
 
 @torch.no_grad()
 def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: bool = False,
-              updown_entries: int | None = None, updown_warps: int | None = None):
+              overlap: bool = False, updown_entries: int | None = None, updown_warps: int | None = None):
     """y [M, D] = FFN(x [M, D]) in x's dtype; optionally also fire_counts [H] int32 (tokens with
-    g_j > 0, per ORIGINAL neuron index). On CPU without TRITON_INTERPRET it runs the reference."""
+    g_j > 0, per ORIGINAL neuron index). On CPU without TRITON_INTERPRET it runs the reference.
+
+    overlap (CUDA, n_hot > 0): run the hot gate+up GEMM (tensor-core bound) on a side stream
+    while the sparse up/down (L2-bandwidth bound) runs on the current one."""
     _check(x, weights)
     if not x.is_cuda and not interpreting():
         y = twell_ffn_reference(x, weights)
@@ -40,6 +43,12 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
     h, n_hot = weights.hidden, weights.n_hot
     fire = torch.zeros(h, dtype=torch.int32, device=x.device) if return_fire_counts else None
     y = torch.empty(m, d, dtype=x.dtype, device=x.device)
+    side = None
+    if n_hot and overlap and x.is_cuda:
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream(device=x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
     if n_hot < h:
         counts, values, cols = gate_twell(x, weights.w_gate, weights.tile, weights.cap, n_hot, fire)
         updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, values, cols, y,
@@ -47,7 +56,11 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
     else:
         y.zero_()
     if n_hot:
-        h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
+        if side is None:
+            h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
+        else:
+            main.wait_stream(side)
+            h_hot.record_stream(main)   # allocated on the side stream, freed after main's use
         y.addmm_(h_hot, weights.w_down_t[:n_hot])
     if return_fire_counts:
         orig = torch.empty_like(fire)

@@ -21,6 +21,7 @@ import triton.language as tl
 from ._common import interpreting
 
 _INTERPRET = interpreting()
+EPILOGUE = int(os.environ.get("TWELL_GATE_EPILOGUE", "1"))  # see gate_twell
 
 
 def _configs():
@@ -62,7 +63,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, val_ptr, col_ptr, fire_ptr, M, D, H, col0, n_tiles,
                        M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
-                       IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+                       IEEE: tl.constexpr, INTERPRET: tl.constexpr, EPI: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, n_tiles, BM, GROUP_M)
     offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -84,13 +85,26 @@ def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, val_ptr, col_ptr, fire_ptr, M, D,
     nz = acc > 0
     nzi = nz.to(tl.int32)
     cnt = tl.sum(nzi, axis=1)                       # true count, may exceed CAP (overflow)
-    pos = tl.cumsum(nzi, axis=1) - 1                # slot of each nonzero, in column order
     tl.store(cnt_ptr + offs_m * n_tiles + pid_n, cnt, mask=m_ok)
-    slot = (offs_m[:, None] * n_tiles + pid_n) * CAP + pos
-    smask = nz & (pos < CAP) & m_ok[:, None]
-    tl.store(val_ptr + slot, acc.to(val_ptr.dtype.element_ty), mask=smask)
-    local = tl.zeros((BM, BN), dtype=tl.int32) + tl.arange(0, BN)[None, :]
-    tl.store(col_ptr + slot, local.to(tl.int16), mask=smask)
+    if EPI < 2:
+        if EPI == 0:
+            pos = tl.cumsum(nzi, axis=1) - 1        # slot of each nonzero, in column order
+        else:
+            # The same prefix sum as a tensor-core product with an upper-triangular ones
+            # matrix: it stays in the accumulator's layout (no layout conversion for a scan).
+            r = tl.arange(0, BN)
+            tri = (r[:, None] <= r[None, :]).to(tl.float16)
+            pos = _dot(nz.to(tl.float16), tri, tl.zeros((BM, BN), dtype=tl.float32), False, INTERPRET)
+            pos = pos.to(tl.int32) - 1
+        # 32-bit offsets inside this program's block of slots (BM * n_tiles * CAP < 2^31),
+        # one 64-bit base: [BM, BN] int64 offsets would cost registers the epilogue needs.
+        base = (pid_m * BM).to(tl.int64) * n_tiles * CAP + pid_n * CAP
+        rloc = tl.arange(0, BM)
+        slot = rloc[:, None] * (n_tiles * CAP) + pos
+        smask = nz & (pos < CAP) & m_ok[:, None]
+        tl.store(val_ptr + base + slot, acc.to(val_ptr.dtype.element_ty), mask=smask)
+        local = tl.zeros((BM, BN), dtype=tl.int16) + tl.arange(0, BN).to(tl.int16)[None, :]
+        tl.store(col_ptr + base + slot, local, mask=smask)
     if COUNT_FIRES:
         # fire_ptr is the [H - col0] slice of the counts, so autotune's reset_to_zero cannot
         # wipe counts that the hot kernel already added
@@ -141,9 +155,11 @@ def _m_bucket(m: int) -> int:
 
 
 def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0: int = 0,
-               fire: torch.Tensor | None = None):
+               fire: torch.Tensor | None = None, epilogue: int = EPILOGUE):
     """Launch the gate+pack kernel on columns [col0, H). Returns (counts, values, cols).
-    x [M, D] and w_gate [H, D] contiguous, same dtype/device (checked by the caller)."""
+    x [M, D] and w_gate [H, D] contiguous, same dtype/device (checked by the caller).
+    epilogue: 0 = prefix sum by tl.cumsum, 1 = by a tensor-core product, 2 = counts only (timing
+    the GEMM floor; values/cols are then NOT written)."""
     m, d = x.shape
     h = w_gate.shape[0]
     nt = -(-(h - col0) // tile)
@@ -155,7 +171,7 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
     _gate_twell_kernel[_grid(m, nt)](
         x, w_gate, counts, values, cols, fire[col0:] if fire is not None else counts, m, d, h, col0, nt,
         _m_bucket(m), CAP=cap, BN=tile, COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32,
-        INTERPRET=_INTERPRET)
+        INTERPRET=_INTERPRET, EPI=epilogue)
     return counts, values, cols
 
 

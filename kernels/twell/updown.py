@@ -40,7 +40,9 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, val_ptr, col_ptr, y_
     any_ovf = tl.max(ovf.to(tl.int32), axis=0)
     ovf_i = ovf.to(tl.int32)
 
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # [E, BLOCK_D] accumulator, reduced over E once at the end: a per-step sum over E would be
+    # a cross-warp reduction through shared memory whenever warps split that axis.
+    acc = tl.zeros((E, BLOCK_D), dtype=tl.float32)
     for e0 in range(0, total, E):
         e = e0 + tl.arange(0, E)
         e_ok = e < total
@@ -63,10 +65,11 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, val_ptr, col_ptr, y_
         wu = tl.load(wu_ptr + wp, mask=wmask, other=0.0).to(tl.float32)
         wd = tl.load(wdt_ptr + wp, mask=wmask, other=0.0).to(tl.float32)
         h = tl.where(e_ok, g * tl.sum(wu * x[None, :], axis=1), 0.0)
-        acc += tl.sum(h[:, None] * wd, axis=0)
+        acc += h[:, None] * wd
+    out = tl.sum(acc, axis=0)
     if ACCUM:
-        acc += tl.load(y_ptr + m * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=d_ok)
+        out += tl.load(y_ptr + m * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * D + offs_d, out.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
 MAX_D = 16384
@@ -85,9 +88,9 @@ def updown(x, w_gate, w_up, w_down_t, counts, values, cols, y, *, tile: int, cap
         return y
     block_d = triton.next_power_of_2(d)
     if entries is None:  # E rows of W_u and W_d^T per step, bounded so they fit in registers
-        entries = max(1, min(8, 8192 // block_d))
+        entries = max(1, min(4, 4096 // block_d))
     if num_warps is None:
-        num_warps = 8 if block_d >= 2048 else 4
+        num_warps = 4
     _updown_kernel[(m,)](x, w_gate, w_up, w_down_t, counts, values, cols, y, d, h, col0, nt,
                          CAP=cap, TILE=tile, NT_P=max(2, triton.next_power_of_2(nt)), BLOCK_D=block_d,
                          E=entries, ACCUM=accumulate, num_warps=num_warps)
