@@ -26,6 +26,7 @@ from kernels.hybrid.ell_sddmm import ell_sddmm, ell_sddmm_bwd  # noqa: E402
 from kernels.hybrid.ell_spmm import ell_spmm  # noqa: E402
 from kernels.hybrid.format import build_pattern  # noqa: E402
 from kernels.hybrid.gate_pack import gate_pack  # noqa: E402
+from kernels.hybrid.row_pack import cublas_gate_pack  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from bench_common import (activation_stats, environment, gpu_slug, median_ms, rel_err,  # noqa: E402
                                 write_results)
@@ -85,7 +86,8 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
     hw = torch.cat([wg[pat.hot], wu[pat.hot]])
     gu = x @ hw.t()
     pieces = {
-        "gate_pack": lambda: gate_pack(x, wg, ell_width),
+        "gate_pack (fused Triton epilogue)": lambda: gate_pack(x, wg, ell_width),
+        "gate cuBLAS + row_pack": lambda: cublas_gate_pack(x, wg, ell_width),
         "build_pattern(incl gate)": lambda: build_pattern(x, wg, ell_width, hot_frac),
         "cuBLAS relu(x Wg^T)": lambda: torch.relu(x @ wg.t()),
         "fwd sddmm u": lambda: ell_sddmm(x, wu, pat.idx, pat.cnt),
@@ -107,11 +109,11 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
 
 
 SWEEP = {
-    "gate_pack": [dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-                  dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
-                  dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-                  dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
-                  dict(BM=64, BN=256, BK=64, GROUP_M=8, num_warps=4, num_stages=4)],
+    "gate_pack": [dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=False),
+                  dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=True),
+                  dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False),
+                  dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False),
+                  dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=5, SCAN=False)],
     "ell_sddmm": [dict(SP=32, BD=128, num_warps=4), dict(SP=16, BD=256, num_warps=4),
                   dict(SP=32, BD=256, num_warps=8), dict(SP=16, BD=128, num_warps=4),
                   dict(SP=64, BD=64, num_warps=4)],
@@ -162,7 +164,8 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     return out
 
 
-def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, seed=0, grads=True, do_breakdown=False):
+def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, seed=0, grads=True, do_breakdown=False,
+             do_profile=False):
     dev = "cuda"
     inp = make_ffn_inputs(M, D, H, target_nnz=nnz, dense_rows=dense_rows, dtype=torch.bfloat16,
                           device=dev, seed=seed)
@@ -211,6 +214,22 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, seed=0, grads=Tru
     if do_breakdown:
         rec["breakdown_ms"] = breakdown(*params, dy, best["hot_frac"], ell_width)
         print("breakdown", rec["breakdown_ms"], flush=True)
+    if do_profile:
+        fn = lambda *p: sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=best["hot_frac"])  # noqa: E731
+        rec["sparse_fwd_ms"] = median_ms(lambda: fn(*params))
+        with torch.no_grad():
+            rec["sparse_fwd_nograd_ms"] = median_ms(lambda: fn(*params))
+        from torch.profiler import ProfilerActivity, profile
+        for _ in range(3):
+            fwd_bwd(fn, params, dy)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fwd_bwd(fn, params, dy)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+        print(table, flush=True)
+        rec["profile_table"] = table
     del ref
     torch.cuda.empty_cache()
     return rec
@@ -253,6 +272,7 @@ def main():
     ap.add_argument("--ell-width", type=int, default=256)
     ap.add_argument("--dense-rows", type=int, default=4, help="extra case at nnz 29 with this many dense rows")
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of the main case")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs on the first case first")
     ap.add_argument("--stem", default=None)
     a = ap.parse_args()
@@ -271,7 +291,7 @@ def main():
         for nnz in nnzs:
             main_case = H == a.hidden[0] and nnz == 29
             cases.append(run_case(a.tokens, a.d_model, H, nnz, hot_fracs, a.ell_width,
-                                  do_breakdown=a.breakdown and main_case))
+                                  do_breakdown=a.breakdown and main_case, do_profile=a.profile and main_case))
     if a.dense_rows:
         cases.append(run_case(a.tokens, a.d_model, a.hidden[0], 29, hot_fracs[:1], a.ell_width,
                               dense_rows=a.dense_rows))

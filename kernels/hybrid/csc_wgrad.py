@@ -49,7 +49,7 @@ def _csc_wgrad_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out1_ptr
 
 
 # Launch configuration; the benchmark overrides it to sweep (one config under the interpreter).
-CONFIG = dict(KT=16, BD=256, num_warps=4)
+CONFIG = dict(KT=16, BD=512, num_warps=4)
 
 
 def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=None, c2=None,

@@ -52,7 +52,7 @@ def _ell_spmm_kernel(out_ptr, idx_ptr, cnt_ptr, c1_ptr, c3_ptr, w1_ptr, c2_ptr, 
 
 
 # Launch configuration; the benchmark overrides it to sweep (one config under the interpreter).
-CONFIG = dict(SP=16, BD=256, num_warps=4)
+CONFIG = dict(SP=8, BD=512, num_warps=4)
 
 
 def ell_spmm(out: torch.Tensor, idx, cnt, c1, w1, c3=None, c2=None, w2=None, accumulate=False):

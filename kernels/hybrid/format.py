@@ -1,7 +1,7 @@
 """The hybrid sparse format used for training: cold ELL + per-neuron CSC + two dense backups.
 
 An activation (token i, neuron j) with g_ij > 0 lands in exactly one of three parts:
-  * hot neurons (fire_counts[j] > hot_frac * M): a dense [M, K] panel over all tokens. A neuron
+  * hot neurons (fire_counts[j] > hot_frac * M, rounded up to a multiple of 64): a dense [M, K] panel over all tokens. A neuron
     that fires for more than ~1% of tokens is cheaper through a tensor-core GEMM than through
     per-activation row gathers (the gather moves 2*D bytes per activation, the GEMM 2*M*D flops
     per neuron). This is the dense backup in the neuron direction, and it bounds the length of
@@ -25,8 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from .gate_pack import gate_pack
+from .row_pack import cublas_gate_pack
 from .split_pack import reference as split_reference
 from .split_pack import split_pack
+
+
+# How the gate GEMM is done: the fused Triton GEMM+pack epilogue, or cuBLAS then a pack pass
+# (faster on H100 today, NOTES.md). Both give the same pattern up to fp32-vs-bf16 rounding of g.
+GATE = {"fused_epilogue": False}
 
 
 @dataclass
@@ -52,7 +58,7 @@ class HybridPattern:
 
 
 def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_frac: float | None,
-                  _packed=None, _use_reference: bool = False) -> HybridPattern:
+                  _packed=None, _use_reference: bool = False, hot_multiple: int = 64) -> HybridPattern:
     """Run the gate GEMM + epilogue pack, then split into hot / heavy / cold parts.
 
     `hot_frac=None` disables the hot dense panel (every neuron goes through the CSC path).
@@ -61,14 +67,23 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     """
     M = x.shape[0]
     H = w_gate.shape[0]
-    fire, cnt0, idx0, val0 = _packed if _packed is not None else gate_pack(x, w_gate, ell_width)
+    if _packed is None:
+        _packed = (gate_pack if GATE["fused_epilogue"] else cublas_gate_pack)(x, w_gate, ell_width)
+    fire, cnt0, idx0, val0 = _packed
     dev = x.device
     W0 = idx0.shape[1]
     light = cnt0 <= W0
+    # Hot set: neurons firing on > hot_frac * M tokens, rounded up to a multiple of
+    # `hot_multiple` with the next most popular neurons (cuBLAS falls back to slow sm75 kernels
+    # for GEMM sizes like 2K = 490; NOTES.md). Chosen by a sort, so the count stays on device.
+    order = torch.argsort(fire, descending=True, stable=True)
     if hot_frac is None:
-        hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
+        n_hot = torch.zeros((), dtype=torch.int64, device=dev)
     else:
-        hot_mask = fire > int(hot_frac * M)
+        n_hot = (fire > int(hot_frac * M)).sum()
+        n_hot = torch.clamp((n_hot + hot_multiple - 1) // hot_multiple * hot_multiple, max=H)
+    hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
+    hot_mask[order] = torch.arange(H, device=dev) < n_hot
     zero = torch.zeros((), dtype=cnt0.dtype, device=dev)
     # Wc = the largest light-token count bounds every light token's cold count.
     stats = torch.stack([(~light).sum().to(cnt0.dtype), hot_mask.sum().to(cnt0.dtype),
@@ -77,6 +92,6 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     Wc = max(Wc, 1)
     cnt, idx, g, csc_ptr, csc_slot = (split_reference if _packed is not None and _use_reference
                                       else split_pack)(cnt0, idx0, val0, hot_mask, Wc)
-    hot = torch.argsort(hot_mask.to(torch.int8), descending=True, stable=True)[:K]
+    hot = order[:K]
     heavy = torch.argsort(light.to(torch.int8), stable=True)[:R]
     return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, ~hot_mask)

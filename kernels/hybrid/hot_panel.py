@@ -1,0 +1,90 @@
+"""Elementwise kernels of the dense hot panel (neurons too popular for the gather path).
+
+The panel's GEMMs are cuBLAS; what is left is elementwise over [M, K]. In torch that is ~10
+kernels per step (relu, mul, sign, scale, add, cat, ...), each a pass over M x K and a launch
+after the layer's host sync. One kernel each way:
+  forward : gu = [g | u] [M, 2K]  ->  h = relu(g) * u [M, K] and l1row[i] = sum_j |h_ij| (fp32)
+  backward: dh [M, K] (= dy W_d[:, hot]), scale = g_l1 / M  ->  [du | dg] [M, 2K] with the L1
+            term folded in: dh' = dh + scale * sign(h), du = dh' relu(g), dg = dh' u 1[g > 0].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET
+
+
+@triton.jit
+def _hot_fwd_kernel(gu_ptr, h_ptr, l1_ptr, K, BK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BK)
+    tot = tl.zeros((BK,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ok = (k0 + c) < K
+        g = tl.load(gu_ptr + row * 2 * K + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * K + K + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        h = tl.maximum(g, 0.0) * u
+        hq = h.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * K + k0 + c, hq, mask=ok)
+        tot += tl.abs(hq.to(tl.float32))       # L1 of the h that y actually used
+    tl.store(l1_ptr + row, tl.sum(tot, axis=0))
+
+
+@triton.jit
+def _hot_bwd_kernel(gu_ptr, dh_ptr, scale_ptr, out_ptr, K, BK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BK)
+    s = tl.load(scale_ptr)
+    for k0 in range(0, K, BK):
+        ok = (k0 + c) < K
+        g = tl.load(gu_ptr + row * 2 * K + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * K + K + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + row * K + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        on = g > 0
+        sgn = tl.where(on & (u > 0), 1.0, tl.where(on & (u < 0), -1.0, 0.0))
+        dh = dh + s * sgn
+        du = tl.where(on, dh * g, 0.0)
+        dg = tl.where(on, dh * u, 0.0)
+        ty = out_ptr.dtype.element_ty
+        tl.store(out_ptr + row * 2 * K + k0 + c, du.to(ty), mask=ok)
+        tl.store(out_ptr + row * 2 * K + K + k0 + c, dg.to(ty), mask=ok)
+
+
+def _bk(K):
+    return 64 if INTERPRET else min(1024, triton.next_power_of_2(max(K, 16)))
+
+
+def hot_forward(gu: torch.Tensor):
+    """gu [M, 2K] contiguous -> (h [M, K] in gu.dtype, l1row [M] fp32)."""
+    M, K2 = gu.shape
+    K = K2 // 2
+    h = torch.empty(M, K, dtype=gu.dtype, device=gu.device)
+    l1row = torch.empty(M, dtype=torch.float32, device=gu.device)
+    if M and K:
+        _hot_fwd_kernel[(M,)](gu, h, l1row, K, BK=_bk(K))
+    return h, l1row
+
+
+def hot_backward(gu: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor):
+    """-> [du | dg] [M, 2K] in gu.dtype; scale is a 0-dim fp32 device tensor (g_l1 / M)."""
+    M, K2 = gu.shape
+    K = K2 // 2
+    out = torch.empty_like(gu)
+    if M and K:
+        _hot_bwd_kernel[(M,)](gu, dh.contiguous(), scale, out, K, BK=_bk(K))
+    return out
+
+
+def reference_forward(gu):
+    g, u = gu.float().chunk(2, dim=1)
+    h = (torch.relu(g) * u).to(gu.dtype)
+    return h, h.float().abs().sum(1)
+
+
+def reference_backward(gu, dh, scale):
+    g, u = gu.float().chunk(2, dim=1)
+    on = g > 0
+    dh = dh.float() + scale.float() * torch.sign(u) * on
+    return torch.cat([torch.where(on, dh * g, 0.0), torch.where(on, dh * u, 0.0)], 1).to(gu.dtype)
