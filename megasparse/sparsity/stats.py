@@ -4,60 +4,160 @@ Each MLP already returns per-neuron fire counts (tokens with g_j > 0) for its lo
 sum them on the device over a log interval; only `reduce_and_reset`, called at log intervals,
 synchronises and communicates. Under tensor parallelism a rank holds H/tp neurons of the same
 tokens, so nnz/token sums over TP ranks; over DP ranks both counts and tokens sum.
+
+Beyond the interval, a *window* of at least ``window_tokens`` tokens (whole log intervals, kept
+as DP-reduced per-interval counts) gives per-neuron firing counts and the dead fraction: a
+neuron is dead when it did not fire once in the window. The window is what dead-neuron
+re-initialisation and the firing-rate dump read. ``window_tokens=0`` means one log interval.
+
+The per-token maximum of nnz needs per-token counts from the MLP (``token_nnz``, [M] per layer;
+see docs/sparsity.md). Without tensor parallelism it is an exact running max on the device.
+Under TP a token's count is a sum over shards, so we keep the interval's last micro-batch and
+take its max after a TP sum at log time (a sampled max; exact would need a per-step collective).
 """
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 import torch.distributed as dist
 
 
+def _world(group, none_is_world: bool = True) -> int:
+    """Size of a group. For DP, None is the default (world) group, as in torch.distributed; for
+    TP, None means no tensor parallelism (``none_is_world=False``)."""
+    if not (dist.is_available() and dist.is_initialized()) or (group is None and not none_is_world):
+        return 1
+    return dist.get_world_size(group)
+
+
 class SparsityStats:
-    def __init__(self, n_layers: int, hidden_local: int, hidden_global: int, device: torch.device):
-        self.n_layers, self.hidden_global = n_layers, hidden_global
+    def __init__(self, n_layers: int, hidden_local: int, hidden_global: int, device: torch.device,
+                 window_tokens: int = 0):
+        self.n_layers, self.hidden_local, self.hidden_global = n_layers, hidden_local, hidden_global
+        self.tp = hidden_global // hidden_local
+        self.window_tokens = window_tokens
+        self.device = device
         self.fire = torch.zeros(n_layers, hidden_local, dtype=torch.int64, device=device)
         self.l1 = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self.nnz_max = torch.zeros(n_layers, dtype=torch.int64, device=device)
+        self.last_token_nnz: torch.Tensor | None = None
         self.tokens = 0
         self.batches = 0
         self.has_counts = False
+        self.has_max = False
+        # The window: (global tokens, DP-reduced local counts) per log interval, and their sum.
+        self._intervals: deque = deque()
+        self.window_fire = torch.zeros_like(self.fire)
+        self.window_token_count = 0
 
-    def update(self, fire_counts: list, l1_per_layer: torch.Tensor, tokens: int) -> None:
-        if all(c is not None for c in fire_counts) and fire_counts:
+    # ------------------------------------------------------------------ every micro-batch
+    def update(self, fire_counts: list, l1_per_layer: torch.Tensor, tokens: int,
+               token_nnz: list | None = None) -> None:
+        """Device-side accumulation only; never syncs with the host."""
+        if fire_counts and all(c is not None for c in fire_counts):
             self.fire += torch.stack(fire_counts).to(self.fire.dtype)
             self.has_counts = True
+        if token_nnz and all(t is not None for t in token_nnz):
+            per_token = torch.stack(token_nnz)  # [L, M]
+            if self.tp == 1:
+                self.nnz_max = torch.maximum(self.nnz_max, per_token.amax(1).to(self.nnz_max.dtype))
+            else:
+                self.last_token_nnz = per_token.to(torch.int64)
+            self.has_max = True
         self.l1 += l1_per_layer.detach().to(self.l1.dtype)
         self.tokens += tokens
         self.batches += 1
 
+    # ------------------------------------------------------------------ log intervals
     def reduce_and_reset(self, dp_group=None, tp_group=None) -> dict:
-        """Per-layer nnz/token, nnz fraction of H, dead fraction over the interval, and L1."""
-        tokens = torch.tensor([float(self.tokens), float(self.batches)], device=self.fire.device)
+        """Per-layer nnz/token (mean, max), nnz fraction of H, the L1 term, and the window's
+        dead fraction; the DP-reduced counts also enter the window."""
+        tokens = torch.tensor([float(self.tokens), float(self.batches)], dtype=torch.float64, device=self.device)
         fire, l1 = self.fire.clone(), self.l1.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if _world(dp_group) > 1:
             dist.all_reduce(fire, group=dp_group)
             dist.all_reduce(tokens, group=dp_group)
             dist.all_reduce(l1, group=dp_group)
-            # l1 per layer is a per-shard sum over neurons: add the TP shards.
-            if tp_group is not None and dist.get_world_size(tp_group) > 1:
-                dist.all_reduce(l1, group=tp_group)
+        if _world(tp_group, False) > 1:
+            dist.all_reduce(l1, group=tp_group)  # l1 per layer is a per-shard sum over neurons
         n_tok, n_batches = tokens.tolist()
-        dp_batches = max(n_batches, 1.0)
-        dead_local = (fire == 0).sum(1).double()
-        nnz_local = fire.sum(1).double()
-        if tp_group is not None and dist.is_initialized() and dist.get_world_size(tp_group) > 1:
-            dist.all_reduce(dead_local, group=tp_group)
-            dist.all_reduce(nnz_local, group=tp_group)
-        out = {"l1_layer": (l1 / dp_batches).tolist()}
+        out = {"l1_layer": (l1 / max(n_batches, 1.0)).tolist()}
         if self.has_counts and n_tok > 0:
+            self._push_interval(fire, int(n_tok))
+            nnz_local = fire.sum(1).double()
+            dead_local = (self.window_fire == 0).sum(1).double()
+            if _world(tp_group, False) > 1:
+                both = torch.stack([nnz_local, dead_local])
+                dist.all_reduce(both, group=tp_group)
+                nnz_local, dead_local = both[0], both[1]
             nnz = (nnz_local / n_tok).tolist()
+            dead = (dead_local / self.hidden_global).tolist()
             out.update({
                 "nnz_per_token_layer": nnz,
                 "nnz_fraction_layer": [v / self.hidden_global for v in nnz],
-                "dead_fraction_layer": (dead_local / self.hidden_global).tolist(),
+                "dead_fraction_layer": dead,
                 "nnz_per_token": sum(nnz) / len(nnz),
-                "dead_fraction": float((dead_local / self.hidden_global).mean()),
+                "dead_fraction": sum(dead) / len(dead),
+                "dead_window_tokens": self.window_token_count,
             })
+        if self.has_max:
+            out["nnz_max_layer"] = self._reduce_max(dp_group, tp_group)
+            out["nnz_max"] = max(out["nnz_max_layer"])
+        self._reset_interval()
+        return out
+
+    def _reduce_max(self, dp_group, tp_group) -> list:
+        if self.tp > 1:
+            per_token = self.last_token_nnz.clone()
+            if _world(tp_group, False) > 1:
+                dist.all_reduce(per_token, group=tp_group)  # a token's nnz sums over shards
+            mx = per_token.amax(1)
+        else:
+            mx = self.nnz_max.clone()
+        if _world(dp_group) > 1:
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=dp_group)
+        return [float(v) for v in mx.tolist()]
+
+    def _reset_interval(self) -> None:
         self.fire.zero_()
         self.l1.zero_()
+        self.nnz_max.zero_()
+        self.last_token_nnz = None
         self.tokens = self.batches = 0
-        self.has_counts = False
-        return out
+        self.has_counts = self.has_max = False
+
+    # ------------------------------------------------------------------ the window
+    def _push_interval(self, fire: torch.Tensor, n_tok: int) -> None:
+        self._intervals.append((n_tok, fire))
+        self.window_fire += fire
+        self.window_token_count += n_tok
+        # Drop the oldest intervals while the rest still cover the window.
+        while len(self._intervals) > 1 and self.window_token_count - self._intervals[0][0] >= self.window_tokens:
+            old_tok, old_fire = self._intervals.popleft()
+            self.window_fire -= old_fire
+            self.window_token_count -= old_tok
+
+    def window_full(self) -> bool:
+        return self.window_token_count > 0 and self.window_token_count >= self.window_tokens
+
+    def dead_masks(self) -> list:
+        """Per layer, a bool [H_local] of neurons that never fired in the window (identical on
+        every DP rank, because the counts are DP-reduced)."""
+        return list(self.window_fire == 0)
+
+    def reset_window(self) -> None:
+        """Forget the window, e.g. after re-initialising neurons: deadness needs new evidence."""
+        self._intervals.clear()
+        self.window_fire.zero_()
+        self.window_token_count = 0
+
+    def firing_rates(self, tp_group=None) -> torch.Tensor:
+        """[L, H_global] float64 fraction of the window's tokens on which each neuron fired.
+        A collective over the TP group (every TP rank must call it)."""
+        local = self.window_fire.double() / max(self.window_token_count, 1)
+        if _world(tp_group, False) > 1:
+            parts = [torch.empty_like(local) for _ in range(_world(tp_group, False))]
+            dist.all_gather(parts, local, group=tp_group)
+            local = torch.cat(parts, dim=1)  # column-parallel: TP rank r owns neurons [r*H/tp, (r+1)*H/tp)
+        return local.cpu()
