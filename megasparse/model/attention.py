@@ -34,23 +34,43 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
-class Attention(nn.Module):
-    """Q/K/V and output projections; heads here are this rank's share under tensor parallelism.
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
-    ``linear_factory(in, out, kind)`` builds the projections, so tensor parallelism can swap in
-    column-parallel Q/K/V and a row-parallel output projection without touching the math.
+
+class Attention(nn.Module):
+    """Q/K/V and output projections, built by ``linear_factory(in, out, kind, **sharding)``.
+
+    ``n_heads`` and ``n_kv_heads`` are the model's totals. Under tensor parallelism (``tp_size``
+    > 1) this rank computes ``n_heads/tp`` query heads and ``max(n_kv_heads/tp, 1)`` kv heads:
+    Q/K/V are column-parallel and the output projection row-parallel, so attention itself needs
+    no communication. When tp > n_kv_heads each kv head is replicated on tp/n_kv_heads
+    consecutive ranks (exactly the ranks whose query heads read it). ``enter_region`` is applied
+    once to the input shared by Q, K and V, so its gradient is all-reduced once, not three times.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, linear_factory):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, linear_factory,
+                 tp_size: int = 1, enter_region=None):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.q_proj = linear_factory(d_model, n_heads * head_dim, "column")
-        self.k_proj = linear_factory(d_model, n_kv_heads * head_dim, "column")
-        self.v_proj = linear_factory(d_model, n_kv_heads * head_dim, "column")
+        if n_heads % tp_size or not (n_kv_heads % tp_size == 0 or tp_size % n_kv_heads == 0):
+            raise ValueError(f"tp={tp_size} must divide n_heads={n_heads}, and divide or be a multiple "
+                             f"of n_kv_heads={n_kv_heads}")
+        if tp_size > 1 and enter_region is None:
+            raise ValueError("tensor-parallel attention needs enter_region (the plan's copy-to-region)")
+        self.n_heads, self.head_dim = n_heads // tp_size, head_dim
+        self.n_kv_heads = max(n_kv_heads // tp_size, 1)
+        kv_replicas = max(tp_size // n_kv_heads, 1)
+        self.enter_region = enter_region or _identity
+        self.q_proj = linear_factory(d_model, n_heads * head_dim, "column", input_in_region=True)
+        self.k_proj = linear_factory(d_model, n_kv_heads * head_dim, "column", input_in_region=True,
+                                     replicas=kv_replicas)
+        self.v_proj = linear_factory(d_model, n_kv_heads * head_dim, "column", input_in_region=True,
+                                     replicas=kv_replicas)
         self.o_proj = linear_factory(n_heads * head_dim, d_model, "row")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
+        x = self.enter_region(x)
         q = self.q_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)

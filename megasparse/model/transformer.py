@@ -17,36 +17,63 @@ from torch.utils.checkpoint import checkpoint
 from megasparse.config import ModelConfig
 from megasparse.model.attention import Attention, RMSNorm, rotary_tables
 from megasparse.model.sparse_mlp import ReluGatedMLP, SwiGLUMLP
+from megasparse.parallel.initialization import seeded_normal_
 
 
 @dataclass
 class ModelOutput:
     ce_loss: torch.Tensor | None         # 0-dim fp32, mean over tokens (None without labels)
-    aux_loss: torch.Tensor               # 0-dim fp32, mean over layers of the layers' L1 terms
-    l1_per_layer: torch.Tensor           # [n_layers] fp32, detached
+    aux_loss: torch.Tensor               # 0-dim fp32, mean over layers of the layers' full-H L1 terms
+    l1_per_layer: torch.Tensor           # [n_layers] fp32, detached; this TP rank's shard (statistics
+                                         # sum it over TP ranks, see sparsity/stats.py)
     fire_counts: list                    # per layer: [H_local] int32 (tokens with g_j > 0) or None
     tokens: int                          # tokens in this micro-batch
     logits: torch.Tensor | None = None   # only when no labels were given
 
 
-def plain_linear(in_features: int, out_features: int, kind: str) -> nn.Linear:
-    """Default projection factory (no tensor parallelism): a bias-free nn.Linear."""
+def plain_linear(in_features: int, out_features: int, kind: str, **sharding) -> nn.Linear:
+    """Default projection factory (no tensor parallelism): a bias-free nn.Linear. `kind`
+    ("column"/"row") and the sharding options (input_in_region, replicas) only matter under
+    tensor parallelism. Sizes are always the model's full sizes."""
     return nn.Linear(in_features, out_features, bias=False)
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class ParallelPlan:
-    """How layers are built and sharded. The default is a single rank; tensor parallelism
-    provides one with parallel layers and mappings (megasparse/parallel/)."""
+    """How layers are built, sharded, initialised and joined. The default is a single rank;
+    tensor parallelism provides a subclass with parallel layers and mappings
+    (megasparse/parallel/plan.py).
+
+    ``init_seed`` fixes the initialisation; None draws it from torch's global generator, so
+    ``torch.manual_seed`` governs a model built without a plan. Initialisation is per parameter
+    from (seed, name), hence the same full weights at any TP degree."""
 
     tp_size = 1
     linear = staticmethod(plain_linear)
 
+    def __init__(self, init_seed: int | None = None):
+        self.init_seed = init_seed
+
     def embedding(self, vocab: int, dim: int) -> nn.Module:
         return nn.Embedding(vocab, dim)
 
+    def enter_region(self, x: torch.Tensor) -> torch.Tensor:
+        """Before the column-parallel projections of one input (identity without TP)."""
+        return x
+
     def mlp_regions(self):
         """(enter, leave) mappings around the sparse MLP's local computation."""
-        return (lambda t: t), (lambda t: t)
+        return _identity, _identity
+
+    def shard_sparse_mlp(self, mlp: nn.Module) -> None:
+        """Tag the sparse MLP's own weights with their sharding (nothing to do without TP)."""
+
+    def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
+        """Differentiable sum over TP ranks of per-shard partial sums (the L1 terms)."""
+        return t
 
     def lm_head(self, dim: int, vocab: int) -> nn.Module:
         return nn.Linear(dim, vocab, bias=False)
@@ -57,21 +84,35 @@ class ParallelPlan:
     def lm_logits(self, hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
         return hidden @ head_weight.t()
 
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary from what lm_logits returned (for generation)."""
+        return logits
+
+    def initialization_seed(self) -> int:
+        if self.init_seed is not None:
+            return int(self.init_seed)
+        return int(torch.randint(0, 2**62, (1,)).item())
+
 
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: ParallelPlan):
         super().__init__()
         tp = plan.tp_size
-        kv_heads = max(cfg.n_kv_heads // tp, 1)  # kv heads are replicated when tp > n_kv_heads
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads // tp, kv_heads, cfg.head_dim, plan.linear)
+        # Full head counts go in; Attention keeps n_heads/tp query heads and max(n_kv/tp, 1) kv
+        # heads (kv heads are replicated when tp > n_kv_heads).
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, plan.linear,
+                              tp_size=tp, enter_region=plan.enter_region)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.mlp == "relu_gated":
             enter, leave = plan.mlp_regions()
+            # The sparse MLP owns its weights, so it is given its local width and tagged after.
             self.mlp = ReluGatedMLP(cfg.d_model, cfg.ffn_hidden // tp, cfg.mlp_backend,
                                     cfg.sparse_nnz_threshold, enter, leave)
+            plan.shard_sparse_mlp(self.mlp)
         else:
-            self.mlp = SwiGLUMLP(cfg.d_model, cfg.ffn_hidden // tp, plan.linear)
+            # SwiGLU builds its projections through the factory, which takes full sizes.
+            self.mlp = SwiGLUMLP(cfg.d_model, cfg.ffn_hidden, plan.linear)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -95,16 +136,20 @@ class SparseLlama(nn.Module):
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std); output projections of each residual branch scaled by
-        1/sqrt(2 n_layers) (GPT-2), so the residual stream's variance does not grow with depth."""
+        1/sqrt(2 n_layers) (GPT-2), so the residual stream's variance does not grow with depth.
+
+        Each weight is drawn in full from its own generator, seeded by (plan seed, name), and a
+        sharded weight keeps its slice: the same seed gives the same full model at any TP degree."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        seed = self.plan.initialization_seed()
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm gains
             elif name.endswith(("o_proj.weight", "down_weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, out_std)
+                seeded_normal_(p, name, out_std, seed)
             else:
-                nn.init.normal_(p, 0.0, std)
+                seeded_normal_(p, name, std, seed)
 
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -123,13 +168,16 @@ class SparseLlama(nn.Module):
                 x, l1, counts = layer(x, cos, sin)
             l1_terms.append(l1)
             fire_counts.append(counts)
-        l1_stack = torch.stack(l1_terms)
+        l1_local = torch.stack(l1_terms)
+        # One all-reduce of [n_layers] per micro-batch makes the loss the full-H value, the same
+        # at any TP degree; its backward is the identity, so each shard's L1 gradient stays local.
+        l1_full = self.plan.sum_over_shards(l1_local)
         hidden = self.norm(x)
         logits = self.plan.lm_logits(hidden, self.head_weight())
         ce = None if labels is None else self.plan.cross_entropy(logits, labels)
-        return ModelOutput(ce_loss=ce, aux_loss=l1_stack.mean(), l1_per_layer=l1_stack.detach(),
+        return ModelOutput(ce_loss=ce, aux_loss=l1_full.mean(), l1_per_layer=l1_local.detach(),
                            fire_counts=fire_counts, tokens=input_ids.numel(),
-                           logits=logits if labels is None else None)
+                           logits=self.plan.full_logits(logits) if labels is None else None)
 
     def set_measured_nnz(self, fractions: list[float]) -> None:
         """Per-layer measured nnz/H, which the `auto` backend compares with its threshold."""
