@@ -111,18 +111,17 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
 SWEEP = {
     "gate_pack": [dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=False),
                   dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=True),
-                  dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False),
-                  dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False),
-                  dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=4, num_stages=5, SCAN=False)],
+                  dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False)],
+    "row_pack": [dict(BR=8, BH=512, num_warps=4), dict(BR=4, BH=1024, num_warps=4),
+                 dict(BR=16, BH=256, num_warps=4), dict(BR=8, BH=1024, num_warps=8)],
     "ell_sddmm": [dict(SP=32, BD=128, num_warps=4), dict(SP=16, BD=256, num_warps=4),
                   dict(SP=32, BD=256, num_warps=8), dict(SP=16, BD=128, num_warps=4),
                   dict(SP=64, BD=64, num_warps=4)],
     "ell_spmm": [dict(SP=16, BD=256, num_warps=4), dict(SP=32, BD=256, num_warps=8),
                  dict(SP=16, BD=512, num_warps=4), dict(SP=32, BD=128, num_warps=4),
                  dict(SP=8, BD=512, num_warps=4)],
-    "csc_wgrad": [dict(KT=16, BD=256, num_warps=4), dict(KT=32, BD=256, num_warps=8),
-                  dict(KT=16, BD=512, num_warps=4), dict(KT=32, BD=128, num_warps=4),
-                  dict(KT=64, BD=128, num_warps=8)],
+    "csc_wgrad": [dict(NB=1, KT=16, BD=512, num_warps=4), dict(NB=2, KT=16, BD=256, num_warps=4),
+                  dict(NB=1, KT=32, BD=256, num_warps=4), dict(NB=4, KT=8, BD=256, num_warps=4)],
 }
 
 
@@ -132,6 +131,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     import kernels.hybrid.ell_sddmm as m_sddmm
     import kernels.hybrid.ell_spmm as m_spmm
     import kernels.hybrid.gate_pack as m_gate
+    import kernels.hybrid.row_pack as m_row
     pat = build_pattern(x, wg, ell_width, hot_frac)
     wdt = wd.t().contiguous()
     u = ell_sddmm(x, wu, pat.idx, pat.cnt)
@@ -141,6 +141,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     H = wg.shape[0]
     jobs = {
         "gate_pack": (m_gate, lambda: gate_pack(x, wg, ell_width)),
+        "row_pack": (m_row, lambda: cublas_gate_pack(x, wg, ell_width)),
         "ell_sddmm": (m_sddmm, lambda: (ell_sddmm(x, wu, pat.idx, pat.cnt),
                                         ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale))),
         "ell_spmm": (m_spmm, lambda: (ell_spmm(y, pat.idx, pat.cnt, pat.g, wdt, c3=u),

@@ -6,7 +6,7 @@ out1[j] = sum over cold slots p of neuron j of c1[p] * a[token(p)]  (and out2 wi
 Rows of neurons with no cold slot (dead or hot) are written as 0; the caller then overwrites
 hot rows with the dense panel's GEMM. Neuron-major order makes each output row a private
 accumulator: no atomics, no race, deterministic up to the fixed slot order.
-Grid (neuron, D chunk); the segment length is bounded by hot_frac * M (hot neurons are dense).
+Grid (neuron block, D chunk); the segment length is bounded by hot_frac * M (hot neurons are dense).
 """
 from __future__ import annotations
 
@@ -19,37 +19,45 @@ from ._common import INTERPRET, ceil_div
 
 @triton.jit
 def _csc_wgrad_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out1_ptr, out2_ptr,
-                      D, width,
-                      KT: tl.constexpr, BD: tl.constexpr, PRODUCT: tl.constexpr, DUAL: tl.constexpr):
-    j = tl.program_id(0).to(tl.int64)
+                      H, D, width,
+                      NB: tl.constexpr, KT: tl.constexpr, BD: tl.constexpr,
+                      PRODUCT: tl.constexpr, DUAL: tl.constexpr):
+    # NB neurons per program as a [NB, KT, BD] tile: the loop runs to the longest of the NB
+    # segments (shorter ones are masked). NB > 1 exists for the CPU interpreter, whose cost is
+    # per program; on the GPU the sweep picks NB (NOTES.md).
+    j = tl.program_id(0) * NB + tl.arange(0, NB)
+    j_ok = j < H
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = rd < D
-    start = tl.load(ptr_ptr + j)
-    end = tl.load(ptr_ptr + j + 1)
+    start = tl.load(ptr_ptr + j, mask=j_ok, other=0)
+    end = tl.load(ptr_ptr + j + 1, mask=j_ok, other=0)
+    longest = tl.max(end - start, axis=0)
     rt = tl.arange(0, KT)
-    acc1 = tl.zeros((KT, BD), dtype=tl.float32)
-    acc2 = tl.zeros((KT, BD), dtype=tl.float32)
-    for t0 in range(start, end, KT):
-        t_ok = (t0 + rt) < end
-        slot = tl.load(slot_ptr + t0 + rt, mask=t_ok, other=0).to(tl.int64)
+    acc1 = tl.zeros((NB, KT, BD), dtype=tl.float32)
+    acc2 = tl.zeros((NB, KT, BD), dtype=tl.float32)
+    for t0 in range(0, longest, KT):
+        t = start[:, None] + t0 + rt[None, :]                     # [NB, KT]
+        t_ok = t < end[:, None]
+        slot = tl.load(slot_ptr + t, mask=t_ok, other=0).to(tl.int64)
         tok = slot // width
         c1 = tl.load(c1_ptr + slot, mask=t_ok, other=0.0)
         if PRODUCT:
             c1 = c1 * tl.load(c3_ptr + slot, mask=t_ok, other=0.0)
-        av = tl.load(a_ptr + tok[:, None] * D + rd[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
-        acc1 += c1[:, None] * av
+        av = tl.load(a_ptr + tok[:, :, None] * D + rd[None, None, :],
+                     mask=t_ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
+        acc1 += c1[:, :, None] * av
         if DUAL:
             c2 = tl.load(c2_ptr + slot, mask=t_ok, other=0.0)
-            acc2 += c2[:, None] * av
-    o = j * D + rd
-    tl.store(out1_ptr + o, tl.sum(acc1, axis=0).to(out1_ptr.dtype.element_ty), mask=d_ok)
+            acc2 += c2[:, :, None] * av
+    o = j.to(tl.int64)[:, None] * D + rd[None, :]
+    m = j_ok[:, None] & d_ok[None, :]
+    tl.store(out1_ptr + o, tl.sum(acc1, axis=1).to(out1_ptr.dtype.element_ty), mask=m)
     if DUAL:
-        tl.store(out2_ptr + o, tl.sum(acc2, axis=0).to(out2_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(out2_ptr + o, tl.sum(acc2, axis=1).to(out2_ptr.dtype.element_ty), mask=m)
 
 
 # Launch configuration; the benchmark overrides it to sweep (one config under the interpreter).
-CONFIG = dict(KT=16, BD=512, num_warps=4)
+CONFIG = dict(NB=1, KT=16, BD=512, num_warps=4)
 
 
 def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=None, c2=None,
@@ -61,11 +69,11 @@ def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=Non
     dt = out_dtype or a.dtype
     out1 = torch.empty(H, D, dtype=dt, device=a.device)
     out2 = torch.empty(H, D, dtype=dt, device=a.device) if c2 is not None else out1
-    cfg = dict(KT=16, BD=32) if INTERPRET else dict(CONFIG)
+    cfg = dict(NB=32, KT=16, BD=64) if INTERPRET else dict(CONFIG)
     if H and D:
-        grid = (H, ceil_div(D, cfg["BD"]))
+        grid = (ceil_div(H, cfg["NB"]), ceil_div(D, cfg["BD"]))
         _csc_wgrad_kernel[grid](a, csc_ptr, csc_slot, c1, c1 if c3 is None else c3,
-                                c1 if c2 is None else c2, out1, out2, D, width,
+                                c1 if c2 is None else c2, out1, out2, H, D, width,
                                 PRODUCT=c3 is not None, DUAL=c2 is not None, **cfg)
     return (out1, out2) if c2 is not None else out1
 

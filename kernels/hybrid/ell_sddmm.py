@@ -58,7 +58,7 @@ CONFIG = dict(SP=16, BD=128, num_warps=4)
 
 def _config(width: int):
     if INTERPRET:
-        return dict(SP=16, BD=32), {}
+        return dict(SP=16, BD=64), {}
     cfg = dict(CONFIG)
     return dict(SP=cfg.pop("SP"), BD=cfg.pop("BD")), cfg
 

@@ -61,7 +61,7 @@ def ell_spmm(out: torch.Tensor, idx, cnt, c1, w1, c3=None, c2=None, w2=None, acc
     if w1.shape[1] != D or (w2 is not None and w2.shape != w1.shape) or not out.is_contiguous():
         raise ValueError(f"shape/layout mismatch: out {tuple(out.shape)} contiguous={out.is_contiguous()}, "
                          f"w1 {tuple(w1.shape)}, w2 {None if w2 is None else tuple(w2.shape)}")
-    cfg = dict(SP=16, BD=32) if INTERPRET else dict(CONFIG)
+    cfg = dict(SP=16, BD=64) if INTERPRET else dict(CONFIG)
     if M:
         _ell_spmm_kernel[(M,)](out, idx, cnt, c1, c1 if c3 is None else c3, w1,
                                c1 if c2 is None else c2, w1 if w2 is None else w2,
