@@ -2,8 +2,13 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, Triton kernels run under the interpreter. It must be set before triton is
+# imported anywhere, so it is set here, the first file pytest loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -18,8 +23,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

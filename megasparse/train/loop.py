@@ -176,7 +176,8 @@ class Trainer:
                             torch.tensor(float(totals.micro_batches), device=self.dist.device)])
         dist.all_reduce(sums, group=self.parallel.dp_group)
         loss, ce, aux, n = sums.tolist()
-        n = max(n, 1.0)
+        if n == 0:  # every micro-batch of the interval was skipped as non-finite
+            loss = ce = aux = n = float("nan")
         sparsity = self.stats.reduce_and_reset(self.parallel.dp_group, self.parallel.tp_group)
         nnz_frac = sparsity.get("nnz_fraction_layer")
         if nnz_frac:
