@@ -1,0 +1,193 @@
+"""kernels.hybrid: the training MLP against its pure-torch reference (forward, l1, fire counts, all
+four gradients), under TRITON_INTERPRET=1 on CPU or on CUDA. Shapes are small and odd so that
+every partial tile is masked; H=1408 keeps the TP-local width's non-multiple-ness.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from kernels.hybrid import sparse_gated_mlp, sparse_gated_mlp_reference  # noqa: E402
+from kernels.synthetic import make_ffn_inputs  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+LAM = 0.37  # weight of l1 in the test loss, so the L1 gradient path is exercised
+
+
+def _loss(fn, params, dy, **kw):
+    y, l1, fire = fn(*params, **kw)
+    return (y.float() * dy).sum() + LAM * l1, y, l1, fire
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _compare(inp, dtype, tol, **kw):
+    """Run kernel and reference on identical leaves; assert outputs and all grads match."""
+    base = [t.to(device=DEV, dtype=dtype) for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
+    pk = [t.clone().requires_grad_() for t in base]
+    pr = [t.clone().requires_grad_() for t in base]
+    dy = torch.randn(base[0].shape, device=DEV, generator=torch.Generator(DEV).manual_seed(7))
+    lk, yk, l1k, fk = _loss(sparse_gated_mlp, pk, dy, **kw)
+    lr, yr, l1r, fr = _loss(sparse_gated_mlp_reference, pr, dy)
+    lk.backward()
+    lr.backward()
+    assert yk.shape == yr.shape and yk.dtype == dtype
+    assert l1k.dtype == torch.float32 and l1k.dim() == 0
+    assert fk.dtype == torch.int32 and torch.equal(fk.cpu(), fr.cpu()), "fire_counts differ"
+    assert _rel(yk, yr) < tol, f"y rel err {_rel(yk, yr)}"
+    assert abs(float(l1k) - float(l1r)) <= tol * abs(float(l1r)) + 1e-6
+    for name, a, b in zip(("dx", "dW_g", "dW_u", "dW_d"), pk, pr):
+        assert a.grad is not None and a.grad.shape == b.grad.shape, name
+        assert torch.isfinite(a.grad).all(), name
+        assert _rel(a.grad, b.grad) < tol, f"{name} rel err {_rel(a.grad, b.grad)}"
+    return fk
+
+
+CASES = {
+    # id: (make_ffn_inputs kwargs, kernel kwargs)
+    "odd_shapes_cold_only": (dict(tokens=29, d_model=40, hidden=200, target_nnz=9, seed=1), dict(hot_frac=None)),
+    "hot_panel": (dict(tokens=33, d_model=24, hidden=136, target_nnz=12, seed=2), dict(hot_frac=0.15)),
+    "dense_rows_heavy": (dict(tokens=30, d_model=24, hidden=96, target_nnz=6, dense_rows=3, seed=3),
+                         dict(ell_width=16, hot_frac=None)),
+    "skewed_neurons": (dict(tokens=32, d_model=16, hidden=160, target_nnz=10, sigma=2.5, seed=4),
+                       dict(hot_frac=0.3)),
+    "tp_local_h1408": (dict(tokens=12, d_model=16, hidden=1408, target_nnz=20, seed=5), dict(hot_frac=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference_fp32(case):
+    make_kw, kw = CASES[case]
+    fire = _compare(make_ffn_inputs(**make_kw, dtype=torch.float32), torch.float32, 1e-4, **kw)
+    if case == "dense_rows_heavy":  # the heavy rows really overflowed the ELL width
+        inp = make_ffn_inputs(**make_kw, dtype=torch.float32)
+        g = inp.x @ inp.w_gate.t()
+        assert int((g > 0).sum(1).max()) > kw["ell_width"]
+    assert int(fire.sum()) > 0
+
+
+@pytest.mark.parametrize("case", ["odd_shapes_cold_only", "hot_panel"])
+def test_matches_reference_bf16(case):
+    # bf16 operands, fp32 accumulation; the hot panel's cuBLAS/torch GEMMs round to bf16.
+    make_kw, kw = CASES[case]
+    _compare(make_ffn_inputs(**make_kw, dtype=torch.float32), torch.bfloat16, 2e-2, **kw)
+
+
+def test_all_zero_rows_and_fully_dense_rows():
+    inp = make_ffn_inputs(26, 24, 72, target_nnz=5, dense_rows=2, seed=6, dtype=torch.float32)
+    inp.x[3:9, 1:] = 0.0        # g = bias < 0 for every neuron: rows with no nonzero at all
+    g = inp.x @ inp.w_gate.t()
+    assert int((g[3:9] > 0).sum()) == 0
+    assert int((g > 0).sum(1).max()) >= 40    # the dense rows fire on most alive neurons
+    _compare(inp, torch.float32, 1e-4, ell_width=8, hot_frac=None)
+
+
+def test_fully_dense_activations_every_path():
+    # Every token heavy and every neuron hot: nothing left for the ELL, result still exact.
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(20, 16, generator=gen).abs()
+    wg = torch.randn(48, 16, generator=gen).abs() * 0.3
+    inp = type("I", (), dict(x=x, w_gate=wg, w_up=torch.randn(48, 16, generator=gen),
+                             w_down=torch.randn(16, 48, generator=gen)))
+    fire = _compare(inp, torch.float32, 1e-4, ell_width=4, hot_frac=None)
+    assert int(fire.min()) == 20
+
+
+def test_finite_difference_fp32():
+    """Directional derivatives of loss(x, W) against central differences (fp32, tiny shapes)."""
+    gen = torch.Generator().manual_seed(9)
+    inp = make_ffn_inputs(7, 8, 24, target_nnz=6, seed=9, dtype=torch.float32)
+    params = [t.to(DEV).clone().double().float().requires_grad_() for t in
+              (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
+    dy = torch.randn(7, 8, generator=gen).to(DEV)
+    loss, *_ = _loss(sparse_gated_mlp, params, dy, hot_frac=None)
+    grads = torch.autograd.grad(loss, params)
+
+    def kinks(ps):  # the pattern of relu(g) and sign(u): the loss is smooth while both hold
+        x, wg, wu, _ = (q.double() for q in ps)
+        return torch.cat([(x @ wg.t() > 0).flatten(), (x @ wu.t() > 0).flatten()])
+
+    for i, (p, gr) in enumerate(zip(params, grads)):
+        v = torch.randn(p.shape, generator=gen).to(DEV)
+        for eps in (1e-2, 3e-3, 1e-3, 3e-4):   # largest step that crosses no kink
+            with torch.no_grad():
+                pp = [q.detach().clone() for q in params]
+                pm = [q.detach().clone() for q in params]
+                pp[i] += eps * v
+                pm[i] -= eps * v
+            if torch.equal(kinks(pp), kinks(params)) and torch.equal(kinks(pm), kinks(params)):
+                break
+        with torch.no_grad():
+            fd = (_loss(sparse_gated_mlp, pp, dy, hot_frac=None)[0]
+                  - _loss(sparse_gated_mlp, pm, dy, hot_frac=None)[0]) / (2 * eps)
+        an = float((gr * v).sum())
+        assert abs(float(fd) - an) <= 1e-2 * max(1.0, abs(an)), (i, eps, float(fd), an)
+
+
+def test_activation_checkpointing_and_weight_views():
+    """Under non-reentrant checkpointing, with W_g/W_u as row slices of one packed [2H, D]
+    parameter and W_d as a transposed (non-contiguous) view: same grads as the plain call."""
+    inp = make_ffn_inputs(21, 16, 80, target_nnz=8, seed=10, dtype=torch.float32)
+    dy = torch.randn(21, 16, generator=torch.Generator().manual_seed(11)).to(DEV)
+
+    def grads(use_ckpt):
+        x = inp.x.to(DEV).clone().requires_grad_()
+        w_gu = torch.cat([inp.w_gate, inp.w_up]).to(DEV).requires_grad_()
+        w_d_t = inp.w_down.t().contiguous().to(DEV).requires_grad_()    # stored [H, D]
+        fn = lambda a, b: sparse_gated_mlp(a, b[:80], b[80:], w_d_t.t(), hot_frac=0.2)  # noqa: E731
+        y, l1, _ = checkpoint(fn, x, w_gu, use_reentrant=False) if use_ckpt else fn(x, w_gu)
+        ((y * dy).sum() + LAM * l1).backward()
+        return x.grad, w_gu.grad, w_d_t.grad
+
+    for a, b in zip(grads(True), grads(False)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    # and against the reference through the same views
+    ref = make_ffn_inputs(21, 16, 80, target_nnz=8, seed=10, dtype=torch.float32)
+    p = [t.to(DEV).clone().requires_grad_() for t in (ref.x, ref.w_gate, ref.w_up, ref.w_down)]
+    _loss(sparse_gated_mlp_reference, p, dy)[0].backward()
+    gx, gwu, gwdt = grads(True)
+    assert _rel(gx, p[0].grad) < 1e-4 and _rel(gwu[:80], p[1].grad) < 1e-4
+    assert _rel(gwdt.t(), p[3].grad) < 1e-4
+
+
+def test_saves_packed_pattern_not_dense():
+    """What autograd keeps is inputs + packed pattern: no saved tensor is [M, H]-sized."""
+    M, D, H = 40, 16, 256
+    inp = make_ffn_inputs(M, D, H, target_nnz=6, seed=12, dtype=torch.float32)
+    p = [t.to(DEV).requires_grad_() for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
+    y, _, _ = sparse_gated_mlp(*p, hot_frac=None)
+    inputs = {t.data_ptr() for t in p}
+    extra = [t for t in y.grad_fn.saved_tensors if t.data_ptr() not in inputs]
+    assert all(t.numel() < M * H // 4 for t in extra if t.dim() == 2 and t.shape[1] != D), \
+        [tuple(t.shape) for t in extra]
+    assert sum(t.numel() for t in extra if t.shape[-1] != D) < M * H // 2
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(8, 16, device=DEV)
+    wg, wu, wd = torch.randn(32, 16, device=DEV), torch.randn(32, 16, device=DEV), torch.randn(16, 32, device=DEV)
+    with pytest.raises(ValueError, match="w_down has 32 rows, expected 16"):
+        sparse_gated_mlp(x, wg, wu, wd.t())
+    with pytest.raises(ValueError, match="must be 2-D"):
+        sparse_gated_mlp(x[None], wg, wu, wd)
+    with pytest.raises(TypeError, match="cast the weights"):
+        sparse_gated_mlp(x, wg.double().float().half(), wu, wd)
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_gated_mlp(x.long(), wg, wu, wd)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,dense_rows", [(1408, 0), (5632, 4)])
+def test_gpu_realistic_bf16_vs_fp32(H, dense_rows):
+    inp = make_ffn_inputs(4096, 512, H, target_nnz=29 * H / 5632, dense_rows=dense_rows, seed=13,
+                          dtype=torch.float32)
+    for hot_frac in (0.01, None):
+        _compare(inp, torch.bfloat16, 1e-2, hot_frac=hot_frac)

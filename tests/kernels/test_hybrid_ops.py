@@ -1,0 +1,124 @@
+"""kernels.hybrid building blocks, each against its pure-torch reference (interpreter on CPU)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+
+from kernels.hybrid import csc_wgrad as csc_mod  # noqa: E402
+from kernels.hybrid import ell_sddmm as sddmm_mod  # noqa: E402
+from kernels.hybrid import ell_spmm as spmm_mod  # noqa: E402
+from kernels.hybrid import format as fmt  # noqa: E402
+from kernels.hybrid import gate_pack as gate_mod  # noqa: E402
+from kernels.hybrid import hot_panel  # noqa: E402
+from kernels.hybrid import row_pack as row_mod  # noqa: E402
+from kernels.hybrid import split_pack as split_mod  # noqa: E402
+from kernels.hybrid import sparse_gated_mlp, sparse_gated_mlp_reference  # noqa: E402
+from kernels.synthetic import make_ffn_inputs  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(M=27, D=40, H=150, nnz=9, dense_rows=2, seed=0):
+    i = make_ffn_inputs(M, D, H, target_nnz=nnz, dense_rows=dense_rows, seed=seed, dtype=torch.float32)
+    return [t.to(DEV) for t in (i.x, i.w_gate, i.w_up, i.w_down)]
+
+
+def _row_sets(cnt, idx, val, width):
+    """Per row: sorted (column, value) pairs of its stored slots (slot order may differ)."""
+    out = []
+    for r in range(cnt.shape[0]):
+        n = min(int(cnt[r]), width)
+        cols, order = idx[r, :n].long().sort()
+        out.append((cols.cpu(), val[r, :n][order].cpu()))
+    return out
+
+
+@pytest.mark.parametrize("packer", ["fused_epilogue", "cublas_row_pack"])
+def test_gate_packers_match_reference(packer):
+    x, wg, _, _ = _inputs()
+    width = 12          # small, so the dense rows overflow and must report their true count
+    fn = gate_mod.gate_pack if packer == "fused_epilogue" else row_mod.cublas_gate_pack
+    fire, cnt, idx, val = fn(x, wg, width)
+    rf, rc, ri, rv = gate_mod.reference(x, wg, width)
+    assert torch.equal(fire, rf) and torch.equal(cnt, rc)
+    assert int(cnt.max()) > width
+    light = (rc <= width).nonzero().flatten().tolist()
+    a, b = _row_sets(cnt, idx, val, width), _row_sets(rc, ri, rv, width)
+    for r in light:
+        assert torch.equal(a[r][0], b[r][0]), r
+        assert torch.allclose(a[r][1], b[r][1], rtol=1e-5, atol=1e-6), r
+
+
+def test_split_and_csc_match_reference():
+    x, wg, _, _ = _inputs(seed=1)
+    packed = gate_mod.reference(x, wg, 16)
+    fire, cnt0, idx0, val0 = packed
+    hot = fire > 3
+    Wc = int(torch.where(cnt0 <= 16, cnt0, 0).max())
+    k = split_mod.split_pack(cnt0, idx0, val0, hot, Wc)
+    r = split_mod.reference(cnt0, idx0, val0, hot, Wc)
+    assert torch.equal(k[0], r[0]) and torch.equal(k[1], r[1]) and torch.equal(k[2], r[2])
+    assert torch.equal(k[3], r[3])                         # csc_ptr
+    H = hot.numel()
+    for j in range(H):                                     # same slots per neuron, any order
+        s, e = int(r[3][j]), int(r[3][j + 1])
+        assert torch.equal(k[4][s:e].sort().values, r[4][s:e].sort().values), j
+    assert int(k[0].sum()) == int(r[3][H]) > 0
+    assert not hot[k[1][:, :][torch.arange(Wc, device=DEV)[None] < k[0][:, None]].long()].any()
+
+
+def test_sddmm_spmm_wgrad_hot_match_reference():
+    x, wg, wu, wd = _inputs(seed=2)
+    pat = fmt.build_pattern(x, wg, 32, None)
+    M, D = x.shape
+    H = wg.shape[0]
+    wdt = wd.t().contiguous()
+    u = sddmm_mod.ell_sddmm(x, wu, pat.idx, pat.cnt)
+    assert torch.allclose(u, sddmm_mod.reference(x, wu, pat.idx, pat.cnt), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(M, D, device=DEV)
+    scale = torch.tensor(0.3, device=DEV)
+    du, dg = sddmm_mod.ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
+    rdu, rdg = sddmm_mod.reference_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
+    assert torch.allclose(du, rdu, rtol=1e-5, atol=1e-5) and torch.allclose(dg, rdg, rtol=1e-5, atol=1e-5)
+    y = torch.full((M, D), float("nan"), device=DEV)      # poisoned: every element must be written
+    spmm_mod.ell_spmm(y, pat.idx, pat.cnt, pat.g, wdt, c3=u)
+    assert torch.allclose(y, spmm_mod.reference(pat.idx, pat.cnt, pat.g, wdt, c3=u), rtol=1e-5, atol=1e-5)
+    base = torch.randn(M, D, device=DEV)
+    dx = base.clone()
+    spmm_mod.ell_spmm(dx, pat.idx, pat.cnt, du, wu, c2=dg, w2=wg, accumulate=True)
+    assert torch.allclose(dx, base + spmm_mod.reference(pat.idx, pat.cnt, du, wu, c2=dg, w2=wg),
+                          rtol=1e-5, atol=1e-5)
+    a1, a2 = csc_mod.csc_wgrad(x, pat.csc_ptr, pat.csc_slot, pat.width, H, du, c2=dg)
+    assert torch.allclose(a1, csc_mod.reference(x, pat.idx, pat.cnt, H, du), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(a2, csc_mod.reference(x, pat.idx, pat.cnt, H, dg), rtol=1e-5, atol=1e-5)
+    b = csc_mod.csc_wgrad(dy, pat.csc_ptr, pat.csc_slot, pat.width, H, pat.g, c3=u)
+    assert torch.allclose(b, csc_mod.reference(dy, pat.idx, pat.cnt, H, pat.g, c3=u), rtol=1e-5, atol=1e-5)
+    gu = torch.randn(M, 2 * 5, device=DEV)
+    h, l1row = hot_panel.hot_forward(gu)
+    rh, rl1 = hot_panel.reference_forward(gu)
+    assert torch.allclose(h, rh, atol=1e-6) and torch.allclose(l1row, rl1, atol=1e-5)
+    dh = torch.randn(M, 5, device=DEV)
+    assert torch.allclose(hot_panel.hot_backward(gu, dh, scale), hot_panel.reference_backward(gu, dh, scale),
+                          atol=1e-5)
+
+
+def test_fused_epilogue_path_end_to_end():
+    x, wg, wu, wd = _inputs(M=23, D=32, H=100, seed=3)
+    old = dict(fmt.GATE)
+    fmt.GATE["fused_epilogue"] = True
+    try:
+        pk = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
+        pr = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
+        y, l1, f = sparse_gated_mlp(*pk, ell_width=8, hot_frac=0.2)
+        yr, l1r, fr = sparse_gated_mlp_reference(*pr)
+        (y.sum() + l1).backward()
+        (yr.sum() + l1r).backward()
+    finally:
+        fmt.GATE.update(old)
+    assert torch.equal(f, fr) and torch.allclose(y, yr, rtol=1e-4, atol=1e-5)
+    for a, b in zip(pk, pr):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4)
