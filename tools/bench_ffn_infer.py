@@ -1,7 +1,7 @@
 """FFN inference benchmark: TwELL (kernels.twell) against dense torch bf16, per ../shared/BENCHMARKS.md.
 
     python tools/bench_ffn_infer.py            # full protocol -> bench/results/ffn_infer_<gpu>.{json,md}
-    python tools/bench_ffn_infer.py --explore  # one shape, kernel pieces and variants (NOTES.md)
+    python tools/bench_ffn_infer.py --quick    # one shape (smoke test)
 
 Protocol: D=2048; H=5632 plus the tensor-parallel local widths 2816 (tp=2) and 1408 (tp=4);
 M=16384 and 131072; bf16; the kernels/synthetic.py generator (30% dead neurons, log-normal
@@ -70,13 +70,34 @@ def make_inputs(m, h, nnz, dense_rows=0, seed=0):
 def sparse_variants(f, xc, hot_list=()):
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
     _, fc = twell.twell_ffn(xc, w0, return_fire_counts=True)
-    out = {"twell": w0, "twell+hot": twell.calibrate(w0, fc, xc.shape[0])}
+    out = {"twell": (w0, False), "twell+hot": (twell.calibrate(w0, fc, xc.shape[0]), False)}
     for k in hot_list:
-        out[f"twell+hot{k}"] = twell.calibrate(w0, fc, xc.shape[0], n_hot=k)
+        out[f"twell+hot{k}"] = (twell.calibrate(w0, fc, xc.shape[0], n_hot=k), False)
+    for name in list(out):
+        if out[name][0].n_hot:
+            out[name + "/overlap"] = (out[name][0], True)
     return out
 
 
-def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=()):
+def pieces(f, x, w0):
+    """Where the time goes (all-sparse weights): gate+pack, its GEMM floor, and up/down alone."""
+    from kernels.twell.gate import _gate_twell_kernel, gate_twell
+    from kernels.twell.updown import _updown_tuned, updown
+    t, cap = w0.tile, w0.cap
+    counts, pairs = gate_twell(x, w0.w_gate, t, cap)
+    y = torch.empty_like(x)
+    out = {"cublas_relu_gate_ms": median_ms(lambda: torch.relu(F.linear(x, f.w_gate))),
+           "gate_twell_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap)),
+           "gate_config": str(_gate_twell_kernel.best_config),
+           "gate_counts_only_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap, epilogue=2)),
+           "updown_ms": median_ms(lambda: updown(x, w0.w_gate, w0.w_up, w0.w_down_t, counts, pairs, y,
+                                                 tile=t, cap=cap, col0=0)),
+           "overflow_tiles": int((counts > cap).sum())}
+    out["updown_config"] = str(_updown_tuned.best_config)
+    return out
+
+
+def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False):
     torch.manual_seed(0)
     f, x, xc = make_inputs(m, h, nnz, dense_rows)
     stats = activation_stats(x, f.w_gate, tile=128)
@@ -90,17 +111,19 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=()):
     row["dense_rel_err"] = rel_err(dense(x), ref)
     variants = sparse_variants(f, xc, hot_list)
     row["variants"] = {}
-    for name, w in variants.items():
-        y = twell.twell_ffn(x, w)
-        ms = median_ms(lambda: twell.twell_ffn(x, w))
+    for name, (w, ov) in variants.items():
+        y = twell.twell_ffn(x, w, overlap=ov)
+        ms = median_ms(lambda: twell.twell_ffn(x, w, overlap=ov))
         row["variants"][name] = {"ms": ms, "speedup": row["dense_ms"] / ms, "rel_err": rel_err(y, ref),
                                  "n_hot": w.n_hot, "finite": bool(torch.isfinite(y).all())}
     best = min(row["variants"], key=lambda k: row["variants"][k]["ms"])
     row["best"] = best
+    if with_pieces:
+        row["pieces"] = pieces(f, x, variants["twell"][0])
     if energy:
-        wb = variants[best]
+        wb, ov = variants[best]
         row["energy_dense"] = energy_joules_per_call(lambda: dense(x))
-        row["energy_sparse"] = energy_joules_per_call(lambda: twell.twell_ffn(x, wb))
+        row["energy_sparse"] = energy_joules_per_call(lambda: twell.twell_ffn(x, wb, overlap=ov))
     del f, x, xc, ref, variants
     torch.cuda.empty_cache()
     return row
@@ -134,59 +157,20 @@ def markdown(env, rows):
              if k not in ("twell", "twell+hot")]
     if extra:
         lines += ["", "Other variants:"] + extra
+    pc = [f"- M={r['M']}, H={r['H']}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in r["pieces"].items()) for r in rows if "pieces" in r]
+    if pc:
+        lines += ["", "Pieces (ms; all neurons sparse):"] + pc
     return "\n".join(lines)
-
-
-def explore():
-    """Kernel pieces and variants at H=5632, nnz=29 (M=16384, then a few at M=131072)."""
-    from kernels.twell.gate import gate_twell, _gate_twell_kernel
-    from kernels.twell.updown import updown
-    m, h = 16384, H_FULL
-    f, x, xc = make_inputs(m, h, 29.0)
-    sep, packed = dense_fns(f)
-    print(f"dense separate {median_ms(lambda: sep(x)):.3f} ms, packed {median_ms(lambda: packed(x)):.3f} ms")
-    print(f"cuBLAS relu(x Wg^T) {median_ms(lambda: torch.relu(F.linear(x, f.w_gate))):.3f} ms")
-    ref = fp32_reference(x, f)
-    for tile, cap in [(128, 32), (64, 16)]:
-        w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=tile, cap=cap)
-        for epi in (2, 0, 1):
-            c, v, cl = gate_twell(x, w.w_gate, tile, cap, epilogue=epi)
-            tg = median_ms(lambda: gate_twell(x, w.w_gate, tile, cap, epilogue=epi))
-            print(f"T={tile} cap={cap} gate epilogue={epi}: {tg:.3f} ms  {_gate_twell_kernel.best_config}")
-        y = torch.empty_like(x)
-        for ent, nw in [(1, 4), (2, 4), (4, 4), (2, 2), (1, 2), (4, 8), (8, 8)]:
-            tu = median_ms(lambda: updown(x, w.w_gate, w.w_up, w.w_down_t, c, v, cl, y, tile=tile, cap=cap,
-                                          col0=0, entries=ent, num_warps=nw))
-            print(f"T={tile} cap={cap} updown E={ent} warps={nw}: {tu:.3f} ms, overflow tiles {int((c > cap).sum())},"
-                  f" rel err {rel_err(y, ref):.2e}")
-    variants = sparse_variants(f, xc, hot_list=(512, 1024, 1536, 2048, 2560))
-    for name, w in variants.items():
-        for ov in (False, True):
-            y = twell.twell_ffn(x, w, overlap=ov)
-            print(f"{name}: n_hot={w.n_hot} overlap={ov} total "
-                  f"{median_ms(lambda: twell.twell_ffn(x, w, overlap=ov)):.3f} ms, rel err {rel_err(y, ref):.2e}")
-    del f, x, xc, ref, variants
-    torch.cuda.empty_cache()
-    m = 131072
-    f, x, xc = make_inputs(m, h, 29.0)
-    sep, packed = dense_fns(f)
-    print(f"M={m}: dense separate {median_ms(lambda: sep(x)):.3f} ms, packed {median_ms(lambda: packed(x)):.3f} ms")
-    variants = sparse_variants(f, xc, hot_list=(1024, 2048))
-    for name, w in variants.items():
-        print(f"M={m} {name}: n_hot={w.n_hot} total {median_ms(lambda: twell.twell_ffn(x, w)):.3f} ms, "
-              f"overlap {median_ms(lambda: twell.twell_ffn(x, w, overlap=True)):.3f} ms")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--explore", action="store_true")
     ap.add_argument("--quick", action="store_true", help="only M=16384, H=5632, nnz 29 (smoke test)")
     ap.add_argument("--hot", type=int, nargs="*", default=[], help="extra explicit n_hot variants")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_ffn_infer needs CUDA")
-    if args.explore:
-        return explore()
     env = environment()
     cases = []  # (M, H, nnz, energy, dense_rows)
     for m in (16384, 131072):
@@ -200,15 +184,18 @@ def main():
     rows = []
     t0 = time.time()
     for m, h, nnz, energy, dr in cases:
-        r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot)
+        r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot, with_pieces=energy)
         rows.append(r)
         v = r["variants"]
         print(f"[{time.time() - t0:6.1f}s] M={m} H={h} nnz={nnz:g} dr={dr}: measured nnz {r['nnz_mean']:.1f}, "
               f"dense {r['dense_ms']:.3f} ms; " + "; ".join(
                   f"{k} {vv['ms']:.3f} ms {vv['speedup']:.2f}x err {vv['rel_err']:.1e}" for k, vv in v.items()),
               flush=True)
-    md = markdown(env, rows)
-    jp, mp = write_results(f"ffn_infer_{gpu_slug()}", {"environment": env, "rows": rows}, md)
+        if "pieces" in r:
+            print("   pieces:", r["pieces"], flush=True)
+        # rewritten after every case, so a run cut short still leaves its measured rows
+        md = markdown(env, rows)
+        jp, mp = write_results(f"ffn_infer_{gpu_slug()}", {"environment": env, "rows": rows}, md)
     print(md)
     print(f"wrote {jp} and {mp}")
 

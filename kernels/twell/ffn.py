@@ -50,8 +50,8 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
         with torch.cuda.stream(side):
             h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
     if n_hot < h:
-        counts, values, cols = gate_twell(x, weights.w_gate, weights.tile, weights.cap, n_hot, fire)
-        updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, values, cols, y,
+        counts, pairs = gate_twell(x, weights.w_gate, weights.tile, weights.cap, n_hot, fire)
+        updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, pairs, y,
                tile=weights.tile, cap=weights.cap, col0=n_hot, entries=updown_entries, num_warps=updown_warps)
     else:
         y.zero_()

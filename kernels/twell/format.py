@@ -11,13 +11,17 @@ that are stored sparsely; see weights.py for the dense "hot" columns [0, col0)):
               that (row, tile) has OVERFLOWED, only its first cap entries are stored, and every
               consumer must treat the tile densely (our up/down kernel recomputes it from W_g).
               Overflow is therefore never silent and never truncates a result.
-    values    [M, n_tiles, cap], the activation dtype: relu(g) at the stored entries.
-    cols      int16 [M, n_tiles, cap]: column index *within the tile* (0..T-1), so the global
-              column is col0 + t*T + cols. Local indices keep int16 enough for any H.
+    pairs     [M, n_tiles, cap] (value, column) pairs packed in one integer, so the epilogue does
+              ONE scattered store per entry (one address tensor instead of two: the gate
+              epilogue is register-bound) and the up/down kernel one load:
+                bf16/fp16 activations: int32, bits 31..16 = the value's 16 bits (relu(g)),
+                                       bits 15..0 = column index *within the tile* (0..T-1);
+                fp32 activations:      int64, bits 63..32 = the value's bits, bits 31..0 = column.
+              The global column is col0 + t*T + local; local indices fit any H.
     Entries of a (row, tile) are in increasing column order; slots >= min(count, cap) are
     undefined (never read), so the gate kernel writes only real entries: no memset pass.
 
-Bytes per stored activation: 2 (bf16 value) + 2 (index), plus 4 per (row, tile) count.
+Bytes per stored activation: 4 (bf16 value + 16-bit index), plus 4 per (row, tile) count.
 """
 from __future__ import annotations
 
@@ -26,11 +30,29 @@ from dataclasses import dataclass
 import torch
 
 
+def pair_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.int64 if dtype == torch.float32 else torch.int32
+
+
+def encode_pairs(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(values [...] in bf16/fp16/fp32, local cols [...] ints) -> packed pairs (see above)."""
+    if values.dtype == torch.float32:
+        return (values.view(torch.int32).to(torch.int64) << 32) | (cols.to(torch.int64) & 0xFFFFFFFF)
+    return (values.view(torch.int16).to(torch.int32) << 16) | (cols.to(torch.int32) & 0xFFFF)
+
+
+def decode_pairs(pairs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """packed pairs -> (values in `dtype`, local cols int32)."""
+    if dtype == torch.float32:
+        return (pairs >> 32).to(torch.int32).view(torch.float32), (pairs & 0xFFFFFFFF).to(torch.int32)
+    return (pairs >> 16).to(torch.int16).view(dtype), (pairs & 0xFFFF).to(torch.int32)
+
+
 @dataclass
 class TwellActs:
     counts: torch.Tensor   # int32 [M, n_tiles]
-    values: torch.Tensor   # [M, n_tiles, cap]
-    cols: torch.Tensor     # int16 [M, n_tiles, cap]
+    pairs: torch.Tensor    # int32/int64 [M, n_tiles, cap]
+    dtype: torch.dtype     # activation dtype of the packed values
     tile: int
     cap: int
     col0: int              # first column stored in TwELL (columns before it are dense "hot" ones)
@@ -39,6 +61,19 @@ class TwellActs:
     @property
     def n_tiles(self) -> int:
         return self.counts.shape[1]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return decode_pairs(self.pairs, self.dtype)[0]
+
+    @property
+    def cols(self) -> torch.Tensor:
+        return decode_pairs(self.pairs, self.dtype)[1]
+
+    def valid(self) -> torch.Tensor:
+        """bool [M, n_tiles, cap]: slots that hold an entry."""
+        cap = self.pairs.shape[2]
+        return torch.arange(cap, device=self.counts.device) < self.counts.clamp(max=cap).unsqueeze(2)
 
     def overflowed(self) -> torch.Tensor:
         """bool [M, n_tiles]: (row, tile) pairs whose nonzeros did not fit in cap slots."""
@@ -66,21 +101,22 @@ def pack_reference(g: torch.Tensor, tile: int, cap: int, col0: int = 0) -> Twell
     slot = torch.arange(cap, device=g.device)
     valid = slot < counts.clamp(max=cap).unsqueeze(2)
     values = torch.where(valid, values, torch.zeros((), dtype=g.dtype, device=g.device))
-    cols = torch.where(valid, order, torch.zeros((), dtype=order.dtype, device=g.device)).to(torch.int16)
-    return TwellActs(counts, values, cols, tile, cap, col0, h)
+    cols = torch.where(valid, order, torch.zeros((), dtype=order.dtype, device=g.device))
+    return TwellActs(counts, encode_pairs(values.contiguous(), cols), g.dtype, tile, cap, col0, h)
 
 
 def unpack_reference(acts: TwellActs, dense_fill: torch.Tensor | None = None) -> torch.Tensor:
     """TwELL -> dense [M, H]. Overflowed (row, tile) pairs cannot be rebuilt from the format
     alone: pass `dense_fill` [M, H] (e.g. the dense gate) to take them from there, otherwise
     a ValueError names how many overflowed. Columns < col0 are left zero."""
-    m, nt, cap = acts.values.shape
+    m, nt, cap = acts.pairs.shape
     t = acts.tile
-    out = torch.zeros(m, nt * t, dtype=acts.values.dtype, device=acts.values.device)
-    valid = torch.arange(cap, device=out.device) < acts.counts.clamp(max=cap).unsqueeze(2)
-    glob = acts.cols.long() + (torch.arange(nt, device=out.device) * t).view(1, nt, 1)
+    values, cols = decode_pairs(acts.pairs, acts.dtype)
+    out = torch.zeros(m, nt * t, dtype=acts.dtype, device=acts.pairs.device)
+    valid = acts.valid()
+    glob = cols.long() + (torch.arange(nt, device=out.device) * t).view(1, nt, 1)
     rows = torch.arange(m, device=out.device).view(m, 1, 1).expand_as(glob)
-    out[rows[valid], glob[valid]] = acts.values[valid]
+    out[rows[valid], glob[valid]] = values[valid]
     out = out[:, : acts.hidden - acts.col0]
     ovf = acts.overflowed()
     if ovf.any():

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
+from .format import pair_dtype
 
 _INTERPRET = interpreting()
 EPILOGUE = int(os.environ.get("TWELL_GATE_EPILOGUE", "1"))  # see gate_twell
@@ -30,8 +31,8 @@ def _configs():
     if os.environ.get("TWELL_NO_AUTOTUNE", "0") != "0":  # GPU tests: one config, fewer compiles
         return [triton.Config({"BM": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)]
     return [triton.Config({"BM": bm, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4),
-                                 (256, 64, 8, 3), (128, 128, 8, 3)]]
+            for bm, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 16, 3), (128, 64, 16, 4),
+                                 (64, 64, 8, 4), (256, 64, 16, 3)]]
 
 
 @triton.jit
@@ -61,9 +62,9 @@ def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "H", "BN"], reset_to_zero=["fire_ptr"])
 @triton.jit
-def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, val_ptr, col_ptr, fire_ptr, M, D, H, col0, n_tiles,
+def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, pair_ptr, fire_ptr, M, D, H, col0, n_tiles,
                        M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
-                       IEEE: tl.constexpr, INTERPRET: tl.constexpr, EPI: tl.constexpr,
+                       IEEE: tl.constexpr, INTERPRET: tl.constexpr, EPI: tl.constexpr, PAIR64: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, n_tiles, BM, GROUP_M)
     offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -99,12 +100,15 @@ def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, val_ptr, col_ptr, fire_ptr, M, D,
         # 32-bit offsets inside this program's block of slots (BM * n_tiles * CAP < 2^31),
         # one 64-bit base: [BM, BN] int64 offsets would cost registers the epilogue needs.
         base = (pid_m * BM).to(tl.int64) * n_tiles * CAP + pid_n * CAP
-        rloc = tl.arange(0, BM)
-        slot = rloc[:, None] * (n_tiles * CAP) + pos
+        slot = tl.arange(0, BM)[:, None] * (n_tiles * CAP) + pos
         smask = nz & (pos < CAP) & m_ok[:, None]
-        tl.store(val_ptr + base + slot, acc.to(val_ptr.dtype.element_ty), mask=smask)
-        local = tl.zeros((BM, BN), dtype=tl.int16) + tl.arange(0, BN).to(tl.int16)[None, :]
-        tl.store(col_ptr + base + slot, local, mask=smask)
+        local = tl.arange(0, BN)[None, :]
+        if PAIR64:   # fp32 activations: value bits << 32 | column
+            pair = (acc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | local.to(tl.int64)
+        else:        # 16-bit activations: value bits << 16 | column
+            v16 = acc.to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True)
+            pair = (v16.to(tl.int32) << 16) | local
+        tl.store(pair_ptr + base + slot, pair, mask=smask)
     if COUNT_FIRES:
         # fire_ptr is the [H - col0] slice of the counts, so autotune's reset_to_zero cannot
         # wipe counts that the hot kernel already added
@@ -156,23 +160,22 @@ def _m_bucket(m: int) -> int:
 
 def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0: int = 0,
                fire: torch.Tensor | None = None, epilogue: int = EPILOGUE):
-    """Launch the gate+pack kernel on columns [col0, H). Returns (counts, values, cols).
+    """Launch the gate+pack kernel on columns [col0, H). Returns (counts, pairs) (format.py).
     x [M, D] and w_gate [H, D] contiguous, same dtype/device (checked by the caller).
     epilogue: 0 = prefix sum by tl.cumsum, 1 = by a tensor-core product, 2 = counts only (timing
-    the GEMM floor; values/cols are then NOT written)."""
+    the GEMM floor; pairs are then NOT written)."""
     m, d = x.shape
     h = w_gate.shape[0]
     nt = -(-(h - col0) // tile)
     counts = torch.empty(m, nt, dtype=torch.int32, device=x.device)
-    values = torch.empty(m, nt, cap, dtype=x.dtype, device=x.device)
-    cols = torch.empty(m, nt, cap, dtype=torch.int16, device=x.device)
+    pairs = torch.empty(m, nt, cap, dtype=pair_dtype(x.dtype), device=x.device)
     if m == 0 or nt == 0:
-        return counts.zero_(), values, cols
+        return counts.zero_(), pairs
     _gate_twell_kernel[_grid(m, nt)](
-        x, w_gate, counts, values, cols, fire[col0:] if fire is not None else counts, m, d, h, col0, nt,
+        x, w_gate, counts, pairs, fire[col0:] if fire is not None else counts, m, d, h, col0, nt,
         _m_bucket(m), CAP=cap, BN=tile, COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32,
-        INTERPRET=_INTERPRET, EPI=epilogue)
-    return counts, values, cols
+        INTERPRET=_INTERPRET, EPI=epilogue, PAIR64=x.dtype == torch.float32)
+    return counts, pairs
 
 
 def gate_up_dense(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, n_hot: int, tile: int,

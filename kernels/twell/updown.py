@@ -13,16 +13,21 @@ the common case pays only a predicate. Nothing is ever truncated.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting
+
 
 @triton.jit
-def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, val_ptr, col_ptr, y_ptr,
+def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr,
                    D, H, col0, n_tiles,
                    CAP: tl.constexpr, TILE: tl.constexpr, NT_P: tl.constexpr,
-                   BLOCK_D: tl.constexpr, E: tl.constexpr, ACCUM: tl.constexpr):
+                   BLOCK_D: tl.constexpr, E: tl.constexpr, ACCUM: tl.constexpr,
+                   PAIR64: tl.constexpr, ACC2D: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -40,9 +45,12 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, val_ptr, col_ptr, y_
     any_ovf = tl.max(ovf.to(tl.int32), axis=0)
     ovf_i = ovf.to(tl.int32)
 
-    # [E, BLOCK_D] accumulator, reduced over E once at the end: a per-step sum over E would be
-    # a cross-warp reduction through shared memory whenever warps split that axis.
-    acc = tl.zeros((E, BLOCK_D), dtype=tl.float32)
+    # ACC2D: an [E, BLOCK_D] accumulator reduced over E once at the end (no per-step reduction
+    # over E) against a [BLOCK_D] one (fewer registers, more programs per SM): measured both.
+    if ACC2D:
+        acc = tl.zeros((E, BLOCK_D), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for e0 in range(0, total, E):
         e = e0 + tl.arange(0, E)
         e_ok = e < total
@@ -53,8 +61,13 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, val_ptr, col_ptr, y_
         o_e = tl.sum(tl.where(sel, ovf_i[None, :], 0), axis=1) > 0
         slot = (m * n_tiles + t_e) * CAP + s
         from_slot = e_ok & (o_e == 0)
-        lc = tl.load(col_ptr + slot, mask=from_slot, other=0).to(tl.int32)
-        g = tl.load(val_ptr + slot, mask=from_slot, other=0.0).to(tl.float32)
+        p = tl.load(pair_ptr + slot, mask=from_slot, other=0)    # packed (value, column)
+        if PAIR64:
+            lc = (p & 0xFFFFFFFF).to(tl.int32)
+            g = (p >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        else:
+            lc = p & 0xFFFF
+            g = (p >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         lc = tl.where(o_e, s, lc)                             # overflowed tile: entry s = column s
         col = (col0 + t_e * TILE + lc).to(tl.int64)
         wmask = e_ok[:, None] & d_ok[None, :]
@@ -65,8 +78,14 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, val_ptr, col_ptr, y_
         wu = tl.load(wu_ptr + wp, mask=wmask, other=0.0).to(tl.float32)
         wd = tl.load(wdt_ptr + wp, mask=wmask, other=0.0).to(tl.float32)
         h = tl.where(e_ok, g * tl.sum(wu * x[None, :], axis=1), 0.0)
-        acc += h[:, None] * wd
-    out = tl.sum(acc, axis=0)
+        if ACC2D:
+            acc += h[:, None] * wd
+        else:
+            acc += tl.sum(h[:, None] * wd, axis=0)
+    if ACC2D:
+        out = tl.sum(acc, axis=0)
+    else:
+        out = acc
     if ACCUM:
         out += tl.load(y_ptr + m * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * D + offs_d, out.to(y_ptr.dtype.element_ty), mask=d_ok)
@@ -75,8 +94,25 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, val_ptr, col_ptr, y_
 MAX_D = 16384
 
 
-def updown(x, w_gate, w_up, w_down_t, counts, values, cols, y, *, tile: int, cap: int, col0: int,
-           accumulate: bool = False, entries: int | None = None, num_warps: int | None = None):
+def _ud_configs():
+    # (E, num_warps, ACC2D): candidates measured on an H100 (NOTES.md); the interpreter gets one
+    if interpreting():
+        return [triton.Config({"E": 4, "ACC2D": False}, num_warps=4)]
+    if os.environ.get("TWELL_NO_AUTOTUNE", "0") != "0":  # GPU tests: one config, fewer compiles
+        return [triton.Config({"E": 2, "ACC2D": False}, num_warps=4)]
+    return [triton.Config({"E": e, "ACC2D": a}, num_warps=w)
+            for e, w, a in [(2, 4, False), (2, 4, True), (4, 8, False), (4, 4, False), (1, 2, False)]]
+
+
+# Tuned once per (D, tile layout); y is only written (ACCUM=False in twell_ffn), so re-running a
+# config while tuning is harmless; with ACCUM=True y is restored between trials.
+_updown_tuned = triton.autotune(configs=_ud_configs(), key=["D", "n_tiles", "CAP", "TILE", "ACCUM"],
+                                restore_value=["y_ptr"])(_updown_kernel)
+
+
+def updown(x, w_gate, w_up, w_down_t, counts, pairs, y, *, tile: int, cap: int, col0: int,
+           accumulate: bool = False, entries: int | None = None, num_warps: int | None = None,
+           acc2d: bool = False):
     """Launch the sparse up/down kernel; writes (or adds into, if accumulate) y [M, D]."""
     m, d = x.shape
     h = w_gate.shape[0]
@@ -87,11 +123,13 @@ def updown(x, w_gate, w_up, w_down_t, counts, values, cols, y, *, tile: int, cap
     if m == 0:
         return y
     block_d = triton.next_power_of_2(d)
-    if entries is None:  # E rows of W_u and W_d^T per step, bounded so they fit in registers
-        entries = max(1, min(4, 4096 // block_d))
-    if num_warps is None:
-        num_warps = 4
-    _updown_kernel[(m,)](x, w_gate, w_up, w_down_t, counts, values, cols, y, d, h, col0, nt,
-                         CAP=cap, TILE=tile, NT_P=max(2, triton.next_power_of_2(nt)), BLOCK_D=block_d,
-                         E=entries, ACCUM=accumulate, num_warps=num_warps)
+    args = (x, w_gate, w_up, w_down_t, counts, pairs, y, d, h, col0, nt)
+    meta = dict(CAP=cap, TILE=tile, NT_P=max(2, triton.next_power_of_2(nt)), BLOCK_D=block_d,
+                ACCUM=accumulate, PAIR64=x.dtype == torch.float32)
+    if entries is None and block_d <= 4096:
+        _updown_tuned[(m,)](*args, **meta)
+        return y
+    if entries is None:  # very wide D: E rows per step bounded so they fit in registers
+        entries = max(1, 4096 // block_d)
+    _updown_kernel[(m,)](*args, **meta, E=entries, ACC2D=acc2d, num_warps=num_warps or 4)
     return y
