@@ -117,9 +117,9 @@ SWEEP = {
     "ell_sddmm": [dict(SP=32, BD=128, num_warps=4), dict(SP=16, BD=256, num_warps=4),
                   dict(SP=32, BD=256, num_warps=8), dict(SP=16, BD=128, num_warps=4),
                   dict(SP=64, BD=64, num_warps=4)],
-    "ell_spmm": [dict(SP=16, BD=256, num_warps=4), dict(SP=32, BD=256, num_warps=8),
-                 dict(SP=16, BD=512, num_warps=4), dict(SP=32, BD=128, num_warps=4),
-                 dict(SP=8, BD=512, num_warps=4)],
+    "ell_spmm": [dict(SP=32, BD=128, num_warps=4), dict(SP=16, BD=128, num_warps=4),
+                 dict(SP=32, BD=256, num_warps=4), dict(SP=16, BD=256, num_warps=4),
+                 dict(SP=32, BD=256, num_warps=8)],
     "csc_wgrad": [dict(NB=1, KT=16, BD=512, num_warps=4), dict(NB=2, KT=16, BD=256, num_warps=4),
                   dict(NB=1, KT=32, BD=256, num_warps=4), dict(NB=4, KT=8, BD=256, num_warps=4)],
 }

@@ -20,7 +20,7 @@ from ._common import INTERPRET
 
 @triton.jit
 def _ell_sddmm_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, out_ptr,
-                      g_ptr, u_ptr, out2_ptr, scale_ptr,
+                      g_ptr, u_ptr, out2_ptr, scale_ptr, l1_ptr,
                       D, width,
                       SP: tl.constexpr, BD: tl.constexpr, BWD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -28,6 +28,7 @@ def _ell_sddmm_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, out_ptr,
     rs = tl.arange(0, SP)
     rd = tl.arange(0, BD)
     a_row = a_ptr + row * D
+    l1 = tl.zeros((SP,), dtype=tl.float32)
     for s0 in range(0, n, SP):
         s_ok = (s0 + rs) < n
         off = row * width + s0 + rs
@@ -50,6 +51,10 @@ def _ell_sddmm_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, out_ptr,
             tl.store(out2_ptr + off, dh * u, mask=s_ok)      # dg
         else:
             tl.store(out_ptr + off, dot, mask=s_ok)
+            # forward epilogue: this token's cold L1, sum_s |g u| (g is 0 on masked slots)
+            l1 += tl.abs(tl.load(g_ptr + off, mask=s_ok, other=0.0) * dot)
+    if not BWD:
+        tl.store(l1_ptr + row, tl.sum(l1, axis=0))
 
 
 # Launch configuration; the benchmark overrides it to sweep (one config under the interpreter).
@@ -63,27 +68,34 @@ def _config(width: int):
     return dict(SP=cfg.pop("SP"), BD=cfg.pop("BD")), cfg
 
 
-def ell_sddmm(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
-    """u[i, s] = a[i] . w[idx[i, s]] for s < cnt[i]; 0 elsewhere. fp32 [M, width]."""
+def ell_sddmm(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor,
+              g: torch.Tensor | None = None):
+    """u[i, s] = a[i] . w[idx[i, s]] for s < cnt[i] (fp32 [M, width]; slots >= cnt unspecified).
+
+    With g (the gate values at the same slots) also returns l1row[i] = sum_s |g u| (fp32 [M]).
+    """
     M, D = a.shape
     if w.shape[1] != D or idx.shape[0] != M or cnt.shape != (M,):
         raise ValueError(f"shape mismatch: a {tuple(a.shape)}, w {tuple(w.shape)}, idx {tuple(idx.shape)}, cnt {tuple(cnt.shape)}")
-    out = torch.zeros(idx.shape, dtype=torch.float32, device=a.device)
+    out = torch.empty(idx.shape, dtype=torch.float32, device=a.device)
+    l1row = torch.empty(M, dtype=torch.float32, device=a.device)
+    gg = torch.zeros_like(out) if g is None else g
     if M:
         cfg, opts = _config(idx.shape[1])
-        _ell_sddmm_kernel[(M,)](a, w, idx, cnt, out, out, out, out, out, D, idx.shape[1],
+        _ell_sddmm_kernel[(M,)](a, w, idx, cnt, out, gg, out, out, out, l1row, D, idx.shape[1],
                                 BWD=False, **cfg, **opts)
-    return out
+    return out if g is None else (out, l1row)
 
 
 def ell_sddmm_bwd(dy, w_t, idx, cnt, g, u, scale):
-    """du, dg (fp32 [M, width]) at the cold slots; `scale` is a 0-dim fp32 tensor g_l1 / M."""
+    """du, dg (fp32 [M, width]) at the cold slots (others unspecified); `scale` is a 0-dim fp32
+    tensor g_l1 / M."""
     M, D = dy.shape
-    du = torch.zeros(idx.shape, dtype=torch.float32, device=dy.device)
-    dg = torch.zeros_like(du)
+    du = torch.empty(idx.shape, dtype=torch.float32, device=dy.device)
+    dg = torch.empty_like(du)
     if M:
         cfg, opts = _config(idx.shape[1])
-        _ell_sddmm_kernel[(M,)](dy, w_t, idx, cnt, du, g, u, dg, scale, D, idx.shape[1],
+        _ell_sddmm_kernel[(M,)](dy, w_t, idx, cnt, du, g, u, dg, scale, du, D, idx.shape[1],
                                 BWD=True, **cfg, **opts)
     return du, dg
 

@@ -93,5 +93,6 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     cnt, idx, g, csc_ptr, csc_slot = (split_reference if _packed is not None and _use_reference
                                       else split_pack)(cnt0, idx0, val0, hot_mask, Wc)
     hot = order[:K]
-    heavy = torch.argsort(light.to(torch.int8), stable=True)[:R]
+    heavy = (torch.argsort(light.to(torch.int8), stable=True)[:R] if R
+             else torch.zeros(0, dtype=torch.int64, device=dev))
     return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, ~hot_mask)

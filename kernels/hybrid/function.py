@@ -52,9 +52,9 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             gu = x.new_zeros(M, 0)
             y = torch.empty_like(x)
             l1 = torch.zeros((), dtype=torch.float32, device=x.device)
-        u = ell_sddmm(x, w_up, pat.idx, pat.cnt)
+        u, l1_cold = ell_sddmm(x, w_up, pat.idx, pat.cnt, g=pat.g)
         ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=K > 0)
-        l1 = l1 + (pat.g * u).abs().sum()
+        l1 = l1 + l1_cold.sum()
         if R:
             _, _, h_r, _ = _heavy_dense(x[heavy], w_gate, w_up, pat.cold_mask)
             y.index_add_(0, heavy, (h_r @ w_down_t.float()).to(y.dtype))

@@ -72,16 +72,22 @@ def test_split_and_csc_match_reference():
 
 
 def test_sddmm_spmm_wgrad_hot_match_reference():
-    x, wg, wu, wd = _inputs(seed=2)
-    pat = fmt.build_pattern(x, wg, 32, None)
+    x, wg, wu, wd = _inputs(nnz=24, seed=2)
+    pat = fmt.build_pattern(x, wg, 64, None)
+    # rows longer than one slot chunk (16 under the interpreter) and rows with no slot at all
+    assert int(pat.cnt.max()) > 32 and int((pat.cnt == 0).sum()) >= 2
     M, D = x.shape
     H = wg.shape[0]
     wdt = wd.t().contiguous()
-    u = sddmm_mod.ell_sddmm(x, wu, pat.idx, pat.cnt)
+    u, l1row = sddmm_mod.ell_sddmm(x, wu, pat.idx, pat.cnt, g=pat.g)
+    used = torch.arange(pat.width, device=DEV)[None, :] < pat.cnt[:, None]
+    u = torch.where(used, u, 0.0)             # slots past a token's count are unspecified
     assert torch.allclose(u, sddmm_mod.reference(x, wu, pat.idx, pat.cnt), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(l1row, (pat.g * u).abs().sum(1), rtol=1e-5, atol=1e-6)
     dy = torch.randn(M, D, device=DEV)
     scale = torch.tensor(0.3, device=DEV)
     du, dg = sddmm_mod.ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
+    du, dg = torch.where(used, du, 0.0), torch.where(used, dg, 0.0)
     rdu, rdg = sddmm_mod.reference_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
     assert torch.allclose(du, rdu, rtol=1e-5, atol=1e-5) and torch.allclose(dg, rdg, rtol=1e-5, atol=1e-5)
     y = torch.full((M, D), float("nan"), device=DEV)      # poisoned: every element must be written
