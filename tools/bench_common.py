@@ -28,6 +28,8 @@ RESULTS_DIR = REPO / "bench" / "results"
 
 
 def _git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):  # the device machine's copy of the tree has no .git
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() or "unknown"
