@@ -4,8 +4,8 @@ Forward y: c1 = g * u (h, formed on the fly from the two saved ELL arrays), w1 =
 Backward dx: c1 = du, w1 = W_u, c2 = dg, w2 = W_g (one pass over the indices for both).
 ACCUM adds into `out` (the dense hot-panel GEMM has already written there), saving a pass.
 
-The gathered rows are contiguous in D, so each load is one coalesced segment per slot; the
-slot loop stops at the token's own count.
+One program per token: the gathered rows are contiguous in D, so each load is one coalesced
+segment per slot; the slot loop stops at the token's own count.
 """
 from __future__ import annotations
 
@@ -21,42 +21,40 @@ def _ell_spmm_kernel(out_ptr, idx_ptr, cnt_ptr, c1_ptr, c3_ptr, w1_ptr, c2_ptr, 
                      D, width,
                      SP: tl.constexpr, BD: tl.constexpr, PRODUCT: tl.constexpr,
                      DUAL: tl.constexpr, ACCUM: tl.constexpr):
-    # One program per token. Slot chunks outside, D inside: a chunk's indices and coefficients
-    # are loaded once and the D loop then issues independent gathers (the first version put
-    # the dependent idx -> row loads in the inner loop and reached ~2 TB/s, NOTES.md). A token
-    # with more than SP slots read-modify-writes its output row once per extra chunk.
+    # One program per token walking all of D: a program per (token, D chunk) did only ~2 slot
+    # iterations and ran at 1.4 TB/s on H100 (NOTES.md); the long loop keeps loads in flight.
+    # The slot-sum stays in a [SP, BD] accumulator and is reduced once per D chunk: putting
+    # the slot loop outside and reducing per (slot chunk, D chunk) was 4x slower (NOTES.md).
     row = tl.program_id(0).to(tl.int64)
     n = tl.load(cnt_ptr + row)
     rs = tl.arange(0, SP)
-    for s0 in range(0, tl.maximum(n, 1), SP):      # >= 1 pass, so empty rows are written too
-        s_ok = (s0 + rs) < n
-        off = row * width + s0 + rs
-        cols = tl.load(idx_ptr + off, mask=s_ok, other=0).to(tl.int64)
-        c1 = tl.load(c1_ptr + off, mask=s_ok, other=0.0)
-        if PRODUCT:
-            c1 = c1 * tl.load(c3_ptr + off, mask=s_ok, other=0.0)
-        if DUAL:
-            c2 = tl.load(c2_ptr + off, mask=s_ok, other=0.0)
-        if ACCUM:
-            keep = s0 >= 0
-        else:
-            keep = s0 > 0
-        for d0 in range(0, D, BD):
-            rd = d0 + tl.arange(0, BD)
-            d_ok = rd < D
+    for d0 in range(0, D, BD):
+        rd = d0 + tl.arange(0, BD)
+        d_ok = rd < D
+        acc = tl.zeros((SP, BD), dtype=tl.float32)
+        for s0 in range(0, n, SP):
+            s_ok = (s0 + rs) < n
+            off = row * width + s0 + rs
+            cols = tl.load(idx_ptr + off, mask=s_ok, other=0).to(tl.int64)
             m2 = s_ok[:, None] & d_ok[None, :]
+            c1 = tl.load(c1_ptr + off, mask=s_ok, other=0.0)
+            if PRODUCT:
+                c1 = c1 * tl.load(c3_ptr + off, mask=s_ok, other=0.0)
             w1 = tl.load(w1_ptr + cols[:, None] * D + rd[None, :], mask=m2, other=0.0)
-            part = tl.sum(c1[:, None] * w1.to(tl.float32), axis=0)
+            acc += c1[:, None] * w1.to(tl.float32)
             if DUAL:
+                c2 = tl.load(c2_ptr + off, mask=s_ok, other=0.0)
                 w2 = tl.load(w2_ptr + cols[:, None] * D + rd[None, :], mask=m2, other=0.0)
-                part += tl.sum(c2[:, None] * w2.to(tl.float32), axis=0)
-            o = out_ptr + row * D + rd
-            part += tl.load(o, mask=d_ok & keep, other=0.0).to(tl.float32)
-            tl.store(o, part.to(out_ptr.dtype.element_ty), mask=d_ok)
+                acc += c2[:, None] * w2.to(tl.float32)
+        res = tl.sum(acc, axis=0)
+        o = out_ptr + row * D + rd
+        if ACCUM:
+            res += tl.load(o, mask=d_ok, other=0.0).to(tl.float32)
+        tl.store(o, res.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 # Launch configuration; the benchmark overrides it to sweep (one config under the interpreter).
-CONFIG = dict(SP=32, BD=128, num_warps=4)
+CONFIG = dict(SP=8, BD=512, num_warps=4)
 
 
 def ell_spmm(out: torch.Tensor, idx, cnt, c1, w1, c3=None, c2=None, w2=None, accumulate=False):

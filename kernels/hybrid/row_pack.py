@@ -5,8 +5,8 @@ the packing epilogue runs 1.30-1.37 ms at M=16384, D=2048, H=5632, against 0.65 
 (NOTES.md). cuBLAS writing bf16 g (184 MB, freed right after) plus this pass (one read of g)
 is faster until the fused kernel's main loop is fixed. Same output contract as gate_pack.
 
-A program owns whole rows, so slots are assigned by a running scan in column order: the ELL is
-sorted and deterministic. fire_counts: per-column sums of the block, one int32 atomic per column.
+A program owns whole rows, so with SCAN slots are assigned by a running scan in column order
+(sorted, deterministic ELL); without, by one int32 atomic per nonzero (order may vary). fire_counts: per-column sums of the block, one int32 atomic per column.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ._common import INTERPRET
 
 @triton.jit
 def _row_pack_kernel(g_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width,
-                     BR: tl.constexpr, BH: tl.constexpr):
+                     BR: tl.constexpr, BH: tl.constexpr, SCAN: tl.constexpr):
     # BR rows per program: one row per program (first version) ran 0.63 ms at M=16384,
     # H=5632 (~0.3 TB/s): 6 dependent scan iterations per program and too little in flight.
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -34,7 +34,11 @@ def _row_pack_kernel(g_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width,
                     other=0.0).to(tl.float32)
         on = v > 0
         oi = on.to(tl.int32)
-        pos = n[:, None] + tl.cumsum(oi, axis=1) - 1
+        if SCAN:   # column-ordered, deterministic slots
+            pos = n[:, None] + tl.cumsum(oi, axis=1) - 1
+        else:      # one atomic per nonzero (~1 per row and chunk): no [BR, BH] scan
+            pos = tl.atomic_add(cnt_ptr + rows[:, None] + tl.zeros((BR, BH), dtype=tl.int32),
+                                tl.full((BR, BH), 1, tl.int32), mask=on & r_ok[:, None])
         keep = on & (pos < width)
         off = rows64[:, None] * width + pos
         tl.store(idx_ptr + off, c[None, :] + tl.zeros((BR, BH), dtype=tl.int32), mask=keep)
@@ -42,11 +46,12 @@ def _row_pack_kernel(g_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width,
         colsum = tl.sum(oi, axis=0)
         tl.atomic_add(fire_ptr + c, colsum, mask=colsum > 0)
         n += tl.sum(oi, axis=1)
-    tl.store(cnt_ptr + rows, n, mask=r_ok)
+    if SCAN:
+        tl.store(cnt_ptr + rows, n, mask=r_ok)
 
 
 # Launch configuration (one config under the interpreter).
-CONFIG = dict(BR=8, BH=512, num_warps=4)
+CONFIG = dict(BR=16, BH=256, num_warps=4, SCAN=True)
 
 
 def row_pack(g: torch.Tensor, width: int):
@@ -59,7 +64,7 @@ def row_pack(g: torch.Tensor, width: int):
     idx = torch.empty(M, width, dtype=torch.int32, device=dev)
     val = torch.empty(M, width, dtype=torch.float32, device=dev)
     if M and H:
-        cfg = dict(BR=16, BH=128) if INTERPRET else dict(CONFIG)
+        cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"]) if INTERPRET else dict(CONFIG)
         _row_pack_kernel[(triton.cdiv(M, cfg["BR"]),)](g, fire, cnt, idx, val, M, H, width, **cfg)
     return fire, cnt, idx, val
 

@@ -37,11 +37,12 @@ def _row_sets(cnt, idx, val, width):
     return out
 
 
-@pytest.mark.parametrize("packer", ["fused_epilogue", "cublas_row_pack"])
-def test_gate_packers_match_reference(packer):
+@pytest.mark.parametrize("packer", ["fused_epilogue", "row_pack_scan", "row_pack_atomic"])
+def test_gate_packers_match_reference(packer, monkeypatch):
     x, wg, _, _ = _inputs()
     width = 12          # small, so the dense rows overflow and must report their true count
     fn = gate_mod.gate_pack if packer == "fused_epilogue" else row_mod.cublas_gate_pack
+    monkeypatch.setitem(row_mod.CONFIG, "SCAN", packer == "row_pack_scan")
     fire, cnt, idx, val = fn(x, wg, width)
     rf, rc, ri, rv = gate_mod.reference(x, wg, width)
     assert torch.equal(fire, rf) and torch.equal(cnt, rc)
