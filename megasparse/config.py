@@ -209,6 +209,10 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda
     on_nonfinite: str = "stop"           # stop | skip: what a NaN/inf loss does
     progress_bar: bool = True            # only when stdout is a terminal
+    resume: str | None = None            # "auto" (latest in run_dir, if any) | a checkpoint path | None
+    reset_optimizer_on_resume: bool = False  # load weights only: fresh optimizer and LR schedule state
+    keep_last: int = 3                   # checkpoints kept (0 keeps all)
+    keep_every: int | None = None        # also keep every step that is a multiple of this, for good
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval",
@@ -219,6 +223,8 @@ class TrainConfig:
         _choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _check(self.keep_last >= 0, f"train.keep_last={self.keep_last} must be >= 0 (0 keeps every checkpoint)")
+        _check(self.keep_every is None or self.keep_every > 0, f"train.keep_every={self.keep_every} must be positive")
 
 
 @dataclass

@@ -161,3 +161,21 @@ class SparsityStats:
             dist.all_gather(parts, local, group=tp_group)
             local = torch.cat(parts, dim=1)  # column-parallel: TP rank r owns neurons [r*H/tp, (r+1)*H/tp)
         return local.cpu()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything exact resume needs: the open interval's sums and the window (on CPU)."""
+        return {"fire": self.fire.cpu(), "l1": self.l1.cpu(), "nnz_max": self.nnz_max.cpu(),
+                "tokens": self.tokens, "batches": self.batches, "has_counts": self.has_counts,
+                "has_max": self.has_max, "intervals": [(n, f.cpu()) for n, f in self._intervals],
+                "window_fire": self.window_fire.cpu(), "window_token_count": self.window_token_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["fire"].shape) != tuple(self.fire.shape):
+            return  # another layout (e.g. TP changed): statistics restart, nothing else depends on them
+        to = lambda t: t.to(self.device)  # noqa: E731
+        self.fire, self.l1, self.nnz_max = to(state["fire"]), to(state["l1"]), to(state["nnz_max"])
+        self.tokens, self.batches = state["tokens"], state["batches"]
+        self.has_counts, self.has_max = state["has_counts"], state["has_max"]
+        self._intervals = deque((n, to(f)) for n, f in state["intervals"])
+        self.window_fire, self.window_token_count = to(state["window_fire"]), state["window_token_count"]

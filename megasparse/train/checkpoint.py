@@ -1,21 +1,42 @@
-"""Checkpoints through DeepSpeed's `save_checkpoint`, made atomic.
+"""Checkpoints through DeepSpeed's `save_checkpoint`, made atomic, plus what exact resume needs.
 
-DeepSpeed writes a tag folder per save. We tell it not to touch `latest` and, only after every
-rank has finished writing (a barrier) and the files are fsynced, rank 0 points `latest` at the
-new tag with an atomic rename. A crash mid-save therefore leaves `latest` on the previous,
-complete checkpoint.
+A save writes, into the tag folder `checkpoints/step00000100/`:
+- DeepSpeed's files (model states per TP rank, ZeRO optimizer shards per rank, LR scheduler,
+  and our client_state: step, consumed samples, L1 schedule/controller, statistics windows,
+  config, tokenizer and data hashes, version);
+- `rng_rank<r>.pt` per rank: python, numpy, torch CPU/CUDA and TP-tracker RNG states;
+- `megasparse.json` (rank 0): the facts a resume checks before loading anything heavy.
+
+Only after every rank has finished (a barrier) and the files are fsynced does rank 0 point
+`latest` at the new tag, with an atomic rename. A crash mid-save therefore leaves `latest` on
+the previous, complete checkpoint; the half-written folder is ignored and later pruned.
 """
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
+import shutil
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
+from megasparse.errors import CheckpointError
+
 LATEST = "latest"
+META = "megasparse.json"
+_TAG = re.compile(r"^step(\d{8})$")
 
 
 def tag_for_step(step: int) -> str:
     return f"step{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _fsync_tree(path: str) -> None:
@@ -30,13 +51,17 @@ def _fsync_tree(path: str) -> None:
             os.close(fd)
 
 
-def write_latest(ckpt_dir: str, tag: str) -> None:
-    tmp = os.path.join(ckpt_dir, f".{LATEST}.tmp")
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
-        fh.write(tag)
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(ckpt_dir, LATEST))
+    os.replace(tmp, path)
+
+
+def write_latest(ckpt_dir: str, tag: str) -> None:
+    _atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
 
 
 def read_latest(ckpt_dir: str) -> str | None:
@@ -47,15 +72,119 @@ def read_latest(ckpt_dir: str) -> str | None:
         return fh.read().strip() or None
 
 
-def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, rank: int) -> str:
+# ------------------------------------------------------------------ RNG
+
+def capture_rng_state() -> dict:
+    from megasparse.parallel.random import get_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    from megasparse.parallel.random import get_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker"):
+        get_rng_tracker().set_states(state["tracker"])
+
+
+# ------------------------------------------------------------------ save
+
+def prune_checkpoints(ckpt_dir: str, keep_last: int, keep_every: int | None) -> list[str]:
+    """Delete all but the newest `keep_last` tags, never `latest`'s, keeping every step that is
+    a multiple of `keep_every` for good. Returns the deleted tags."""
+    latest = read_latest(ckpt_dir)
+    tags = sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), key=lambda t: int(_TAG.match(t).group(1)))
+    doomed = []
+    for tag in tags[:-keep_last] if keep_last > 0 else tags:
+        step = int(_TAG.match(tag).group(1))
+        if tag == latest or (keep_every and step % keep_every == 0):
+            continue
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+        doomed.append(tag)
+    return doomed
+
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, rank: int, meta: dict,
+                    keep_last: int = 0, keep_every: int | None = None) -> str:
     """Save on every rank (ZeRO shards are per rank); return the tag."""
     tag = tag_for_step(step)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    if dist.is_initialized():
-        dist.barrier()
+    tag_dir = os.path.join(ckpt_dir, tag)
+    torch.save(capture_rng_state(), os.path.join(tag_dir, f"rng_rank{rank:05d}.pt"))
     if rank == 0:
-        _fsync_tree(os.path.join(ckpt_dir, tag))
+        _atomic_write_text(os.path.join(tag_dir, META), json.dumps(meta, indent=1))
+    _barrier()
+    if rank == 0:
+        _fsync_tree(tag_dir)
         write_latest(ckpt_dir, tag)
-    if dist.is_initialized():
-        dist.barrier()
+        if keep_last:
+            prune_checkpoints(ckpt_dir, keep_last, keep_every)
+    _barrier()
     return tag
+
+
+# ------------------------------------------------------------------ resume
+
+def resolve_resume(resume: str | None, ckpt_dir: str) -> tuple[str, str] | None:
+    """`train.resume` -> (checkpoints folder, tag), or None to start fresh.
+
+    "auto": `latest` in this run's checkpoints folder, or a fresh start if there is none.
+    A path: a checkpoints folder (its `latest` is used) or one tag folder inside it.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        tag = read_latest(ckpt_dir)
+        return (ckpt_dir, tag) if tag else None
+    path = os.path.abspath(resume)
+    if not os.path.exists(path):
+        raise CheckpointError(f"train.resume={resume}: no such file or folder; give a checkpoints folder, "
+                              f"one of its step folders, or 'auto'")
+    if os.path.isfile(os.path.join(path, META)):
+        return os.path.dirname(path), os.path.basename(path)
+    tag = read_latest(path)
+    if tag is None:
+        raise CheckpointError(f"train.resume={resume} holds neither '{LATEST}' nor '{META}'; point it at a "
+                              f"run's checkpoints folder or at a complete step folder inside it")
+    return path, tag
+
+
+def read_meta(load_dir: str, tag: str) -> dict:
+    path = os.path.join(load_dir, tag, META)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {os.path.join(load_dir, tag)} is incomplete (no {META}); "
+                              f"it was probably interrupted mid-save: resume from an earlier step folder")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+# Model fields that must match for the weights to load; everything else may change on resume.
+_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "mlp", "tie_embeddings")
+
+
+def check_compatible(meta: dict, model_cfg: dict, tp: int, where: str) -> None:
+    saved = meta["config"]["model"]
+    for name in _SHAPE_FIELDS:
+        if saved.get(name) != model_cfg.get(name):
+            raise CheckpointError(f"{where} has model.{name}={saved.get(name)!r} but the config says "
+                                  f"{model_cfg.get(name)!r}; set model.{name}={saved.get(name)!r} to resume it")
+    if meta["tp"] != tp:
+        raise CheckpointError(f"{where} was saved at parallel.tp={meta['tp']} but this run uses parallel.tp={tp}; "
+                              f"reshard it first: megasparse convert {where} OUT --tp {tp}")
+
+
+def load_rng_state(load_dir: str, tag: str, rank: int, same_layout: bool) -> None:
+    """Restore this rank's RNG streams when the rank layout is unchanged (else keep fresh ones:
+    with another world size there is no meaningful per-rank mapping)."""
+    path = os.path.join(load_dir, tag, f"rng_rank{rank:05d}.pt")
+    if same_layout and os.path.isfile(path):
+        restore_rng_state(torch.load(path, weights_only=False))

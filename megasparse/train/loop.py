@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import torch.distributed as dist
 from megasparse import __version__
 from megasparse.config import Config, resolve_batch, save_config
 from megasparse.errors import TrainingError
-from megasparse.train.checkpoint import save_checkpoint
+from megasparse.train.checkpoint import (check_compatible, load_rng_state, read_meta, resolve_resume,
+                                         save_checkpoint)
 from megasparse.train.deepspeed_config import build_deepspeed_config
 from megasparse.train.distributed import DistInfo, init_distributed
 from megasparse.train.flops import executed_flops_per_token, model_flops_per_token, peak_flops
@@ -70,6 +72,9 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step = 0
         self.consumed_samples = 0
+        self.stop_requested = False
+        self._install_signal_handlers()
+        self._resume()
 
     # ------------------------------------------------------------------ setup
     def _build_data(self):
@@ -95,6 +100,61 @@ class Trainer:
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             mpu=self.parallel.mpu, dist_init_required=False)
 
+    # ------------------------------------------------------------------ resume and signals
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM (schedulers' pre-emption notice) and SIGUSR1 ask for a checkpoint, then a clean
+        exit, at the next micro-batch boundary where all ranks agree (no collective is added)."""
+        def request_stop(signum, _frame):
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _resume(self) -> None:
+        found = resolve_resume(self.cfg.train.resume, self.ckpt_dir)
+        if found is None:
+            if self.cfg.train.resume == "auto" and self.is_main:
+                print(f"train.resume=auto: no checkpoint in {self.ckpt_dir}, starting from scratch", flush=True)
+            return
+        load_dir, tag = found
+        where = os.path.join(load_dir, tag)
+        meta = read_meta(load_dir, tag)
+        check_compatible(meta, self.cfg.model.__dict__, self.cfg.parallel.tp, where)
+        self.data.check_resume(meta["tokenizer_hash"], meta["data_hash"], where)
+        reset = self.cfg.train.reset_optimizer_on_resume
+        same_dp = meta["dp"] == self.batch.dp
+        if not same_dp and self.cfg.parallel.zero_stage == 3 and not reset:
+            from megasparse.errors import CheckpointError
+
+            raise CheckpointError(f"{where} was saved at DP={meta['dp']} with ZeRO-3, whose optimizer shards cannot be "
+                                  f"re-partitioned for DP={self.batch.dp}; resume at DP={meta['dp']}, or set "
+                                  f"train.reset_optimizer_on_resume=true to load the weights with a fresh optimizer")
+        if reset and self.is_main:
+            print(f"WARNING: train.reset_optimizer_on_resume=true: loading only the weights of {where}; "
+                  f"optimizer moments and LR schedule start afresh, so the loss will not match an "
+                  f"uninterrupted run", file=sys.stderr, flush=True)
+        _path, client = self.engine.load_checkpoint(
+            load_dir, tag=tag, load_optimizer_states=not reset, load_lr_scheduler_states=not reset,
+            load_module_strict=True)
+        if client is None:
+            from megasparse.errors import CheckpointError
+
+            raise CheckpointError(f"DeepSpeed could not load {where}; check that its files are complete")
+        if not reset:
+            # DeepSpeed's elastic ZeRO loader restores the optimizer's moments but not its param
+            # groups, so the first resumed step would use the LR of step 0; take it from the
+            # (restored) scheduler instead.
+            for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
+        self.step = client["step"]
+        self.consumed_samples = client["consumed_samples"]
+        self.l1_schedule.load_state_dict(client["l1_schedule"])
+        if "sparsity_stats" in client and same_dp:
+            self.stats.load_state_dict(client["sparsity_stats"])
+        load_rng_state(load_dir, tag, self.dist.rank, same_layout=same_dp)
+        if self.is_main:
+            print(f"resumed from {where}: step {self.step}, {self.consumed_samples} samples consumed", flush=True)
+
     # ------------------------------------------------------------------ data
     def _sampler(self):
         from megasparse.data import GlobalBatchSampler
@@ -111,9 +171,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank must agree, or ZeRO hangs
-        return bool(flag.item())
+        """One small all-reduce per micro-batch makes every rank agree on two things: whether the
+        loss is finite (else ZeRO's collectives would diverge), and whether any rank was asked
+        to stop by a signal."""
+        flags = torch.stack([torch.isfinite(loss.detach()).to(torch.int32),
+                             torch.tensor(int(not self.stop_requested), dtype=torch.int32, device=loss.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        finite, keep_going = flags.tolist()
+        self.stop_requested = not keep_going
+        return bool(finite)
 
     def train_step(self, indices: list[int], totals: StepTotals) -> None:
         lam = self.l1_schedule.coeff(self.step)
@@ -163,11 +229,20 @@ class Trainer:
     def client_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed_samples,
                 "config": self.cfg.to_dict(), "l1_schedule": self.l1_schedule.state_dict(),
+                "sparsity_stats": self.stats.state_dict(),
+                "tokenizer_hash": self.data.tokenizer_hash, "data_hash": self.data.data_hash,
+                "megasparse_version": __version__}
+
+    def checkpoint_meta(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "tp": self.cfg.parallel.tp,
+                "dp": self.batch.dp, "zero_stage": self.cfg.parallel.zero_stage, "config": self.cfg.to_dict(),
                 "tokenizer_hash": self.data.tokenizer_hash, "data_hash": self.data.data_hash,
                 "megasparse_version": __version__}
 
     def save(self) -> str:
-        return save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(), self.dist.rank)
+        t = self.cfg.train
+        return save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(), self.dist.rank,
+                               self.checkpoint_meta(), keep_last=t.keep_last, keep_every=t.keep_every)
 
     # ------------------------------------------------------------------ logging
     def _log_record(self, totals: StepTotals, steps: int, elapsed: float) -> dict:
@@ -241,8 +316,12 @@ class Trainer:
             pause = time.perf_counter()
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                 self.metrics.log(self.evaluate(), prefix="valid")
-            if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps or self.stop_requested:
                 self.save()
+            if self.stop_requested:
+                if self.is_main:
+                    print(f"stop requested by a signal: saved step {self.step} and exiting", flush=True)
+                break
             t0 += time.perf_counter() - pause  # keep eval and save time out of tokens/s
         if bar is not None:
             bar.close()

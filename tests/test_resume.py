@@ -1,0 +1,97 @@
+"""Exact resume: kill -9 a run, resume it, and get the same per-step losses and final weights."""
+import os
+import sys
+
+import pytest
+import torch
+
+from tests.trainer_utils import TINY, check, read_metrics, run, torchrun_cmd, train_cmd, _port
+
+pytestmark = pytest.mark.slow
+DRIVER = os.path.join(os.path.dirname(__file__), "resume_driver.py")
+
+
+def driver_cmd(nproc, run_dir, flag, step, *overrides):
+    args = [flag, str(step), *TINY, f"train.run_dir={run_dir}", *overrides]
+    if nproc == 1:
+        return [sys.executable, DRIVER, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_port()), DRIVER, *args]
+
+
+def launch(nproc, run_dir, *overrides):
+    return run(train_cmd(run_dir, *overrides) if nproc == 1 else torchrun_cmd(nproc, run_dir, *overrides))
+
+
+def losses_by_step(run_dir):
+    # A resumed run appends to the same metrics.jsonl; the last record of a step wins.
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)}
+
+
+def final_weights(run_dir, tag="step00000008"):
+    path = os.path.join(run_dir, "checkpoints", tag, "mp_rank_00_model_states.pt")
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+CASES = {
+    "zero1": (1, ["parallel.zero_stage=1"]),
+    "zero2_dp2": (2, ["parallel.zero_stage=2"]),
+    "tp2_dp2_zero2": (4, ["parallel.zero_stage=2", "parallel.tp=2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sigkill_and_resume_is_bit_exact(tmp_path, case):
+    nproc, extra = CASES[case]
+    common = ["train.max_steps=8", "train.save_interval=4", "train.global_batch_size=4",
+              "train.micro_batch_size=2", *extra]
+    check(launch(nproc, tmp_path / "straight", *common))
+    killed = run(driver_cmd(nproc, tmp_path / "resumed", "--kill-after-save", 4, *common))
+    assert killed.returncode != 0, "the driver should have died by SIGKILL"
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step00000004"
+    resumed = launch(nproc, tmp_path / "resumed", *common, "train.resume=auto")
+    check(resumed)
+    assert "resumed from" in resumed.stdout
+    straight, again = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "resumed")
+    assert sorted(again) == list(range(1, 9))
+    assert again == straight  # bit-exact: float equality, loss and grad norm, every step
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path):
+    common = ["train.max_steps=8", "train.save_interval=4"]
+    died = run(driver_cmd(1, tmp_path / "r", "--kill-in-save", 8, *common))
+    assert died.returncode != 0
+    ckpt = tmp_path / "r" / "checkpoints"
+    assert (ckpt / "step00000008").is_dir(), "the interrupted save left its folder behind"
+    assert (ckpt / "latest").read_text() == "step00000004"
+    resumed = launch(1, tmp_path / "r", *common, "train.resume=auto")
+    check(resumed)
+    assert "resumed from" in resumed.stdout and "step00000004" in resumed.stdout
+    assert (ckpt / "latest").read_text() == "step00000008"
+
+
+def test_resume_at_dp1_from_dp2_checkpoint_sees_same_global_batches(tmp_path):
+    common = ["train.max_steps=8", "train.save_interval=4", "train.global_batch_size=4",
+              "train.micro_batch_size=2", "parallel.zero_stage=1"]
+    check(launch(2, tmp_path / "dp2", *common))
+    run(driver_cmd(2, tmp_path / "switch", "--kill-after-save", 4, *common))
+    check(launch(1, tmp_path / "switch", *common, "train.resume=auto"))  # dp=1: accumulation 2
+    straight, switched = losses_by_step(tmp_path / "dp2"), losses_by_step(tmp_path / "switch")
+    for step in range(1, 9):
+        assert switched[step][0] == pytest.approx(straight[step][0], rel=1e-5), step
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    check(launch(1, tmp_path / "r", "train.max_steps=6", "train.save_interval=1", "train.keep_last=2",
+                 "train.keep_every=3"))
+    tags = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert tags == ["step00000003", "step00000005", "step00000006"]
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    check(launch(1, tmp_path / "r", "train.max_steps=2"))
+    proc = launch(1, tmp_path / "r", "train.max_steps=4", "train.resume=auto", "model.d_model=64")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "model.d_model=32" in proc.stderr
