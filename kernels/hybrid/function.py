@@ -1,14 +1,16 @@
 """SparseGatedMLPFunction: the training autograd.Function over the hybrid format, and its reference.
 
 Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
-  gate GEMM + epilogue pack (Triton) -> HybridPattern (one host sync, see format.py)
+  gate GEMM + pack (cuBLAS + Triton row pack, or the fused Triton epilogue) -> HybridPattern
+  (one host sync, see format.py)
   hot panel:   [g_h | u_h] = x [W_g[hot]; W_u[hot]]^T (one cuBLAS GEMM), h_h = relu(g_h) u_h
                y = h_h W_d[:, hot]^T                      (cuBLAS)
   cold ELL:    u = SDDMM(x, W_u) at the pattern            (Triton)
                y += (g u) W_d^T via gathered rows           (Triton, accumulates into y)
   heavy rows:  dense torch over cold neurons, recomputed in backward (usually R = 0)
-Saved for backward: x and the weights (the caller holds them anyway), the cold ELL
-(idx, g, u), the CSC view, and the hot panel g_h, u_h [M, K]. Never dense g, u or h [M, H].
+Saved for backward: x and W_g, W_u (the caller holds them anyway), W_d^T (a transposed copy,
+cheaper to keep than to redo), the cold ELL (idx, g, u), the CSC view, and the hot panel
+[g_h | u_h] [M, 2K]. Never dense g, u or h [M, H].
 Backward has no host sync: the L1 scale g_l1 / M stays a device tensor read by the kernel.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .format import HybridPattern, build_pattern
 from .hot_panel import hot_backward, hot_forward
 
 DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the dense backup
-DEFAULT_HOT_FRAC = 0.02   # neurons firing on > 2% of the tokens take the dense hot panel
+DEFAULT_HOT_FRAC = 0.01   # neurons firing on > 1% of the tokens take the dense hot panel (NOTES.md)
 
 
 def _heavy_dense(x_r, w_gate, w_up, cold_mask):
