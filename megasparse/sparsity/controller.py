@@ -75,7 +75,9 @@ class SparsityController:
             return extra
         a = c.controller_smoothing
         self.smoothed = measured if self.smoothed is None else a * measured + (1 - a) * self.smoothed
-        extra["nnz_smoothed"] = self.smoothed
+        # Logged beside nnz_target, in neurons per token when H is known.
+        to_count = self.hidden_size if (c.target_nnz_fraction is not None and self.hidden_size) else 1
+        extra["nnz_smoothed"] = self.smoothed * to_count
         if step < self.start_step:
             return extra
         if not self.active:

@@ -42,3 +42,14 @@ def list_firing_files(run_dir: str) -> list[tuple[int, str]]:
 def load_firing_rates(path: str) -> dict:
     with np.load(path) as data:
         return {"rates": data["rates"], "step": int(data["step"]), "window_tokens": int(data["window_tokens"])}
+
+
+def dump_window_firing_rates(run_dir: str, step: int, stats, tp_group, is_main: bool) -> str | None:
+    """Gather the statistics window's firing rates over TP (every rank calls: a collective) and
+    write them on the main rank. Nothing is written before the first window has any tokens."""
+    if stats.window_token_count == 0:
+        return None
+    rates = stats.firing_rates(tp_group)
+    if not is_main:
+        return None
+    return save_firing_rates(run_dir, step, rates.numpy(), stats.window_token_count)

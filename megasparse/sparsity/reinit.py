@@ -129,7 +129,8 @@ def reinit_dead_neurons(model, optimizer, dead_masks: list, init_std: float, see
 class DeadNeuronReinit:
     """The periodic policy the trainer calls at every log interval (after stats are reduced):
     re-initialise once ``reinit_interval`` steps have passed since the last time, if the
-    statistics window is full, then forget the window so deadness needs fresh evidence."""
+    statistics window is full. The window is kept: a fresh neuron that fires clears itself, and
+    one that never fires again was rightly re-initialised again."""
 
     def __init__(self, cfg, init_std: float, seed: int, tp_rank: int = 0):
         self.cfg, self.init_std, self.seed, self.tp_rank = cfg, init_std, seed, tp_rank
@@ -144,7 +145,6 @@ class DeadNeuronReinit:
         counts = reinit_dead_neurons(engine.module, engine.optimizer, stats.dead_masks(), self.init_std,
                                      seed=hash((self.seed, step, self.tp_rank)) % 2**31)
         self.last_step = step
-        stats.reset_window()
         return {"reinit_neurons_layer": counts, "reinit_neurons": sum(counts)}
 
     def state_dict(self) -> dict:

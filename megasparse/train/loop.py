@@ -66,9 +66,13 @@ class Trainer:
         from megasparse.sparsity.schedule import build_l1_schedule
         from megasparse.sparsity.stats import SparsityStats
 
-        self.l1_schedule = build_l1_schedule(cfg.sparsity)
+        from megasparse.sparsity.reinit import DeadNeuronReinit
+
+        self.l1_schedule = build_l1_schedule(cfg.sparsity, hidden_size=cfg.model.ffn_hidden)
         hidden_local = cfg.model.ffn_hidden // cfg.parallel.tp
-        self.stats = SparsityStats(cfg.model.n_layers, hidden_local, cfg.model.ffn_hidden, self.dist.device)
+        self.stats = SparsityStats(cfg.model.n_layers, hidden_local, cfg.model.ffn_hidden, self.dist.device,
+                                   window_tokens=cfg.sparsity.stats_window_tokens)
+        self.reinit = DeadNeuronReinit(cfg.sparsity, cfg.model.init_std, cfg.train.seed, self.parallel.tp_rank)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step = 0
         self.consumed_samples = 0
@@ -122,6 +126,11 @@ class Trainer:
         check_compatible(meta, self.cfg.model.__dict__, self.cfg.parallel.tp, where)
         self.data.check_resume(meta["tokenizer_hash"], meta["data_hash"], where)
         reset = self.cfg.train.reset_optimizer_on_resume
+        if not meta.get("optimizer_states", True) and not reset:
+            from megasparse.errors import CheckpointError
+
+            raise CheckpointError(f"{where} holds no optimizer state (it was written by `megasparse convert`); "
+                                  f"resume it with train.reset_optimizer_on_resume=true")
         same_dp = meta["dp"] == self.batch.dp
         if not same_dp and self.cfg.parallel.zero_stage == 3 and not reset:
             from megasparse.errors import CheckpointError
@@ -131,11 +140,12 @@ class Trainer:
                                   f"train.reset_optimizer_on_resume=true to load the weights with a fresh optimizer")
         if reset and self.is_main:
             print(f"WARNING: train.reset_optimizer_on_resume=true: loading only the weights of {where}; "
-                  f"optimizer moments and LR schedule start afresh, so the loss will not match an "
+                  f"optimizer moments start afresh (the LR schedule continues at the saved step), so the "
+                  f"loss will not match an "
                   f"uninterrupted run", file=sys.stderr, flush=True)
         _path, client = self.engine.load_checkpoint(
             load_dir, tag=tag, load_optimizer_states=not reset, load_lr_scheduler_states=not reset,
-            load_module_strict=True)
+            load_module_only=reset, load_module_strict=True)
         if client is None:
             from megasparse.errors import CheckpointError
 
@@ -148,9 +158,13 @@ class Trainer:
                 group["lr"] = lr
         self.step = client["step"]
         self.consumed_samples = client["consumed_samples"]
+        if reset:  # the fresh scheduler sits at step 0: move it to the saved step
+            self.lr_scheduler.last_epoch = self.step - 1
+            self.lr_scheduler.step()
         self.l1_schedule.load_state_dict(client["l1_schedule"])
         if "sparsity_stats" in client and same_dp:
             self.stats.load_state_dict(client["sparsity_stats"])
+        self.reinit.load_state_dict(client.get("sparsity_reinit", {}))
         load_rng_state(load_dir, tag, self.dist.rank, same_layout=same_dp)
         if self.is_main:
             print(f"resumed from {where}: step {self.step}, {self.consumed_samples} samples consumed", flush=True)
@@ -200,7 +214,8 @@ class Trainer:
                 totals.ce += out.ce_loss.detach().float()
                 totals.aux += out.aux_loss.detach().float()
                 totals.micro_batches += 1
-                self.stats.update(out.fire_counts, out.l1_per_layer, out.tokens)
+                # token_nnz: per-token counts for nnz max, once the model returns them (docs/sparsity.md)
+                self.stats.update(out.fire_counts, out.l1_per_layer, out.tokens, getattr(out, "token_nnz", None))
             self.engine.backward(loss)
             self.engine.step()
         self.step += 1
@@ -229,17 +244,32 @@ class Trainer:
     def client_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed_samples,
                 "config": self.cfg.to_dict(), "l1_schedule": self.l1_schedule.state_dict(),
-                "sparsity_stats": self.stats.state_dict(),
+                "sparsity_stats": self.stats.state_dict(), "sparsity_reinit": self.reinit.state_dict(),
                 "tokenizer_hash": self.data.tokenizer_hash, "data_hash": self.data.data_hash,
                 "megasparse_version": __version__}
 
+    def _shard_layout(self) -> dict:
+        """name -> how it is split over TP (what `megasparse convert` needs to reshard)."""
+        from megasparse.parallel.sharding import shard_of
+
+        layout = {}
+        for name, p in self.engine.module.named_parameters():
+            info = shard_of(p)
+            if info is not None:
+                layout[name] = {"dim": info.dim, "full_size": info.full_size, "replicas": info.replicas}
+        return layout
+
     def checkpoint_meta(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "tp": self.cfg.parallel.tp,
+        return {"shards": self._shard_layout(), "optimizer_states": True, "step": self.step, "consumed_samples": self.consumed_samples, "tp": self.cfg.parallel.tp,
                 "dp": self.batch.dp, "zero_stage": self.cfg.parallel.zero_stage, "config": self.cfg.to_dict(),
                 "tokenizer_hash": self.data.tokenizer_hash, "data_hash": self.data.data_hash,
                 "megasparse_version": __version__}
 
     def save(self) -> str:
+        from megasparse.sparsity.firing import dump_window_firing_rates
+
+        # Per-neuron firing rates of the statistics window, for `megasparse report` (TP collective).
+        dump_window_firing_rates(self.run_dir, self.step, self.stats, self.parallel.tp_group, self.is_main)
         t = self.cfg.train
         return save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(), self.dist.rank,
                                self.checkpoint_meta(), keep_last=t.keep_last, keep_every=t.keep_every)
@@ -280,7 +310,8 @@ class Trainer:
         if self.dist.device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         record.update(sparsity)
-        self.l1_schedule.observe(self.step, record)
+        record.update(self.l1_schedule.observe(self.step, record) or {})  # e.g. nnz_target
+        record.update(self.reinit(self.step, self.stats, self.engine))      # periodic, when enabled
         return record
 
     def _new_totals(self) -> StepTotals:

@@ -110,7 +110,9 @@ def test_policy_waits_for_a_full_window_and_the_interval():
     stats.reduce_and_reset()
     assert policy(5, stats, Engine) == {}                       # interval not reached
     assert policy(10, stats, Engine)["reinit_neurons_layer"] == [2, 0]
-    assert not stats.window_full()                              # deadness needs fresh evidence
+    assert policy(15, stats, Engine) == {}                      # next one only reinit_interval later
+    assert policy(20, stats, Engine)["reinit_neurons"] == 2
+    assert policy(30, SparsityStats(CFG.n_layers, CFG.ffn_hidden, CFG.ffn_hidden, torch.device("cpu")), Engine) == {}
 
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO on 2 gloo ranks
