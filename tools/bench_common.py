@@ -116,13 +116,19 @@ def energy_joules_per_call(fn, seconds: float = 3.0) -> dict | None:
     torch.cuda.synchronize()
     e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)  # millijoules
     t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+    done, batch = 0, calls
+    while True:  # the first estimate can be short (warm-up, clocks): extend until >= seconds
+        for _ in range(batch):
+            fn()
+        torch.cuda.synchronize()
+        done += batch
+        wall = time.perf_counter() - t0
+        if wall >= seconds:
+            break
+        batch = max(1, int((seconds - wall) / (wall / done)) + 1)
     e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
     joules = (e1 - e0) / 1000.0
-    return {"joules_per_call": joules / calls, "calls": calls, "seconds": wall, "mean_watts": joules / wall}
+    return {"joules_per_call": joules / done, "calls": done, "seconds": wall, "mean_watts": joules / wall}
 
 
 @torch.no_grad()

@@ -71,7 +71,7 @@ def sparse_variants(f, xc, hot_list=()):
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
     _, fc = twell.twell_ffn(xc, w0, return_fire_counts=True)
     out = {"twell": (w0, False), "twell+hot": (twell.calibrate(w0, fc, xc.shape[0]), False)}
-    for k in hot_list:
+    for k in (k for k in hot_list if k < f.w_gate.shape[0]):
         out[f"twell+hot{k}"] = (twell.calibrate(w0, fc, xc.shape[0], n_hot=k), False)
     for name in list(out):
         if out[name][0].n_hot:
@@ -167,6 +167,7 @@ def markdown(env, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only M=16384, H=5632, nnz 29 (smoke test)")
+    ap.add_argument("--only-m", type=int, nargs="*", default=[], help="only these M, nnz 29 cases")
     ap.add_argument("--full-sweep", action="store_true", help="nnz sweep at M=131072 too")
     ap.add_argument("--hot", type=int, nargs="*", default=[], help="extra explicit n_hot variants")
     args = ap.parse_args()
@@ -183,6 +184,8 @@ def main():
     cases.append((16384, H_FULL, 29.0, False, 16))   # a few fully dense rows (overflow path)
     if args.quick:
         cases = [(16384, H_FULL, 29.0, False, 0)]
+    if args.only_m:
+        cases = [c for c in cases if c[0] in args.only_m and c[4] == 0 and c[2] == 29.0 * c[1] / H_FULL]
     rows = []
     t0 = time.time()
     for m, h, nnz, energy, dr in cases:
