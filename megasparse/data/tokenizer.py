@@ -92,8 +92,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """num_threads=-1 uses every core; pass 1 inside worker processes to avoid oversubscription."""
+        return self._sp.encode(texts, num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

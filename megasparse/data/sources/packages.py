@@ -29,8 +29,17 @@ def fetch_deb(package: str, cache: str) -> str:
     os.makedirs(directory, exist_ok=True)
     found = sorted(glob.glob(os.path.join(directory, f"{package}_*.deb")))
     if not found:
-        _run(["apt-get", "download", package], directory, f"downloading the Debian package {package}",
-             "run `apt-get update` first (as root), and check that the package exists for this release")
+        try:
+            _run(["apt-get", "download", package], directory, f"downloading the Debian package {package}",
+                 "run `apt-get update` first (as root), and check that the package exists for this release")
+        except DataError:
+            if os.geteuid() != 0:
+                raise
+            # A fresh machine (or container) often has empty package lists: refresh once, retry.
+            print(f"apt-get download {package} failed; running apt-get update and retrying", flush=True)
+            _run(["apt-get", "update"], directory, "apt-get update", "check access to the Debian mirrors")
+            _run(["apt-get", "download", package], directory, f"downloading the Debian package {package}",
+                 "check that the package exists for this Debian release")
         found = sorted(glob.glob(os.path.join(directory, f"{package}_*.deb")))
         if not found:
             raise DataError(f"apt-get download {package} produced no .deb in {directory}")
