@@ -26,12 +26,22 @@ def _check(x: torch.Tensor, weights: TwellWeights) -> None:
 
 @torch.no_grad()
 def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: bool = False,
-              overlap: bool = False, updown_entries: int | None = None, updown_warps: int | None = None):
+              overlap: bool = False, overflow: str = "kernel", updown_entries: int | None = None,
+              updown_warps: int | None = None):
     """y [M, D] = FFN(x [M, D]) in x's dtype; optionally also fire_counts [H] int32 (tokens with
     g_j > 0, per ORIGINAL neuron index). On CPU without TRITON_INTERPRET it runs the reference.
 
     overlap (CUDA, n_hot > 0): run the hot gate+up GEMM (tensor-core bound) on a side stream
-    while the sparse up/down (L2-bandwidth bound) runs on the current one."""
+    while the sparse up/down (L2-bandwidth bound) runs on the current one.
+
+    overflow: how (row, tile)s with more nonzeros than cap are handled; both are exact.
+      "kernel" (default, measured): the up/down kernel walks the whole tile, recomputing its
+        gate from W_g. No host sync, but a fully dense row becomes one long serial program
+        (16 dense rows in 16384 cost +4.4 ms on an H100, NOTES.md).
+      "rows": rows with any overflow are found on the host (one device->host sync per call),
+        skipped by the up/down kernel, and recomputed with dense cuBLAS GEMMs. Not yet timed."""
+    if overflow not in ("kernel", "rows"):
+        raise ValueError(f"overflow={overflow!r}; expected 'kernel' or 'rows'")
     _check(x, weights)
     if not x.is_cuda and not interpreting():
         y = twell_ffn_reference(x, weights)
@@ -49,8 +59,15 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
         side.wait_stream(main)
         with torch.cuda.stream(side):
             h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
+    dense_rows = None
     if n_hot < h:
         counts, pairs = gate_twell(x, weights.w_gate, weights.tile, weights.cap, n_hot, fire)
+        if overflow == "rows":
+            dense_rows = (counts > weights.cap).any(1).nonzero().squeeze(1)   # host sync
+            if dense_rows.numel():
+                counts[dense_rows] = 0      # the up/down kernel writes zeros for these rows
+            else:
+                dense_rows = None
         updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, pairs, y,
                tile=weights.tile, cap=weights.cap, col0=n_hot, entries=updown_entries, num_warps=updown_warps)
     else:
@@ -62,6 +79,10 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
             main.wait_stream(side)
             h_hot.record_stream(main)   # allocated on the side stream, freed after main's use
         y.addmm_(h_hot, weights.w_down_t[:n_hot])
+    if dense_rows is not None:
+        xr = x[dense_rows]
+        hr = torch.relu(xr @ weights.w_gate.t()) * (xr @ weights.w_up.t())
+        y[dense_rows] = hr @ weights.w_down_t
     if return_fire_counts:
         orig = torch.empty_like(fire)
         orig[weights.perm] = fire

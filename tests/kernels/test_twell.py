@@ -25,8 +25,8 @@ def inputs(m, d, h, nnz, dtype, dense_rows=0, seed=0):
     return make_ffn_inputs(m, d, h, target_nnz=nnz, dense_rows=dense_rows, dtype=dtype, device=DEV, seed=seed)
 
 
-def check_ffn(f, w, dtype):
-    y, fire = twell.twell_ffn(f.x, w, return_fire_counts=True)
+def check_ffn(f, w, dtype, **kw):
+    y, fire = twell.twell_ffn(f.x, w, return_fire_counts=True, **kw)
     ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
     assert y.shape == f.x.shape and y.dtype == dtype
     assert torch.isfinite(y).all()
@@ -107,14 +107,15 @@ def test_ffn_matches_reference(m, d, h, nnz, dtype, tile, cap):
     check_ffn(f, w, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fully_dense_rows_overflow_is_exact(dtype):
+@pytest.mark.parametrize("dtype,overflow", [(torch.float32, "kernel"), (torch.bfloat16, "kernel"),
+                                            (torch.bfloat16, "rows")])
+def test_fully_dense_rows_overflow_is_exact(dtype, overflow):
     # cap=4 of a 64-column tile: the dense rows overflow every tile; popular neurons overflow too
     f = inputs(24, 64, 330, 12.0, dtype, dense_rows=3, seed=3)
     w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
     counts, _ = gate_twell(f.x, w.w_gate, 64, 4)
     assert (counts > 4).sum() >= 3 * 5
-    y = check_ffn(f, w, dtype)
+    y = check_ffn(f, w, dtype, overflow=overflow)
     dense = (f.x[:, 0] < 0).nonzero().squeeze(1)          # the generator marks dense rows with x0 = -4
     assert dense.numel() == 3
     ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
@@ -169,6 +170,8 @@ def test_clear_errors():
         twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=100)
     with pytest.raises(ValueError, match="n_hot"):
         twell.calibrate(w, torch.zeros(100), 8, n_hot=70)
+    with pytest.raises(ValueError, match="overflow"):
+        twell.twell_ffn(f.x, w, overflow="truncate")
 
 
 # ---------------------------------------------------------------- GPU only (real shapes)
