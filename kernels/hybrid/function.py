@@ -15,6 +15,8 @@ Backward has no host sync: the L1 scale g_l1 / M stays a device tensor read by t
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._common import check_matrix
@@ -26,6 +28,38 @@ from .hot_panel import hot_backward, hot_forward
 
 DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the dense backup
 DEFAULT_HOT_FRAC = 0.01   # neurons firing on > 1% of the tokens take the dense hot panel (NOTES.md)
+
+
+# Run the hot panel's cuBLAS GEMMs (tensor-core bound) on a side stream while the cold
+# gather kernels (memory bound) run on the current one (BENCHMARKS.md: overlap the two kinds).
+OVERLAP = {"enabled": True}
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(x: torch.Tensor):
+    """A side stream that has waited for the current one, or None (CPU, or overlap disabled)."""
+    if not (OVERLAP["enabled"] and x.is_cuda):
+        return None
+    side = _SIDE_STREAMS.get(x.device)
+    if side is None:
+        side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(device=x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    return side
+
+
+def _on(side):
+    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+
+def _join(side, *tensors):
+    """Current stream waits for the side stream; side-allocated tensors are marked as used by the
+    current stream so the caching allocator does not hand their memory out too early."""
+    if side is None:
+        return
+    main = torch.cuda.current_stream(side.device)
+    main.wait_stream(side)
+    for t in tensors:
+        t.record_stream(main)
 
 
 def _heavy_dense(x_r, w_gate, w_up, cold_mask):
@@ -45,18 +79,26 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         hot, heavy = pat.hot, pat.heavy
         K, R = hot.numel(), heavy.numel()
         w_down_t = w_down.t().contiguous()          # [H, D]: row j of W_d^T is contiguous
+        side = _side_stream(x) if K else None
         if K:
-            gu = x @ torch.cat([w_gate[hot], w_up[hot]]).t()       # [M, 2K] = [g_h | u_h]
-            h_h, l1_h = hot_forward(gu)
-            y = h_h @ w_down_t[hot]
-            l1 = l1_h.sum()
+            with _on(side):
+                gu = x @ torch.cat([w_gate[hot], w_up[hot]]).t()       # [M, 2K] = [g_h | u_h]
+                h_h, l1_h = hot_forward(gu)
+                y_h = h_h @ w_down_t[hot]
         else:
             gu = x.new_zeros(M, 0)
-            y = torch.empty_like(x)
-            l1 = torch.zeros((), dtype=torch.float32, device=x.device)
         u, l1_cold = ell_sddmm(x, w_up, pat.idx, pat.cnt, g=pat.g)
-        ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=K > 0)
-        l1 = l1 + l1_cold.sum()
+        if K and side is None:    # serial: accumulate the cold part straight into the hot result
+            y = y_h
+            ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=True)
+        else:
+            y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
+        l1 = l1_cold.sum()
+        if K:
+            _join(side, gu, h_h, l1_h, y_h)
+            if side is not None:
+                y += y_h
+            l1 = l1 + l1_h.sum()
         if R:
             _, _, h_r, _ = _heavy_dense(x[heavy], w_gate, w_up, pat.cold_mask)
             y.index_add_(0, heavy, (h_r @ w_down_t.float()).to(y.dtype))
@@ -78,23 +120,30 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         dy = torch.zeros_like(x) if dy is None else dy.contiguous().to(x.dtype)
         scale = (torch.zeros((), device=x.device) if dl1 is None else dl1.float()) / max(M, 1)
         scale = scale.reshape(()).contiguous()
+        side = _side_stream(x) if K else None
+        if K:
+            with _on(side):
+                dudg_h = hot_backward(gu, dy @ w_down_t[hot].t(), scale)         # [M, 2K]
+                dx_h = dudg_h @ torch.cat([w_up[hot], w_gate[hot]])
+                dwug = dudg_h.t() @ x                                           # [2K, D]
+                h_h, _ = hot_forward(gu)
+                dwd_h = h_h.t() @ dy                                            # [K, D]
         # dh, du, dg on the cold slots (L1 term and gating folded into the kernel epilogue).
         du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)
-        if K:
-            w_d_hot = w_down_t[hot]                                             # [K, D]
-            dudg_h = hot_backward(gu, dy @ w_d_hot.t(), scale)                  # [M, 2K]
-            dx = dudg_h @ torch.cat([w_up[hot], w_gate[hot]])
+        if K and side is None:
+            dx = dx_h
+            ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=True)
         else:
-            dx = torch.empty_like(x)
-        ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=K > 0)
+            dx = ell_spmm(torch.empty_like(x), idx, cnt, du, w_up, c2=dg, w2=w_gate)
         dw_up, dw_gate = csc_wgrad(x, csc_ptr, csc_slot, Wc, H, du, c2=dg, out_dtype=w_up.dtype)
         dw_down_t = csc_wgrad(dy, csc_ptr, csc_slot, Wc, H, g, c3=u, out_dtype=w_down_t.dtype)
         if K:
-            dwug = dudg_h.t() @ x                                       # [2K, D]
+            _join(side, dudg_h, dx_h, dwug, h_h, dwd_h)
+            if side is not None:
+                dx += dx_h
             dw_up.index_copy_(0, hot, dwug[:K].to(dw_up.dtype))
             dw_gate.index_copy_(0, hot, dwug[K:].to(dw_gate.dtype))
-            h_h, _ = hot_forward(gu)
-            dw_down_t.index_copy_(0, hot, (h_h.t() @ dy).to(dw_down_t.dtype))
+            dw_down_t.index_copy_(0, hot, dwd_h.to(dw_down_t.dtype))
         if R:
             x_r, dy_r = x[heavy], dy[heavy].float()
             g_r, u_r, h_r, on = _heavy_dense(x_r, w_gate, w_up, cold_mask)
