@@ -16,6 +16,7 @@ from megasparse.errors import MegasparseError
 COMMAND_MODULES = [
     "megasparse.train.command",
     "megasparse.data.commands",
+    "megasparse.train.convert",
     "megasparse.sparsity.report_command",
 ]
 

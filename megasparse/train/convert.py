@@ -1,0 +1,115 @@
+"""`megasparse convert SRC DST --tp B`: reshard a checkpoint's model from tp=A to tp=B.
+
+The shards of every TP rank are pasted into full tensors (using the sharding recorded in the
+checkpoint's megasparse.json), then cut for the new degree. The output is a DeepSpeed-loadable
+checkpoint folder holding the model and the training position (step, consumed samples, L1
+schedule); optimizer moments are not carried over (ZeRO keeps them as flat per-rank partitions
+whose layout depends on TP), so it resumes with `train.reset_optimizer_on_resume=true`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from megasparse.errors import CheckpointError
+from megasparse.train.checkpoint import META, read_meta, resolve_resume, tag_for_step, write_latest
+
+_DEEPSPEED_KEYS = ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
+                   "shared_params", "frozen_param_fragments", "ds_config", "ds_version", "sparse_tensor_module_names")
+
+
+def _model_file(folder: str, tp_rank: int) -> str:
+    return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
+
+
+def _shard_range(full: int, rank: int, tp: int, replicas: int) -> tuple[int, int]:
+    from megasparse.parallel.sharding import shard_range
+
+    return shard_range(full, rank, tp, replicas)
+
+
+def _replicas_for(name: str, tp: int, n_kv_heads: int) -> int:
+    """K/V projections are replicated over consecutive TP ranks when tp > n_kv_heads."""
+    if name.endswith(("k_proj.weight", "v_proj.weight")) and tp > n_kv_heads:
+        return tp // n_kv_heads
+    return 1
+
+
+def merge_shards(shards: list[dict], shard_info: dict) -> dict:
+    """Full (tp=1) state dict from the per-TP-rank state dicts."""
+    full = {}
+    for name, tensor in shards[0].items():
+        info = shard_info.get(name)
+        if info is None:
+            full[name] = tensor
+            continue
+        step = info["replicas"]
+        full[name] = torch.cat([shards[r][name] for r in range(0, len(shards), step)], dim=info["dim"])
+        if full[name].shape[info["dim"]] != info["full_size"]:
+            raise CheckpointError(f"{name}: merged size {full[name].shape[info['dim']]} != recorded {info['full_size']}")
+    return full
+
+
+def split_full(full: dict, shard_info: dict, tp: int, n_kv_heads: int) -> list[dict]:
+    out = [dict() for _ in range(tp)]
+    for name, tensor in full.items():
+        info = shard_info.get(name)
+        for rank in range(tp):
+            if info is None or tp == 1:
+                out[rank][name] = tensor.clone()
+                continue
+            start, length = _shard_range(info["full_size"], rank, tp, _replicas_for(name, tp, n_kv_heads))
+            out[rank][name] = tensor.narrow(info["dim"], start, length).clone()
+    return out
+
+
+def convert(src: str, dst: str, tp: int) -> str:
+    from megasparse.config import config_from_dict
+
+    found = resolve_resume(src, src)
+    if found is None:
+        raise CheckpointError(f"{src}: no checkpoint found")
+    load_dir, tag = found
+    folder = os.path.join(load_dir, tag)
+    meta = read_meta(load_dir, tag)
+    if meta["zero_stage"] == 3:
+        raise CheckpointError(f"{folder} is a ZeRO-3 checkpoint: its weights live in the optimizer shards; "
+                              f"consolidate it first with the zero_to_fp32.py script DeepSpeed saved beside it")
+    cfg_dict = dict(meta["config"])
+    cfg_dict["parallel"] = {**cfg_dict["parallel"], "tp": tp}
+    config_from_dict(cfg_dict)  # validates tp against heads, kv heads, H and vocab, with clear errors
+    shards = []
+    for rank in range(meta["tp"]):
+        path = _model_file(folder, rank)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: {folder} was saved at tp={meta['tp']} and needs all its shards")
+        shards.append(torch.load(path, map_location="cpu", weights_only=False))
+    full = merge_shards([s["module"] for s in shards], meta.get("shards", {}))
+    out_tag = tag_for_step(meta["step"])
+    out_folder = os.path.join(dst, out_tag)
+    os.makedirs(out_folder, exist_ok=True)
+    client = {k: v for k, v in shards[0].items() if k not in _DEEPSPEED_KEYS}
+    client["config"] = cfg_dict
+    n_kv = meta["config"]["model"]["n_kv_heads"]
+    for rank, module in enumerate(split_full(full, meta.get("shards", {}), tp, n_kv)):
+        torch.save({**client, "module": module, "mp_world_size": tp, "dp_world_size": 1, "global_steps": meta["step"],
+                    "skipped_steps": 0}, _model_file(out_folder, rank))
+    new_meta = {**meta, "tp": tp, "dp": None, "config": cfg_dict, "optimizer_states": False,
+                "converted_from": {"path": os.path.abspath(folder), "tp": meta["tp"]}}
+    new_meta["shards"] = {n: {**i, "replicas": _replicas_for(n, tp, n_kv)} for n, i in meta.get("shards", {}).items()}
+    with open(os.path.join(out_folder, META), "w") as fh:
+        json.dump(new_meta, fh, indent=1)
+    write_latest(dst, out_tag)
+    return out_folder
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="reshard a checkpoint to another tensor-parallel degree")
+    p.add_argument("src", help="a checkpoints folder (its `latest`) or one step folder")
+    p.add_argument("dst", help="output checkpoints folder")
+    p.add_argument("--tp", type=int, required=True, help="the new parallel.tp")
+    p.set_defaults(func=lambda args: print(f"wrote {convert(args.src, args.dst, args.tp)}; resume it with "
+                                           f"train.resume={args.dst} train.reset_optimizer_on_resume=true "
+                                           f"parallel.tp={args.tp}") or 0)

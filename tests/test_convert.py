@@ -1,0 +1,50 @@
+"""`megasparse convert`: a tp=2 checkpoint resharded to tp=1 gives the same logits."""
+import os
+import sys
+
+import pytest
+import torch
+
+from tests.trainer_utils import TINY, _port, check, run, torchrun_cmd
+
+pytestmark = pytest.mark.slow
+DRIVER = os.path.join(os.path.dirname(__file__), "logits_driver.py")
+
+
+def logits_cmd(nproc, out, *overrides):
+    args = [DRIVER, str(out), *TINY, *overrides]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_port()), *args]
+
+
+def test_tp2_to_tp1_conversion_gives_same_logits(tmp_path):
+    common = ["train.global_batch_size=2", "train.micro_batch_size=2", "parallel.tp=2"]
+    check(run(torchrun_cmd(2, tmp_path / "tp2", "train.max_steps=3", *common)))
+    ckpt = tmp_path / "tp2" / "checkpoints"
+    conv = run([sys.executable, "-m", "megasparse.cli", "convert", str(ckpt), str(tmp_path / "tp1"), "--tp", "1"])
+    check(conv)
+    assert (tmp_path / "tp1" / "latest").read_text() == "step00000003"
+    load = ["train.reset_optimizer_on_resume=true", "train.max_steps=3"]
+    check(run(logits_cmd(2, tmp_path / "a.pt", *load, "parallel.tp=2", f"train.resume={ckpt}",
+                         f"train.run_dir={tmp_path / 'la'}")))
+    check(run(logits_cmd(1, tmp_path / "b.pt", *load, "parallel.tp=1", f"train.resume={tmp_path / 'tp1'}",
+                         f"train.run_dir={tmp_path / 'lb'}")))
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert a["step"] == b["step"] == 3
+    assert a["logits"].shape == b["logits"].shape and a["logits"].shape[-1] == 512
+    torch.testing.assert_close(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_converted_checkpoint_needs_the_reset_flag_and_right_tp(tmp_path):
+    common = ["train.global_batch_size=2", "train.micro_batch_size=2", "parallel.tp=2", "train.max_steps=2"]
+    check(run(torchrun_cmd(2, tmp_path / "tp2", *common)))
+    ckpt = tmp_path / "tp2" / "checkpoints"
+    check(run([sys.executable, "-m", "megasparse.cli", "convert", str(ckpt), str(tmp_path / "tp1"), "--tp", "1"]))
+    no_flag = run([sys.executable, "-m", "megasparse.cli", "train", "configs/demo.yaml", *TINY,
+                   f"train.run_dir={tmp_path / 'x'}", f"train.resume={tmp_path / 'tp1'}", "train.max_steps=3"])
+    assert no_flag.returncode != 0 and "reset_optimizer_on_resume=true" in no_flag.stderr
+    wrong_tp = run([sys.executable, "-m", "megasparse.cli", "train", "configs/demo.yaml", *TINY,
+                    f"train.run_dir={tmp_path / 'y'}", f"train.resume={ckpt}", "train.max_steps=3"])
+    assert wrong_tp.returncode != 0 and "megasparse convert" in wrong_tp.stderr
