@@ -280,7 +280,7 @@ def main():
     ap.add_argument("--hot-fracs", nargs="+", default=["0.01", "0.02", "0.05"])
     ap.add_argument("--ell-width", type=int, default=256)
     ap.add_argument("--dense-rows", type=int, default=4, help="extra case at nnz 29 with this many dense rows")
-    ap.add_argument("--overlap", choices=["on", "off", "both"], default="on",
+    ap.add_argument("--overlap", choices=["on", "off", "both"], default="off",
                     help="hot-panel GEMMs on a side stream (function.OVERLAP)")
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of the main case")
