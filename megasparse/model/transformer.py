@@ -94,6 +94,27 @@ class ParallelPlan:
         return int(torch.randint(0, 2**62, (1,)).item())
 
 
+class LMOutput(nn.Module):
+    """The LM head's projection and the loss, in a module of their own (it has no parameters).
+
+    The head weight belongs to the embedding (tied) or to ``lm_head``, but is used here. ZeRO-3
+    gathers a partitioned weight only inside the forward and backward of a module that owns it
+    or registered it (``register_external_parameter``, done by ``ParallelSetup.build_model``),
+    and hooks the backward through tensor outputs, which this module returns."""
+
+    def __init__(self, plan: "ParallelPlan"):
+        super().__init__()
+        self.plan = plan
+
+    def forward(self, hidden: torch.Tensor, head_weight: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean CE with labels; the full-vocabulary logits without."""
+        logits = self.plan.lm_logits(hidden, head_weight)
+        if labels is None:
+            return self.plan.full_logits(logits)
+        return self.plan.cross_entropy(logits, labels)
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: ParallelPlan):
         super().__init__()
@@ -129,6 +150,7 @@ class SparseLlama(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg, self.plan) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else self.plan.lm_head(cfg.d_model, cfg.vocab_size)
+        self.output = LMOutput(self.plan)
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -172,12 +194,10 @@ class SparseLlama(nn.Module):
         # One all-reduce of [n_layers] per micro-batch makes the loss the full-H value, the same
         # at any TP degree; its backward is the identity, so each shard's L1 gradient stays local.
         l1_full = self.plan.sum_over_shards(l1_local)
-        hidden = self.norm(x)
-        logits = self.plan.lm_logits(hidden, self.head_weight())
-        ce = None if labels is None else self.plan.cross_entropy(logits, labels)
-        return ModelOutput(ce_loss=ce, aux_loss=l1_full.mean(), l1_per_layer=l1_local.detach(),
-                           fire_counts=fire_counts, tokens=input_ids.numel(),
-                           logits=self.plan.full_logits(logits) if labels is None else None)
+        result = self.output(self.norm(x), self.head_weight(), labels)
+        return ModelOutput(ce_loss=None if labels is None else result, aux_loss=l1_full.mean(),
+                           l1_per_layer=l1_local.detach(), fire_counts=fire_counts, tokens=input_ids.numel(),
+                           logits=result if labels is None else None)
 
     def set_measured_nnz(self, fractions: list[float]) -> None:
         """Per-layer measured nnz/H, which the `auto` backend compares with its threshold."""

@@ -16,6 +16,7 @@ class ParallelSetup:
     state: ParallelState
     plan: object            # megasparse.model.transformer.ParallelPlan (or its TP subclass)
     mpu: object | None      # passed to deepspeed.initialize; None means "the whole world is DP"
+    zero_stage: int = 0
 
     @property
     def dp_rank(self) -> int:
@@ -36,7 +37,14 @@ class ParallelSetup:
     def build_model(self, model_cfg: ModelConfig):
         from megasparse.model.transformer import SparseLlama
 
-        return SparseLlama(model_cfg, self.plan)
+        model = SparseLlama(model_cfg, self.plan)
+        if self.zero_stage == 3:
+            # The LM head's weight (the embedding's when tied) is used by model.output, not in its
+            # owner's forward; ZeRO-3 only gathers what it is told a module uses.
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+            register_external_parameter(model.output, model.head_weight())
+        return model
 
 
 def kv_replica_groups(state: ParallelState, n_kv_heads: int) -> dict:
@@ -65,9 +73,10 @@ def build_parallel(cfg: Config) -> ParallelSetup:
     model_parallel_seed(cfg.train.seed, state.tp_rank)
     if cfg.parallel.tp == 1:
         # init_seed: the same full weights as a tp>1 run with this seed.
-        return ParallelSetup(state=state, plan=ParallelPlan(init_seed=cfg.train.seed), mpu=None)
+        return ParallelSetup(state=state, plan=ParallelPlan(init_seed=cfg.train.seed), mpu=None,
+                             zero_stage=cfg.parallel.zero_stage)
     from megasparse.parallel.mpu import MegasparseMPU
     from megasparse.parallel.plan import TensorParallelPlan
 
     plan = TensorParallelPlan(state, kv_replica_groups(state, cfg.model.n_kv_heads), init_seed=cfg.train.seed)
-    return ParallelSetup(state=state, plan=plan, mpu=MegasparseMPU(state))
+    return ParallelSetup(state=state, plan=plan, mpu=MegasparseMPU(state), zero_stage=cfg.parallel.zero_stage)
