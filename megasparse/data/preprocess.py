@@ -60,8 +60,7 @@ def load_documents(inputs: list[str], text_field: str = "text", hf_split: str = 
             builder = BUILDERS.get(os.path.splitext(file)[1].lower())
             if builder is None:
                 raise DataError(f"input {file}: unknown extension; use one of {sorted(BUILDERS)}")
-            kwargs = {"sample_by": {"document": "document", "paragraph": "paragraph", "line": "line"}[text_unit]} \
-                if builder == "text" else {}
+            kwargs = {"sample_by": text_unit} if builder == "text" else {}  # document | paragraph | line
             parts.append(datasets.load_dataset(builder, data_files=[file], split="train", **kwargs))
     out = []
     for part in parts:
@@ -89,8 +88,7 @@ _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
 def _tokenize_batch(batch: dict, model_path: str, tokenizer_sha256: str) -> dict:
-    # tokenizer_sha256 is unused here but part of the map fingerprint: a retrained tokenizer at
-    # the same path must not hit the datasets cache of the old one.
+    # tokenizer_sha256 is unused here; it names the tokenizer in the map's cache fingerprint.
     tokenizer = _TOKENIZERS.get(model_path)
     if tokenizer is None:
         tokenizer = _TOKENIZERS[model_path] = Tokenizer(model_path)

@@ -103,6 +103,25 @@ def test_text_files_one_document_per_file(tmp_path, tokenizer):
     assert sorted(_decoded_documents(out, tokenizer)) == sorted(DOCS[:4])
 
 
+def test_parquet_input_with_another_text_field(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": DOCS[:5], "id": list(range(5))}), tmp_path / "docs.parquet")
+    out = tmp_path / "out"
+    preprocess([str(tmp_path / "docs.parquet")], tokenizer.path, str(out), valid_fraction=0.2, text_field="body")
+    assert sorted(_decoded_documents(out, tokenizer)) == sorted(DOCS[:5])
+
+
+def test_missing_input_and_foreign_out_dir_are_clear(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="input .*nope.jsonl does not exist"):
+        preprocess([str(tmp_path / "nope.jsonl")], tokenizer.path, str(tmp_path / "out"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.md").write_text("mine")
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(DataError, match="not a preprocessed directory"):
+        preprocess([str(tmp_path / "a.txt")], tokenizer.path, str(tmp_path / "busy"))
+
+
 def _copy(src, dst):
     import shutil
     shutil.copytree(src, dst)
