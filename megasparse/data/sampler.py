@@ -32,6 +32,8 @@ class GlobalBatchSampler:
                               f"data-parallel size {dp_size}")
         if not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if seed < 0:
+            raise ConfigError(f"seed={seed} must be >= 0 (numpy seeds are non-negative); set train.seed")
         if consumed_samples < 0:
             raise ConfigError(f"consumed_samples={consumed_samples} must be >= 0")
         self.num_samples = int(num_samples)

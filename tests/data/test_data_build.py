@@ -58,6 +58,20 @@ def test_resume_check_names_the_mismatch(bundle):
     bundle.check_resume(bundle.tokenizer_hash, bundle.data_hash, "ckpt")  # same: fine
     with pytest.raises(DataError, match="tokenizer sha256"):
         bundle.check_resume("0" * 64, bundle.data_hash, "checkpoint step 10")
+    with pytest.raises(DataError, match="checkpoint step 10 was trained on data with hash 000000000000"):
+        bundle.check_resume(bundle.tokenizer_hash, "0" * 64, "checkpoint step 10")
+
+
+def test_restart_reads_the_same_batches(bundle):
+    """Tokens at consumed_samples=k: straight through vs a fresh build_data + sampler (a restart)."""
+    import itertools
+    G, steps, k = 8, 12, 7
+    straight = bundle.sampler(G, dp_rank=1, dp_size=2)
+    straight_batches = [torch.stack([bundle.train[i] for i in idx]) for idx in itertools.islice(straight, steps)]
+    restarted = build_data(DataConfig(seq_len=64), vocab_size=512, seed=1)
+    resumed = restarted.sampler(G, dp_rank=1, dp_size=2, consumed_samples=k * G)
+    for step, idx in zip(range(k, steps), resumed):
+        assert torch.equal(torch.stack([restarted.train[i] for i in idx]), straight_batches[step])
 
 
 def test_document_markers_round_trip():
