@@ -1,8 +1,7 @@
 """`launch/train.sh --num_gpus 4 configs/demo.yaml parallel.tp=2` trains on CPU over gloo:
 the deepspeed launcher starts 4 ranks, TP=2 x DP=2.
 
-configs/demo.yaml's micro-batch (16) equals its global batch (16), so DP=2 needs a micro-batch
-of 8 (the run otherwise stops with a clear batch-arithmetic error); eval is cut to one batch.
+The demo's micro-batch (8) times DP (2) divides its global batch (16); eval is cut to one batch.
 """
 import json
 import math
@@ -19,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_launcher_runs_demo_at_tp2_dp2(tmp_path):
     run_dir = tmp_path / "demo_tp2"
     cmd = ["bash", "launch/train.sh", "--num_gpus", "4", "configs/demo.yaml", "parallel.tp=2",
-           "train.max_steps=3", "train.micro_batch_size=8", "train.eval_iters=1", f"train.run_dir={run_dir}",
+           "train.max_steps=3", "train.eval_iters=1", f"train.run_dir={run_dir}",
            "train.progress_bar=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
