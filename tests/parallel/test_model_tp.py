@@ -86,7 +86,8 @@ def _all(rank, world, variants):
 
 @pytest.mark.slow
 def test_tp2_model_equals_tp1():
-    run_distributed(_all, 2, [dict(), dict(mlp="swiglu", tie_embeddings=True)])
+    run_distributed(_all, 2, [dict(), dict(mlp="swiglu", tie_embeddings=True),
+                              dict(activation_checkpointing=True)])
 
 
 @pytest.mark.slow
