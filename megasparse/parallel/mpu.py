@@ -6,7 +6,8 @@ its DP world size and rank for batch arithmetic and samplers from it, checkpoint
 per ``get_model_parallel_rank()`` (``mp_rank_XX`` files), and the grad norm is summed over
 ``get_model_parallel_group()`` after each rank adds its ``tensor_model_parallel`` parameters and,
 on TP rank 0 only (``bwc_tensor_model_parallel_rank``), the replicated ones (runtime/utils.py
-``get_global_norm_of_tensors``, zero/stage_1_and_2.py ``get_grad_norm_direct``). Model parallel
+``is_model_parallel_parameter``, used by zero/stage_1_and_2.py ``get_grad_norm_direct``,
+zero/stage3.py, bf16_optimizer.py ``get_grads_for_norm`` and ``clip_grad_norm_``). Model parallel
 here is tensor parallel only: there is no pipeline, so the "model parallel" getters name the TP
 group.
 

@@ -20,9 +20,10 @@ TP_REGION_RNG = "tensor-parallel-rng"
 _TP_SEED_OFFSET = 2718  # Megatron's offset, so the region seed never equals the default seed
 
 
-def _device_rng():
-    """(get_state, set_state, seed) of the one generator the model's random ops use."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+def _device_rng(use_cuda: bool):
+    """(get_state, set_state, seed) of the one generator the model's random ops use: the current
+    CUDA device's when CUDA is available (the trainer has set the device by then), else the CPU's."""
+    if use_cuda:
         return torch.cuda.get_rng_state, torch.cuda.set_rng_state, torch.cuda.manual_seed
     # default_generator only: torch.manual_seed would also reseed every CUDA device.
     return torch.get_rng_state, torch.set_rng_state, torch.default_generator.manual_seed
@@ -30,11 +31,13 @@ def _device_rng():
 
 class RNGStatesTracker:
     def __init__(self):
-        self.states: dict[str, torch.Tensor] = {}
-        self.seeds: set[int] = set()
+        self.reset()
 
     def reset(self) -> None:
-        self.states, self.seeds = {}, set()
+        self.states: dict[str, torch.Tensor] = {}
+        self.seeds: set[int] = set()
+        # Fixed once, so that states taken from one generator are never set into another.
+        self.use_cuda = torch.cuda.is_available()
 
     def add(self, name: str, seed: int) -> None:
         """Create a named state from `seed` without disturbing the current default state."""
@@ -42,7 +45,7 @@ class RNGStatesTracker:
             raise ValueError(f"RNG seed {seed} is already tracked; every tracked state needs its own seed")
         if name in self.states:
             raise ValueError(f"RNG state '{name}' is already tracked")
-        get_state, set_state, manual_seed = _device_rng()
+        get_state, set_state, manual_seed = _device_rng(self.use_cuda)
         saved = get_state()
         manual_seed(seed)
         self.states[name] = get_state()
@@ -61,7 +64,7 @@ class RNGStatesTracker:
         """Run the block on the named state; advance it; restore the default state after."""
         if name not in self.states:
             raise KeyError(f"RNG state '{name}' is not tracked; call model_parallel_seed() at startup")
-        get_state, set_state, _ = _device_rng()
+        get_state, set_state, _ = _device_rng(self.use_cuda)
         saved = get_state()
         set_state(self.states[name])
         try:
