@@ -30,7 +30,8 @@ def initialize_model_parallel(tp_size: int) -> ParallelState:
     global _STATE
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % tp_size:
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp={tp_size}")
+        raise ConfigError(f"world size {world} is not divisible by parallel.tp={tp_size}; launch a multiple of "
+                          f"{tp_size} processes (e.g. launch/train.sh --num_gpus {tp_size} ...) or lower parallel.tp")
     dp_size = world // tp_size
     tp_group = dp_group = None
     # new_group is collective: every rank creates every group, and keeps its own.
