@@ -46,7 +46,8 @@ def _poisoned_trainer(run_dir, on_nonfinite, from_step=2):
     from tests.trainer_utils import TINY
 
     cfg = load_config("configs/demo.yaml", TINY + [f"train.run_dir={run_dir}", "train.max_steps=5",
-                                                  f"train.on_nonfinite={on_nonfinite}"])
+                                                  f"train.on_nonfinite={on_nonfinite}",
+                                                  "train.micro_batch_size=16"])  # one micro-batch per step
     trainer = Trainer(cfg)
 
     def poison(module, args, out):
