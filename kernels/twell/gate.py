@@ -17,12 +17,16 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import interpreting
 from .format import pair_dtype
 
 _INTERPRET = interpreting()
-EPILOGUE = int(os.environ.get("TWELL_GATE_EPILOGUE", "1"))  # see gate_twell
+EPILOGUE = int(os.environ.get("TWELL_GATE_EPILOGUE", "3"))  # see gate_twell
+# main-loop implementation of the gate kernels (see gate_twell; NOTES.md has the timings)
+GATE_IMPL = os.environ.get("TWELL_GATE_IMPL", "tma_persist")
+HOT_IMPL = os.environ.get("TWELL_HOT_IMPL", "tma")
 
 
 def _configs():
@@ -36,9 +40,10 @@ def _configs():
 
 
 @triton.jit
-def _tile_ids(M, n_tiles_n, BM: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_ids(M, n_tiles_n, BM: tl.constexpr, GROUP_M: tl.constexpr, pid=None):
     # Grouped ordering: GROUP_M row blocks sweep the N tiles together so A tiles stay in L2.
-    pid = tl.program_id(0)
+    if pid is None:
+        pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
     per_group = GROUP_M * n_tiles_n
     group = pid // per_group
@@ -60,29 +65,36 @@ def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "H", "BN"], reset_to_zero=["fire_ptr"])
 @triton.jit
-def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, pair_ptr, fire_ptr, M, D, H, col0, n_tiles,
-                       M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
-                       IEEE: tl.constexpr, INTERPRET: tl.constexpr, EPI: tl.constexpr, PAIR64: tl.constexpr,
-                       BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, n_tiles, BM, GROUP_M)
-    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    offs_n = col0 + pid_n * BN + tl.arange(0, BN)          # global (internal) neuron index
-    offs_k = tl.arange(0, BK)
-    m_ok = offs_m < M
-    n_ok = offs_n < H
-    a_ptrs = x_ptr + offs_m[:, None] * D + offs_k[None, :]
-    b_ptrs = wg_ptr + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]   # [BK, BN] view of W_g^T
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, D, BK):
-        k_ok = (k + offs_k) < D
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE, INTERPRET)
-        a_ptrs += BK
-        b_ptrs += BK
-    # Epilogue: ReLU + pack. Masked rows/columns loaded zeros, so they are never "nonzero".
+def _twell_epilogue(acc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, pid_m, pid_n, offs_m, offs_n, m_ok, n_ok,
+                    col0, n_tiles, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
+                    INTERPRET: tl.constexpr, EPI: tl.constexpr, PAIR64: tl.constexpr, BM: tl.constexpr):
+    # ReLU + pack. Masked rows/columns loaded zeros, so they are never "nonzero".
+    if EPI == 3:
+        # Lean variant of EPI=1: the packed pair is formed first, so the fp32 accumulator is dead
+        # before the prefix product needs its own [BM, BN] accumulator (fewer live registers).
+        # For 16-bit activations "nonzero" is judged on the rounded value (what is stored).
+        local3 = tl.arange(0, BN)[None, :]
+        if PAIR64:
+            nz = acc > 0
+            pair = (acc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | local3.to(tl.int64)
+        else:
+            v16 = acc.to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True)
+            nz = v16 > 0
+            pair = (v16.to(tl.int32) << 16) | local3
+        nzf = nz.to(tl.float16)
+        nzi = nz.to(tl.int32)
+        cnt = tl.sum(nzi, axis=1)
+        tl.store(cnt_ptr + offs_m * n_tiles + pid_n, cnt, mask=m_ok)
+        r = tl.arange(0, BN)
+        tri = (r[:, None] <= r[None, :]).to(tl.float16)
+        pos = _dot(nzf, tri, tl.zeros((BM, BN), dtype=tl.float32), False, INTERPRET).to(tl.int32) - 1
+        base = (pid_m * BM).to(tl.int64) * n_tiles * CAP + pid_n * CAP
+        slot = tl.arange(0, BM)[:, None] * (n_tiles * CAP) + pos
+        tl.store(pair_ptr + base + slot, pair, mask=nz & (pos < CAP) & m_ok[:, None])
+        if COUNT_FIRES:
+            tl.atomic_add(fire_ptr + (offs_n - col0), tl.sum(nzi, axis=0), mask=n_ok)
+        return
     nz = acc > 0
     nzi = nz.to(tl.int32)
     cnt = tl.sum(nzi, axis=1)                       # true count, may exceed CAP (overflow)
@@ -113,6 +125,104 @@ def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, pair_ptr, fire_ptr, M, D, H, col0
         # fire_ptr is the [H - col0] slice of the counts, so autotune's reset_to_zero cannot
         # wipe counts that the hot kernel already added
         tl.atomic_add(fire_ptr + (offs_n - col0), tl.sum(nzi, axis=0), mask=n_ok)
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "H", "BN"], reset_to_zero=["fire_ptr"])
+@triton.jit
+def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, pair_ptr, fire_ptr, M, D, H, col0, n_tiles,
+                       M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
+                       IEEE: tl.constexpr, INTERPRET: tl.constexpr, EPI: tl.constexpr, PAIR64: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, n_tiles, BM, GROUP_M)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = col0 + pid_n * BN + tl.arange(0, BN)          # global (internal) neuron index
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m < M
+    n_ok = offs_n < H
+    a_ptrs = x_ptr + offs_m[:, None] * D + offs_k[None, :]
+    b_ptrs = wg_ptr + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]   # [BK, BN] view of W_g^T
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, D, BK):
+        k_ok = (k + offs_k) < D
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE, INTERPRET)
+        a_ptrs += BK
+        b_ptrs += BK
+    _twell_epilogue(acc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, pid_m, pid_n, offs_m, offs_n, m_ok, n_ok,
+                    col0, n_tiles, CAP, BN, COUNT_FIRES, INTERPRET, EPI, PAIR64, BM)
+
+
+def _set_blocks(nargs):
+    # autotune pre-hook: the TMA boxes follow the config's block sizes
+    bm, bk, bn = nargs["BM"], nargs["BK"], nargs["BN"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    for name in ("wg_desc", "wu_desc"):
+        if name in nargs:
+            nargs[name].block_shape = [bn, bk]
+
+
+def _tma_configs():
+    if _INTERPRET:
+        return [triton.Config({"BM": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1, pre_hook=_set_blocks)]
+    if os.environ.get("TWELL_NO_AUTOTUNE", "0") != "0":
+        return [triton.Config({"BM": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4, pre_hook=_set_blocks)]
+    # measured on an H100 (NOTES.md, run 6): 16 warps lost everywhere (0.77-0.79 ms against 0.58-0.61)
+    return [triton.Config({"BM": bm, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
+            for bm, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]]
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "D", "H", "BN", "PERSIST"], reset_to_zero=["fire_ptr"])
+@triton.jit
+def _gate_twell_tma_kernel(x_desc, wg_desc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, M, D, H, col0, n_tiles,
+                           M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
+                           IEEE: tl.constexpr, INTERPRET: tl.constexpr, EPI: tl.constexpr,
+                           PAIR64: tl.constexpr, PERSIST: tl.constexpr,
+                           BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # The same GEMM + epilogue as _gate_twell_kernel, but A and B tiles arrive by TMA
+    # (tensor descriptors: no per-element address registers, out-of-bounds boxes zero-filled).
+    # PERSIST: a grid of about one program per SM walks the tiles (grid chosen on the host).
+    total = tl.cdiv(M, BM) * n_tiles
+    for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0)):
+        pid_m, pid_n = _tile_ids(M, n_tiles, BM, GROUP_M, tile_id)
+        off_m = pid_m * BM
+        off_n = col0 + pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, D, BK):
+            a = x_desc.load([off_m, k])
+            b = wg_desc.load([off_n, k])
+            acc = _dot(a, b.T, acc, IEEE, INTERPRET)
+        offs_m = (off_m + tl.arange(0, BM)).to(tl.int64)
+        offs_n = off_n + tl.arange(0, BN)
+        _twell_epilogue(acc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, pid_m, pid_n, offs_m, offs_n, offs_m < M,
+                        offs_n < H, col0, n_tiles, CAP, BN, COUNT_FIRES, INTERPRET, EPI, PAIR64, BM)
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "D", "N_HOT", "BN"], reset_to_zero=["fire_ptr"])
+@triton.jit
+def _gate_up_dense_tma_kernel(x_desc, wg_desc, wu_desc, h_ptr, fire_ptr, M, D, N_HOT, M_BUCKET,
+                              BN: tl.constexpr, COUNT_FIRES: tl.constexpr, IEEE: tl.constexpr,
+                              INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                              GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, tl.cdiv(N_HOT, BN), BM, GROUP_M)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, D, BK):
+        a = x_desc.load([pid_m * BM, k])
+        bg = wg_desc.load([pid_n * BN, k])
+        bu = wu_desc.load([pid_n * BN, k])
+        acc_g = _dot(a, bg.T, acc_g, IEEE, INTERPRET)
+        acc_u = _dot(a, bu.T, acc_u, IEEE, INTERPRET)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N_HOT
+    nz = acc_g > 0
+    h = tl.where(nz, acc_g, 0.0) * acc_u
+    tl.store(h_ptr + offs_m[:, None] * N_HOT + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+    if COUNT_FIRES:
+        tl.atomic_add(fire_ptr + offs_n, tl.sum(nz.to(tl.int32), axis=0), mask=n_ok)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "N_HOT", "BN"], reset_to_zero=["fire_ptr"])
@@ -158,12 +268,37 @@ def _m_bucket(m: int) -> int:
     return 1 << max(m - 1, 1).bit_length()
 
 
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    # TMA needs 16-byte aligned bases and row strides (D * itemsize % 16 == 0). fp32 (tests only)
+    # keeps the pointer kernel: its configs were sized for it, TMA brings it nothing.
+    return ts[0].dtype != torch.float32 and all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in ts)
+
+
+def _desc(t: torch.Tensor) -> TensorDescriptor:
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])   # box set by _set_blocks
+
+
+_SMS: dict = {}
+
+
+def _num_sms(dev: torch.device) -> int:
+    if dev.type != "cuda":
+        return 4
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SMS[dev]
+
+
 def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0: int = 0,
-               fire: torch.Tensor | None = None, epilogue: int = EPILOGUE):
+               fire: torch.Tensor | None = None, epilogue: int | None = None, impl: str | None = None):
     """Launch the gate+pack kernel on columns [col0, H). Returns (counts, pairs) (format.py).
     x [M, D] and w_gate [H, D] contiguous, same dtype/device (checked by the caller).
     epilogue: 0 = prefix sum by tl.cumsum, 1 = by a tensor-core product, 2 = counts only (timing
-    the GEMM floor; pairs are then NOT written)."""
+    the GEMM floor; pairs are then NOT written), 3 = as 1 with fewer live registers (16-bit
+    activations: nonzero judged on the rounded value); default EPILOGUE.
+    impl: "ptr" (pointer loads, cp.async), "tma" (tensor descriptors), "tma_persist" (TMA, one
+    program per SM walking the tiles); default GATE_IMPL. TMA falls back to "ptr" for fp32 and
+    misaligned inputs."""
     m, d = x.shape
     h = w_gate.shape[0]
     nt = -(-(h - col0) // tile)
@@ -171,19 +306,38 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
     pairs = torch.empty(m, nt, cap, dtype=pair_dtype(x.dtype), device=x.device)
     if m == 0 or nt == 0:
         return counts.zero_(), pairs
-    _gate_twell_kernel[_grid(m, nt)](
-        x, w_gate, counts, pairs, fire[col0:] if fire is not None else counts, m, d, h, col0, nt,
-        _m_bucket(m), CAP=cap, BN=tile, COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32,
-        INTERPRET=_INTERPRET, EPI=epilogue, PAIR64=x.dtype == torch.float32)
+    impl = impl or GATE_IMPL
+    epilogue = EPILOGUE if epilogue is None else epilogue
+    fire_arg = fire[col0:] if fire is not None else counts
+    flags = dict(CAP=cap, BN=tile, COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32,
+                 INTERPRET=_INTERPRET, EPI=epilogue, PAIR64=x.dtype == torch.float32)
+    if impl.startswith("tma") and _tma_ok(x, w_gate):
+        persist = impl == "tma_persist"
+        sms = _num_sms(x.device)
+
+        def grid(meta):
+            n = triton.cdiv(m, meta["BM"]) * nt
+            return (min(n, sms) if persist else n,)
+        _gate_twell_tma_kernel[grid](_desc(x), _desc(w_gate), x, counts, pairs, fire_arg, m, d, h, col0, nt,
+                                     _m_bucket(m), PERSIST=persist, **flags)
+        return counts, pairs
+    _gate_twell_kernel[_grid(m, nt)](x, w_gate, counts, pairs, fire_arg, m, d, h, col0, nt, _m_bucket(m), **flags)
     return counts, pairs
 
 
 def gate_up_dense(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, n_hot: int, tile: int,
-                  fire: torch.Tensor | None = None) -> torch.Tensor:
+                  fire: torch.Tensor | None = None, impl: str | None = None) -> torch.Tensor:
     """h = relu(x W_g[:n_hot]^T) * (x W_u[:n_hot]^T), dense [M, n_hot] in x's dtype."""
     m, d = x.shape
     out = torch.empty(m, n_hot, dtype=x.dtype, device=x.device)
     if m == 0 or n_hot == 0:
+        return out
+    impl = impl or HOT_IMPL
+    if impl.startswith("tma") and _tma_ok(x, w_gate, w_up):
+        _gate_up_dense_tma_kernel[_grid(m, -(-n_hot // tile))](
+            _desc(x), _desc(w_gate[:n_hot]), _desc(w_up[:n_hot]), out,
+            fire[:n_hot] if fire is not None else out, m, d, n_hot, _m_bucket(m), BN=tile,
+            COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32, INTERPRET=_INTERPRET)
         return out
     _gate_up_dense_kernel[_grid(m, -(-n_hot // tile))](
         x, w_gate, w_up, out, fire[:n_hot] if fire is not None else out, m, d, n_hot, _m_bucket(m),

@@ -85,6 +85,34 @@ def test_gate_kernel_writes_twell(m, d, h, tile, cap, dtype, epilogue):
     assert torch.allclose(v, rv, rtol=TOL[dtype], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tma_gate_and_hot_kernels_match_pointer_kernels(dtype):
+    # TMA main loops (non-persistent and persistent grid) and the lean epilogue 3 must pack
+    # exactly like the pointer kernel with epilogue 1; a misaligned x falls back to pointers.
+    from kernels.twell.gate import gate_up_dense
+    f = inputs(40, 64, 300, nnz=12.0, dtype=dtype, dense_rows=1)
+    c0, p0 = gate_twell(f.x, f.w_gate, 64, 8, epilogue=1, impl="ptr")
+    valid = torch.arange(8, device=DEV) < c0.clamp(max=8).unsqueeze(2)
+    buf = torch.empty(f.x.numel() + 1, dtype=dtype, device=DEV)
+    xm = buf[1:].view_as(f.x)
+    xm.copy_(f.x)
+    for impl, epi, x in [("tma", 3, f.x), ("tma_persist", 3, f.x), ("tma_persist", 1, f.x), ("tma", 3, xm),
+                         ("ptr", 3, f.x)]:
+        c1, p1 = gate_twell(x, f.w_gate, 64, 8, col0=0, epilogue=epi, impl=impl)
+        assert (c1 != c0).sum() <= 1, (impl, epi)      # epilogue 3 judges zero after rounding
+        same = valid & (c1 == c0).unsqueeze(2)
+        assert torch.equal(p0[same], p1[same]), (impl, epi)
+    c0, _ = gate_twell(f.x, f.w_gate, 64, 8, col0=128, impl="ptr")
+    c1, _ = gate_twell(f.x, f.w_gate, 64, 8, col0=128, impl="tma_persist")
+    assert (c1 != c0).sum() <= 1 and c1.shape == (40, 3)
+    h0 = gate_up_dense(f.x, f.w_gate, f.w_up, 128, 64, impl="ptr")
+    h1 = gate_up_dense(f.x, f.w_gate, f.w_up, 128, 64, impl="tma")
+    assert torch.allclose(h0.float(), h1.float(), rtol=TOL[dtype], atol=1e-3)
+    w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=8)
+    _, fire = twell.twell_ffn(f.x, w0, return_fire_counts=True)
+    check_ffn(f, twell.calibrate(w0, fire, 40, n_hot=128), dtype)
+
+
 def test_gate_kernel_scan_epilogue():
     # epilogue 0 (tl.cumsum prefix) must pack exactly like the default tensor-core prefix
     f = inputs(40, 64, 300, nnz=12.0, dtype=torch.float32, dense_rows=1)
