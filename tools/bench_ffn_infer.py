@@ -67,28 +67,35 @@ def make_inputs(m, h, nnz, dense_rows=0, seed=0):
     return f, f.x[:m].contiguous(), f.x[m:].contiguous()
 
 
-def sparse_variants(f, xc, hot_list=()):
+def sparse_variants(f, xc, hot_list=(), rows=False):
+    """name -> (weights, overlap, overflow mode); rows: also the host-side dense-row route."""
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
     _, fc = twell.twell_ffn(xc, w0, return_fire_counts=True)
-    out = {"twell": (w0, False), "twell+hot": (twell.calibrate(w0, fc, xc.shape[0]), False)}
+    out = {"twell": (w0, False, "kernel"), "twell+hot": (twell.calibrate(w0, fc, xc.shape[0]), False, "kernel")}
     for k in (k for k in hot_list if k < f.w_gate.shape[0]):
-        out[f"twell+hot{k}"] = (twell.calibrate(w0, fc, xc.shape[0], n_hot=k), False)
+        out[f"twell+hot{k}"] = (twell.calibrate(w0, fc, xc.shape[0], n_hot=k), False, "kernel")
     for name in list(out):
         if out[name][0].n_hot:
-            out[name + "/overlap"] = (out[name][0], True)
+            out[name + "/overlap"] = (out[name][0], True, "kernel")
+    if rows:
+        for name in list(out):
+            out[name + "/rows"] = (out[name][0], out[name][1], "rows")
     return out
 
 
 def pieces(f, x, w0):
     """Where the time goes (all-sparse weights): gate+pack, its GEMM floor, and up/down alone."""
-    from kernels.twell.gate import _gate_twell_kernel, gate_twell
+    from kernels.twell import gate as G
+    from kernels.twell.gate import gate_twell
     from kernels.twell.updown import _updown_tuned, updown
     t, cap = w0.tile, w0.cap
     counts, pairs = gate_twell(x, w0.w_gate, t, cap)
     y = torch.empty_like(x)
     out = {"cublas_relu_gate_ms": median_ms(lambda: torch.relu(F.linear(x, f.w_gate))),
            "gate_twell_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap)),
-           "gate_config": str(_gate_twell_kernel.best_config),
+           "gate_impl": f"{G.GATE_IMPL} epilogue {G.EPILOGUE}",
+           "gate_config": str((G._gate_twell_tma_kernel if G.GATE_IMPL.startswith("tma")
+                               else G._gate_twell_kernel).best_config),
            "gate_counts_only_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap, epilogue=2)),
            "updown_ms": median_ms(lambda: updown(x, w0.w_gate, w0.w_up, w0.w_down_t, counts, pairs, y,
                                                  tile=t, cap=cap, col0=0)),
@@ -109,11 +116,15 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
     dense = sep if row["dense_separate_ms"] <= row["dense_packed_ms"] else packed
     row["dense_ms"] = min(row["dense_separate_ms"], row["dense_packed_ms"])
     row["dense_rel_err"] = rel_err(dense(x), ref)
-    variants = sparse_variants(f, xc, hot_list)
+    variants = sparse_variants(f, xc, hot_list, rows=dense_rows > 0)
     row["variants"] = {}
-    for name, (w, ov) in variants.items():
-        y = twell.twell_ffn(x, w, overlap=ov)
-        ms = median_ms(lambda: twell.twell_ffn(x, w, overlap=ov))
+    for name, (w, ov, of) in variants.items():
+        try:
+            y = twell.twell_ffn(x, w, overlap=ov, overflow=of)
+            ms = median_ms(lambda: twell.twell_ffn(x, w, overlap=ov, overflow=of))
+        except Exception as e:   # a failing variant is reported, not fatal to the run
+            print(f"variant {name} failed: {type(e).__name__}: {e}", flush=True)
+            continue
         row["variants"][name] = {"ms": ms, "speedup": row["dense_ms"] / ms, "rel_err": rel_err(y, ref),
                                  "n_hot": w.n_hot, "finite": bool(torch.isfinite(y).all())}
     best = min(row["variants"], key=lambda k: row["variants"][k]["ms"])
@@ -121,9 +132,9 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
     if with_pieces:
         row["pieces"] = pieces(f, x, variants["twell"][0])
     if energy:
-        wb, ov = variants[best]
+        wb, ov, of = variants[best]
         row["energy_dense"] = energy_joules_per_call(lambda: dense(x))
-        row["energy_sparse"] = energy_joules_per_call(lambda: twell.twell_ffn(x, wb, overlap=ov))
+        row["energy_sparse"] = energy_joules_per_call(lambda: twell.twell_ffn(x, wb, overlap=ov, overflow=of))
     del f, x, xc, ref, variants
     torch.cuda.empty_cache()
     return row
