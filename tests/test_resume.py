@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from tests.trainer_utils import TINY, check, read_metrics, run, torchrun_cmd, train_cmd, _port
+from tests.trainer_utils import TINY, _port, check, read_metrics, run, torchrun_cmd, train_cmd
 
 pytestmark = pytest.mark.slow
 DRIVER = os.path.join(os.path.dirname(__file__), "resume_driver.py")
@@ -95,3 +95,27 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     proc = launch(1, tmp_path / "r", "train.max_steps=4", "train.resume=auto", "model.d_model=64")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model.d_model=32" in proc.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    import signal
+    import subprocess
+    import time
+
+    from tests.trainer_utils import REPO, env
+
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(train_cmd(run_dir, "train.max_steps=100000", "train.save_interval=100000"), cwd=REPO,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.5)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop requested by a signal" in out
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("step"))
+    assert 2 <= step < 100000 and read_metrics(run_dir)[-1]["step"] <= step

@@ -7,9 +7,6 @@ from megasparse.config import BatchPlan, Config
 def build_deepspeed_config(cfg: Config, plan: BatchPlan, use_bf16: bool) -> dict:
     stage = cfg.parallel.zero_stage
     zero: dict = {"stage": stage}
-    if stage in (1, 2):
-        # Elastic optimizer-state layout: a checkpoint can be resumed at another DP degree.
-        zero["elastic_checkpoint"] = True
     if stage >= 2:
         # Bucketing sizes that suit small and large models alike; overlap needs a CUDA stream.
         zero.update({"contiguous_gradients": True, "overlap_comm": False,

@@ -19,13 +19,17 @@ import torch.distributed as dist
 from megasparse import __version__
 from megasparse.config import Config, resolve_batch, save_config
 from megasparse.errors import TrainingError
-from megasparse.train.checkpoint import (check_compatible, load_rng_state, read_meta, resolve_resume,
-                                         save_checkpoint)
+from megasparse.sparsity.reinit import DeadNeuronReinit
+from megasparse.sparsity.schedule import build_l1_schedule
+from megasparse.sparsity.stats import SparsityStats
+from megasparse.train.checkpoint import save_checkpoint
 from megasparse.train.deepspeed_config import build_deepspeed_config
 from megasparse.train.distributed import DistInfo, init_distributed
 from megasparse.train.flops import executed_flops_per_token, model_flops_per_token, peak_flops
 from megasparse.train.metrics import MetricsLogger
 from megasparse.train.optimizer import build_lr_scheduler, build_optimizer
+from megasparse.train.resume import apply_resume, plan_resume
+from megasparse.train.universal import universal_info
 
 
 def seed_everything(seed: int) -> None:
@@ -62,11 +66,8 @@ class Trainer:
         self.data = self._build_data()
         self.model = self.parallel.build_model(cfg.model)
         self.use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.dist.device.type == "cuda")
+        self.resume_plan = plan_resume(self)  # before the engine: a DP change needs a universal load
         self._init_engine()
-        from megasparse.sparsity.schedule import build_l1_schedule
-        from megasparse.sparsity.stats import SparsityStats
-
-        from megasparse.sparsity.reinit import DeadNeuronReinit
 
         self.l1_schedule = build_l1_schedule(cfg.sparsity, hidden_size=cfg.model.ffn_hidden)
         hidden_local = cfg.model.ffn_hidden // cfg.parallel.tp
@@ -78,7 +79,8 @@ class Trainer:
         self.consumed_samples = 0
         self.stop_requested = False
         self._install_signal_handlers()
-        self._resume()
+        if self.resume_plan is not None:
+            apply_resume(self, self.resume_plan)
 
     # ------------------------------------------------------------------ setup
     def _build_data(self):
@@ -100,6 +102,8 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         ds_config = build_deepspeed_config(cfg, self.batch, self.use_bf16)
+        if self.resume_plan is not None and self.resume_plan.universal:
+            ds_config["checkpoint"]["load_universal"] = True
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             mpu=self.parallel.mpu, dist_init_required=False)
@@ -113,61 +117,6 @@ class Trainer:
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
-
-    def _resume(self) -> None:
-        found = resolve_resume(self.cfg.train.resume, self.ckpt_dir)
-        if found is None:
-            if self.cfg.train.resume == "auto" and self.is_main:
-                print(f"train.resume=auto: no checkpoint in {self.ckpt_dir}, starting from scratch", flush=True)
-            return
-        load_dir, tag = found
-        where = os.path.join(load_dir, tag)
-        meta = read_meta(load_dir, tag)
-        check_compatible(meta, self.cfg.model.__dict__, self.cfg.parallel.tp, where)
-        self.data.check_resume(meta["tokenizer_hash"], meta["data_hash"], where)
-        reset = self.cfg.train.reset_optimizer_on_resume
-        if not meta.get("optimizer_states", True) and not reset:
-            from megasparse.errors import CheckpointError
-
-            raise CheckpointError(f"{where} holds no optimizer state (it was written by `megasparse convert`); "
-                                  f"resume it with train.reset_optimizer_on_resume=true")
-        same_dp = meta["dp"] == self.batch.dp
-        if not same_dp and self.cfg.parallel.zero_stage == 3 and not reset:
-            from megasparse.errors import CheckpointError
-
-            raise CheckpointError(f"{where} was saved at DP={meta['dp']} with ZeRO-3, whose optimizer shards cannot be "
-                                  f"re-partitioned for DP={self.batch.dp}; resume at DP={meta['dp']}, or set "
-                                  f"train.reset_optimizer_on_resume=true to load the weights with a fresh optimizer")
-        if reset and self.is_main:
-            print(f"WARNING: train.reset_optimizer_on_resume=true: loading only the weights of {where}; "
-                  f"optimizer moments start afresh (the LR schedule continues at the saved step), so the "
-                  f"loss will not match an "
-                  f"uninterrupted run", file=sys.stderr, flush=True)
-        _path, client = self.engine.load_checkpoint(
-            load_dir, tag=tag, load_optimizer_states=not reset, load_lr_scheduler_states=not reset,
-            load_module_only=reset, load_module_strict=True)
-        if client is None:
-            from megasparse.errors import CheckpointError
-
-            raise CheckpointError(f"DeepSpeed could not load {where}; check that its files are complete")
-        if not reset:
-            # DeepSpeed's elastic ZeRO loader restores the optimizer's moments but not its param
-            # groups, so the first resumed step would use the LR of step 0; take it from the
-            # (restored) scheduler instead.
-            for group, lr in zip(self.lr_scheduler.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
-                group["lr"] = lr
-        self.step = client["step"]
-        self.consumed_samples = client["consumed_samples"]
-        if reset:  # the fresh scheduler sits at step 0: move it to the saved step
-            self.lr_scheduler.last_epoch = self.step - 1
-            self.lr_scheduler.step()
-        self.l1_schedule.load_state_dict(client["l1_schedule"])
-        if "sparsity_stats" in client and same_dp:
-            self.stats.load_state_dict(client["sparsity_stats"])
-        self.reinit.load_state_dict(client.get("sparsity_reinit", {}))
-        load_rng_state(load_dir, tag, self.dist.rank, same_layout=same_dp)
-        if self.is_main:
-            print(f"resumed from {where}: step {self.step}, {self.consumed_samples} samples consumed", flush=True)
 
     # ------------------------------------------------------------------ data
     def _sampler(self):
@@ -244,7 +193,8 @@ class Trainer:
     def client_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed_samples,
                 "config": self.cfg.to_dict(), "l1_schedule": self.l1_schedule.state_dict(),
-                "sparsity_stats": self.stats.state_dict(), "sparsity_reinit": self.reinit.state_dict(),
+                "sparsity_stats": self.stats.state_dict(),
+                "universal_checkpoint_info": universal_info([n for n, _ in self.engine.module.named_parameters()]), "sparsity_reinit": self.reinit.state_dict(),
                 "tokenizer_hash": self.data.tokenizer_hash, "data_hash": self.data.data_hash,
                 "megasparse_version": __version__}
 

@@ -22,11 +22,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         is_norm = p.dim() == 1
         skip = (is_norm and not cfg.decay_norms) or (_is_embedding_or_head(name) and not cfg.decay_embeddings)
         (no_decay if skip else decay).append(p)
-    # "step" in each group is for DeepSpeed's elastic ZeRO checkpoints (resume at another DP
-    # degree): they record and check param_groups[0]["step"]. torch's AdamW keeps its real step
-    # count per parameter and ignores this key.
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay", "step": 0},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay", "step": 0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
 
 

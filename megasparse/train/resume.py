@@ -1,0 +1,88 @@
+"""Resume a Trainer from a checkpoint: checks first, then DeepSpeed's load, then our state.
+
+Planning happens before the DeepSpeed engine exists, because a change of DP degree under
+ZeRO-1/2 needs an engine built to load DeepSpeed's universal (re-partitionable) format.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from megasparse.errors import CheckpointError
+from megasparse.train.checkpoint import check_compatible, load_rng_state, read_meta, resolve_resume
+from megasparse.train.universal import ensure_universal
+
+
+@dataclass
+class ResumePlan:
+    load_dir: str
+    tag: str            # the tag DeepSpeed loads (the universal copy when `universal`)
+    source: str         # the checkpoint folder the user pointed at
+    meta: dict
+    reset: bool         # weights only: fresh optimizer
+    same_dp: bool
+    universal: bool
+
+
+def plan_resume(trainer) -> ResumePlan | None:
+    cfg = trainer.cfg
+    found = resolve_resume(cfg.train.resume, trainer.ckpt_dir)
+    if found is None:
+        if cfg.train.resume == "auto" and trainer.is_main:
+            print(f"train.resume=auto: no checkpoint in {trainer.ckpt_dir}, starting from scratch", flush=True)
+        return None
+    load_dir, tag = found
+    where = os.path.join(load_dir, tag)
+    meta = read_meta(load_dir, tag)
+    check_compatible(meta, cfg.model.__dict__, cfg.parallel.tp, where)
+    trainer.data.check_resume(meta["tokenizer_hash"], meta["data_hash"], where)
+    reset = cfg.train.reset_optimizer_on_resume
+    if not meta.get("optimizer_states", True) and not reset:
+        raise CheckpointError(f"{where} holds no optimizer state (it was written by `megasparse convert`); "
+                              f"resume it with train.reset_optimizer_on_resume=true")
+    same_dp = meta["dp"] == trainer.batch.dp
+    universal = False
+    if not same_dp and not reset:
+        if cfg.parallel.zero_stage == 3 or meta["zero_stage"] != cfg.parallel.zero_stage:
+            raise CheckpointError(
+                f"{where} was saved at DP={meta['dp']} with ZeRO-{meta['zero_stage']}; resuming at DP={trainer.batch.dp} "
+                f"with ZeRO-{cfg.parallel.zero_stage} is supported for ZeRO-0/1/2 with the same stage only. Resume "
+                f"at the saved layout, or set train.reset_optimizer_on_resume=true (weights only, fresh optimizer)")
+        if cfg.parallel.zero_stage in (1, 2):
+            tag = ensure_universal(load_dir, tag, trainer.dist.rank)
+            universal = True
+    if reset and trainer.is_main:
+        print(f"WARNING: train.reset_optimizer_on_resume=true: loading only the weights of {where}; optimizer "
+              f"moments start afresh (the LR schedule continues at the saved step), so the loss will not match "
+              f"an uninterrupted run", file=sys.stderr, flush=True)
+    return ResumePlan(load_dir, tag, where, meta, reset, same_dp, universal)
+
+
+def apply_resume(trainer, plan: ResumePlan) -> None:
+    reset = plan.reset
+    _path, client = trainer.engine.load_checkpoint(
+        plan.load_dir, tag=plan.tag, load_optimizer_states=not reset, load_lr_scheduler_states=not reset,
+        load_module_only=reset, load_module_strict=True)
+    if client is None:
+        raise CheckpointError(f"DeepSpeed could not load {plan.source}; check that its files are complete")
+    scheduler = trainer.lr_scheduler
+    if not reset:
+        # DeepSpeed's universal ZeRO loader restores the optimizer's moments but not its param
+        # groups, so the first resumed step would use the LR of step 0; take it from the
+        # restored scheduler instead (a no-op for an ordinary load).
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    trainer.step = client["step"]
+    trainer.consumed_samples = client["consumed_samples"]
+    if reset:  # the fresh scheduler sits at step 0: move it to the saved step
+        scheduler.last_epoch = trainer.step - 1
+        scheduler.step()
+    trainer.l1_schedule.load_state_dict(client["l1_schedule"])
+    if "sparsity_stats" in client and plan.same_dp:
+        trainer.stats.load_state_dict(client["sparsity_stats"])
+    trainer.reinit.load_state_dict(client.get("sparsity_reinit", {}))
+    load_rng_state(plan.load_dir, plan.tag, trainer.dist.rank, same_layout=plan.same_dp)
+    if trainer.is_main:
+        print(f"resumed from {plan.source}: step {trainer.step}, {trainer.consumed_samples} samples consumed",
+              flush=True)
