@@ -124,14 +124,17 @@ class ReluGatedMLP(nn.Module):
 
 class SwiGLUMLP(nn.Module):
     """The dense baseline: silu(x W_g^T) * x W_u^T, no L1 term. ``linear_factory(in, out, kind)``
-    builds the projections ("column" for gate/up, "row" for down)."""
+    builds the projections ("column" for gate/up, "row" for down). Under tensor parallelism x
+    enters the region once (``enter_region``), so gate and up share one all-reduce of dx."""
 
-    def __init__(self, d_model: int, hidden: int, linear_factory):
+    def __init__(self, d_model: int, hidden: int, linear_factory, enter_region=_identity):
         super().__init__()
-        self.gate_proj = linear_factory(d_model, hidden, "column")
-        self.up_proj = linear_factory(d_model, hidden, "column")
+        self.enter_region = enter_region
+        self.gate_proj = linear_factory(d_model, hidden, "column", input_in_region=True)
+        self.up_proj = linear_factory(d_model, hidden, "column", input_in_region=True)
         self.down_proj = linear_factory(hidden, d_model, "row")
 
     def forward(self, x: torch.Tensor):
+        x = self.enter_region(x)
         y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return y, x.new_zeros((), dtype=torch.float32), None

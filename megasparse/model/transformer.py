@@ -133,7 +133,7 @@ class DecoderBlock(nn.Module):
             plan.shard_sparse_mlp(self.mlp)
         else:
             # SwiGLU builds its projections through the factory, which takes full sizes.
-            self.mlp = SwiGLUMLP(cfg.d_model, cfg.ffn_hidden, plan.linear)
+            self.mlp = SwiGLUMLP(cfg.d_model, cfg.ffn_hidden, plan.linear, enter_region=plan.enter_region)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
