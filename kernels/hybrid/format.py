@@ -14,9 +14,18 @@ An activation (token i, neuron j) with g_ij > 0 lands in exactly one of three pa
     that the weight-gradient products need: csc_slot lists flat ELL slots (i * Wc + s) sorted by
     neuron, csc_ptr[j]:csc_ptr[j+1] delimits neuron j.
 
-Host synchronisation: building this costs ONE device-to-host read per layer forward (R heavy
-rows, K hot neurons, Wc) so that buffers are sized exactly and dense backups run through cuBLAS
-with exact shapes. Backward has none. It prevents CUDA-graph capture of the layer (see NOTES.md).
+Host synchronisation. Default (SYNC_FREE off): ONE device-to-host read per layer forward (R heavy
+rows, K hot neurons, Wc) right after the gate, so every size is exact. Optional capacity path
+(SYNC_FREE on): the first call for a layer (key: w_gate's storage, M, H, ell_width,
+hot_frac) reads (R, K, Wc) from the device before building, so every size is exact. Later calls
+do not wait: they take K and Wc from capacities remembered from the previous call (CAPS), so the
+hot GEMMs and cold kernels are enqueued at once. Any capacity miss is still exact: with fewer
+hot neurons than the threshold asks for, the rest simply stay cold; a token whose cold count
+exceeds Wc is flagged on device by the split kernel and joins the heavy (dense backup) rows.
+The only host read left is R (+ the next capacities), copied to pinned memory right after the
+split and read by `resolve()` at the END of the forward, when the rest of the forward is
+already queued on the GPU, so it costs no GPU idle time. Backward has none. (Still not
+CUDA-graph capturable: the heavy backup has a data-dependent shape.)
 """
 from __future__ import annotations
 
@@ -28,6 +37,19 @@ from .gate_pack import gate_pack
 from .row_pack import cublas_gate_pack
 from .split_pack import reference as split_reference
 from .split_pack import split_pack
+
+
+# Capacity path (no mid-forward host sync, see the module docstring). Off by default: on H100 it
+# measured neither faster nor slower (NOTES.md variant 8; the step is CPU-launch-bound, not
+# sync-bound), and a stale capacity costs one slow call. True: use it.
+SYNC_FREE = {"enabled": False}
+CAP_HEADROOM = (1.25, 8)       # next Wc = ceil(need * 1.25) + 8, a multiple of 8
+_CAPS: dict = {}               # layer key -> [K, Wc]
+# (x storage, x version, layer key) -> the [K, Wc] a forward used: a recompute of the same forward
+# (activation checkpointing) must save tensors of the same shapes, so it reuses them exactly.
+# An entry is consumed by the call that uses it, so a plain repeated forward of the same x (a
+# benchmark loop) takes stale sizes at most once and then follows _CAPS again.
+_USED: dict = {}
 
 
 # How the gate GEMM is done: the fused Triton GEMM+pack epilogue, or cuBLAS then a pack pass
@@ -44,8 +66,24 @@ class HybridPattern:
     csc_ptr: torch.Tensor   # [H + 1] int32
     csc_slot: torch.Tensor  # [M * Wc] int32: flat slots sorted by neuron (tail past csc_ptr[H] unused)
     hot: torch.Tensor       # [K] int64: hot neuron ids
-    heavy: torch.Tensor     # [R] int64: heavy token ids
+    heavy: torch.Tensor | None  # [R] int64: heavy token ids (None until resolve() on the capacity path)
     cold_mask: torch.Tensor  # [H] bool: neurons outside the hot set (used by the heavy backup)
+    _pending: tuple | None = None  # capacity path: (host stats, event, heavy flags [M], cap key)
+
+    def resolve(self) -> "HybridPattern":
+        """Fill `heavy` (the one host read of the capacity path) and update the capacities."""
+        if self._pending is None:
+            return self
+        stats, event, flag, key = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        R, K_need, W_need = (int(v) for v in stats.tolist())
+        a, b = CAP_HEADROOM
+        _CAPS[key] = [K_need, max(8, -(-(int(W_need * a) + b) // 8) * 8)]
+        self.heavy = (torch.argsort(flag, descending=True, stable=True)[:R] if R
+                      else torch.zeros(0, dtype=torch.int64, device=flag.device))
+        return self
 
     @property
     def width(self) -> int:
@@ -55,6 +93,12 @@ class HybridPattern:
         return sum(t.numel() * t.element_size() for t in
                    (self.fire, self.cnt, self.idx, self.g, self.csc_ptr, self.csc_slot, self.hot,
                     self.heavy, self.cold_mask))
+
+
+def _remember(xkey, kw):
+    if len(_USED) >= 256:
+        _USED.pop(next(iter(_USED)))
+    _USED[xkey] = kw
 
 
 def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_frac: float | None,
@@ -82,16 +126,54 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     else:
         n_hot = (fire > int(hot_frac * M)).sum()
         n_hot = torch.clamp((n_hot + hot_multiple - 1) // hot_multiple * hot_multiple, max=H)
+    key = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
+           W0, hot_frac, hot_multiple)
+    xkey = (x.untyped_storage().data_ptr(), x.storage_offset(), x._version, key)
+    caps = None
+    if SYNC_FREE["enabled"] and not _use_reference:
+        caps = _USED.pop(xkey, None)
+        recompute = caps is not None
+        caps = caps or _CAPS.get(key)
+    if caps is not None:
+        # Capacity path: no host read here (see the module docstring).
+        K, Wc = min(caps[0], H), max(caps[1], 1)
+        if not recompute:
+            _remember(xkey, [K, Wc])
+        hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
+        hot_mask[order[:K]] = True
+        cnt, idx, g, csc_ptr, csc_slot, flag, need = split_pack(cnt0, idx0, val0, hot_mask, Wc, flags=True)
+        stats = torch.stack([flag.sum().to(torch.int64), n_hot.to(torch.int64),
+                             need.max().to(torch.int64) if M else n_hot.new_zeros(())])
+        if dev.type == "cuda":
+            host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = stats, None
+        return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, order[:K], None, ~hot_mask,
+                             _pending=(host, event, flag, key))
     hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
     hot_mask[order] = torch.arange(H, device=dev) < n_hot
     zero = torch.zeros((), dtype=cnt0.dtype, device=dev)
     # Wc = the largest light-token count bounds every light token's cold count.
     stats = torch.stack([(~light).sum().to(cnt0.dtype), hot_mask.sum().to(cnt0.dtype),
                          torch.where(light, cnt0, 0).max() if M else zero])
-    R, K, Wc = (int(v) for v in stats.tolist())  # the one host sync of the layer
+    R, K, Wc = (int(v) for v in stats.tolist())  # the host sync of the exact (first-call) path
     Wc = max(Wc, 1)
-    cnt, idx, g, csc_ptr, csc_slot = (split_reference if _packed is not None and _use_reference
-                                      else split_pack)(cnt0, idx0, val0, hot_mask, Wc)
+    if _use_reference:
+        cnt, idx, g, csc_ptr, csc_slot = split_reference(cnt0, idx0, val0, hot_mask, Wc)
+        need = None
+    else:
+        cnt, idx, g, csc_ptr, csc_slot, _, need = split_pack(cnt0, idx0, val0, hot_mask, Wc, flags=True)
+    if SYNC_FREE["enabled"] and need is not None:
+        if len(_CAPS) > 4096:
+            _CAPS.clear()
+        a, b = CAP_HEADROOM
+        w_need = int(need.max()) if M else 0   # same sync point as above, already waited for
+        _CAPS[key] = [K, max(8, -(-(int(w_need * a) + b) // 8) * 8)]
+    if SYNC_FREE["enabled"]:
+        _remember(xkey, [K, Wc])
     hot = order[:K]
     heavy = (torch.argsort(light.to(torch.int8), stable=True)[:R] if R
              else torch.zeros(0, dtype=torch.int64, device=dev))

@@ -2,7 +2,8 @@
 
 Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
   gate GEMM + pack (cuBLAS + Triton row pack, or the fused Triton epilogue) -> HybridPattern
-  (one host sync, see format.py)
+  (sizes from remembered capacities; the one host read, of the heavy-row count, comes at the
+  end of the forward, see format.py)
   hot panel:   [g_h | u_h] = x [W_g[hot]; W_u[hot]]^T (one cuBLAS GEMM), h_h = relu(g_h) u_h
                y = h_h W_d[:, hot]^T                      (cuBLAS)
   cold ELL:    u = SDDMM(x, W_u) at the pattern            (Triton)
@@ -76,8 +77,8 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         M, D = x.shape
         H = w_gate.shape[0]
         pat: HybridPattern = build_pattern(x, w_gate, ell_width, hot_frac)
-        hot, heavy = pat.hot, pat.heavy
-        K, R = hot.numel(), heavy.numel()
+        hot = pat.hot
+        K = hot.numel()
         w_down_t = w_down.t().contiguous()          # [H, D]: row j of W_d^T is contiguous
         side = _side_stream(x) if K else None
         if K:
@@ -94,6 +95,10 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         else:
             y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
         l1 = l1_cold.sum()
+        # Heavy rows are known only now on the capacity path: the host read happens here, after
+        # the whole forward above is queued, so the GPU does not idle while the CPU waits.
+        heavy = pat.resolve().heavy
+        R = heavy.numel()
         if K:
             _join(side, gu, h_h, l1_h, y_h)
             if side is not None:

@@ -21,7 +21,7 @@ from ._common import INTERPRET
 
 @triton.jit
 def _split_kernel(cnt0_ptr, idx0_ptr, val0_ptr, hot_ptr, cnt_ptr, idx_ptr, g_ptr, colcount_ptr,
-                  W0, Wc, WP: tl.constexpr):
+                  heavy_ptr, need_ptr, W0, Wc, WP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n0 = tl.load(cnt0_ptr + row)
     s = tl.arange(0, WP)
@@ -31,11 +31,18 @@ def _split_kernel(cnt0_ptr, idx0_ptr, val0_ptr, hot_ptr, cnt_ptr, idx_ptr, g_ptr
     hot = tl.load(hot_ptr + j, mask=valid, other=1)
     cold = valid & (hot == 0)
     ci = cold.to(tl.int32)
+    total = tl.sum(ci, axis=0)
+    # A token whose cold count exceeds the capacity Wc keeps nothing here either: it is flagged
+    # heavy and takes the dense backup (never truncated). With an exact Wc this never happens.
+    fits = total <= Wc
+    keep = cold & fits
     pos = tl.cumsum(ci, axis=0) - 1
-    tl.store(idx_ptr + row * Wc + pos, j, mask=cold)
-    tl.store(g_ptr + row * Wc + pos, v, mask=cold)
-    tl.store(cnt_ptr + row, tl.sum(ci, axis=0))
-    tl.atomic_add(colcount_ptr + j, ci, mask=cold)
+    tl.store(idx_ptr + row * Wc + pos, j, mask=keep)
+    tl.store(g_ptr + row * Wc + pos, v, mask=keep)
+    tl.store(cnt_ptr + row, tl.where(fits, total, 0))
+    tl.store(heavy_ptr + row, ((n0 > W0) | (total > Wc)).to(tl.int8))
+    tl.store(need_ptr + row, total)
+    tl.atomic_add(colcount_ptr + j, ci, mask=keep)
 
 
 @triton.jit
@@ -50,11 +57,14 @@ def _csc_fill_kernel(cnt_ptr, idx_ptr, ptr_ptr, cursor_ptr, slot_ptr, Wc, WP: tl
     tl.store(slot_ptr + base + k, (row * Wc + s).to(tl.int32), mask=ok)
 
 
-def split_pack(cnt0, idx0, val0, hot_mask, Wc: int):
+def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, flags: bool = False):
     """(cnt [M] int32, idx [M, Wc] int32, g [M, Wc] fp32, csc_ptr [H+1] int32, csc_slot [M*Wc] int32).
 
-    Wc must be >= every light token's number of cold entries (the caller passes the largest
-    light-token count, which bounds it); unused slots hold idx 0 and g 0.
+    Wc is a capacity: a light token with more than Wc cold entries is stored empty (cnt 0) and
+    flagged heavy. With flags=True also returns heavy [M] int8 (1: the token's cold part is not
+    in the ELL, because cnt0 > W0 or its cold count > Wc) and need [M] int32 (the token's true
+    cold count when cnt0 <= W0, else 0), so the caller can find overflow without a host sync.
+    Unused slots hold idx 0 and g 0.
     """
     M, W0 = idx0.shape
     H = hot_mask.numel()
@@ -63,9 +73,11 @@ def split_pack(cnt0, idx0, val0, hot_mask, Wc: int):
     idx = torch.zeros(M, Wc, dtype=torch.int32, device=dev)
     g = torch.zeros(M, Wc, dtype=torch.float32, device=dev)
     colcount = torch.zeros(H, dtype=torch.int32, device=dev)
+    heavy = torch.empty(M, dtype=torch.int8, device=dev)
+    need = torch.empty(M, dtype=torch.int32, device=dev)
     hot_i8 = hot_mask.to(torch.int8)
     if M:
-        _split_kernel[(M,)](cnt0, idx0, val0, hot_i8, cnt, idx, g, colcount, W0, Wc,
+        _split_kernel[(M,)](cnt0, idx0, val0, hot_i8, cnt, idx, g, colcount, heavy, need, W0, Wc,
                             WP=triton.next_power_of_2(W0))
     csc_ptr = torch.zeros(H + 1, dtype=torch.int32, device=dev)
     torch.cumsum(colcount, 0, out=csc_ptr[1:])
@@ -73,6 +85,8 @@ def split_pack(cnt0, idx0, val0, hot_mask, Wc: int):
     cursor = torch.zeros(H, dtype=torch.int32, device=dev)
     if M:
         _csc_fill_kernel[(M,)](cnt, idx, csc_ptr, cursor, csc_slot, Wc, WP=triton.next_power_of_2(Wc))
+    if flags:
+        return cnt, idx, g, csc_ptr, csc_slot, heavy, need
     return cnt, idx, g, csc_ptr, csc_slot
 
 

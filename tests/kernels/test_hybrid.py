@@ -101,6 +101,49 @@ def test_fully_dense_activations_every_path():
     assert int(fire.min()) == 20
 
 
+@pytest.mark.parametrize("caps", [(0, 1), (64, 2), (10_000, 3)])
+def test_capacity_path_misses_stay_exact(caps, monkeypatch):
+    """Sync-free path with deliberately wrong remembered capacities (too few / too many hot
+    neurons, a cold width that most tokens overflow): overflowing tokens are flagged on device
+    and go to the dense backup, so the result is still exact."""
+    from kernels.hybrid import format as fmt
+
+    class Forced(dict):
+        def get(self, key, default=None):
+            return list(caps)
+
+    monkeypatch.setattr(fmt, "SYNC_FREE", {"enabled": True})
+    monkeypatch.setattr(fmt, "_CAPS", Forced())
+    monkeypatch.setattr(fmt, "_USED", {})
+    make_kw, kw = CASES["hot_panel" if caps[0] else "dense_rows_heavy"]
+    _compare(make_ffn_inputs(**make_kw, dtype=torch.float32), torch.float32, 1e-4, **kw)
+
+
+def test_capacity_path_learns_then_skips_the_sync(monkeypatch):
+    """The first call per layer is exact and remembers (K, Wc); the next call uses them."""
+    from kernels.hybrid import format as fmt
+    monkeypatch.setattr(fmt, "SYNC_FREE", {"enabled": True})
+    monkeypatch.setattr(fmt, "_CAPS", {})
+    monkeypatch.setattr(fmt, "_USED", {})
+    inp = make_ffn_inputs(33, 24, 136, target_nnz=12, seed=2, dtype=torch.float32)
+    p = [t.to(DEV) for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
+    first = fmt.build_pattern(p[0], p[1], 256, 0.15)
+    assert first._pending is None and len(fmt._CAPS) == 1
+    (K, Wc), = fmt._CAPS.values()
+    again = fmt.build_pattern(p[0], p[1], 256, 0.15)    # same x (a checkpoint recompute): same sizes
+    assert again._pending is not None and again.width == first.width
+    assert again.hot.numel() == first.hot.numel() == K
+    third = fmt.build_pattern(p[0], p[1], 256, 0.15)    # the memo was consumed: capacities now
+    assert third._pending is not None and third.width == Wc
+    x2 = p[0].clone()                                    # another batch: the remembered capacities
+    pat = fmt.build_pattern(x2, p[1], 256, 0.15)
+    assert pat._pending is not None and pat.hot.numel() == K and pat.width == Wc
+    assert pat.resolve().heavy.numel() == 0
+    y1, l1a, _ = sparse_gated_mlp(*p, hot_frac=0.15)
+    y2, l1b, _ = sparse_gated_mlp(x2, *p[1:], hot_frac=0.15)
+    assert torch.allclose(y1, y2, rtol=1e-5, atol=1e-5) and abs(float(l1a) - float(l1b)) < 1e-5
+
+
 def test_finite_difference_fp32():
     """Directional derivatives of loss(x, W) against central differences (fp32, tiny shapes)."""
     gen = torch.Generator().manual_seed(9)
@@ -132,9 +175,13 @@ def test_finite_difference_fp32():
         assert abs(float(fd) - an) <= 1e-2 * max(1.0, abs(an)), (i, eps, float(fd), an)
 
 
-def test_activation_checkpointing_and_weight_views():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_activation_checkpointing_and_weight_views(sync_free, monkeypatch):
     """Under non-reentrant checkpointing, with W_g/W_u as row slices of one packed [2H, D]
-    parameter and W_d as a transposed (non-contiguous) view: same grads as the plain call."""
+    parameter and W_d as a transposed (non-contiguous) view: same grads as the plain call.
+    sync_free: the recompute must save tensors of the same shapes as the first forward."""
+    from kernels.hybrid import format as fmt
+    monkeypatch.setattr(fmt, "SYNC_FREE", {"enabled": sync_free})
     inp = make_ffn_inputs(21, 16, 80, target_nnz=8, seed=10, dtype=torch.float32)
     dy = torch.randn(21, 16, generator=torch.Generator().manual_seed(11)).to(DEV)
 
