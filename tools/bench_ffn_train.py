@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels.hybrid import format as hyb_format  # noqa: E402
 from kernels.hybrid import function as hyb_function  # noqa: E402
 from kernels.hybrid import sparse_gated_mlp  # noqa: E402
 from kernels.hybrid.csc_wgrad import csc_wgrad  # noqa: E402
@@ -114,7 +115,9 @@ SWEEP = {
                   dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=True),
                   dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False)],
     "row_pack": [dict(BR=16, BH=256, num_warps=4, SCAN=True), dict(BR=16, BH=256, num_warps=4, SCAN=False),
-                 dict(BR=8, BH=512, num_warps=4, SCAN=False), dict(BR=32, BH=256, num_warps=8, SCAN=False)],
+                 dict(BR=8, BH=512, num_warps=4, SCAN=False), dict(BR=32, BH=256, num_warps=8, SCAN=False),
+                 dict(BR=32, BH=256, num_warps=8, SCAN=True), dict(BR=16, BH=512, num_warps=8, SCAN=True),
+                 dict(BR=64, BH=128, num_warps=8, SCAN=True), dict(BR=8, BH=1024, num_warps=8, SCAN=True)],
     "ell_sddmm": [dict(SP=32, BD=128, num_warps=4), dict(SP=16, BD=256, num_warps=4),
                   dict(SP=32, BD=256, num_warps=8), dict(SP=16, BD=128, num_warps=4),
                   dict(SP=64, BD=64, num_warps=4)],
@@ -165,7 +168,8 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     return out
 
 
-def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,), seed=0, grads=True,
+def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,), syncfrees=(True,), seed=0,
+             grads=True,
              do_breakdown=False,
              do_profile=False):
     dev = "cuda"
@@ -189,11 +193,12 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
         rec["dense_bf16_grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gd, ref)}
         del gd
     rec["variants"] = []
-    for hf, ov in [(h, o) for h in hot_fracs for o in overlaps]:
-        def fn(*p, hf=hf, ov=ov):
+    for hf, ov, sf in [(h, o, f) for h in hot_fracs for o in overlaps for f in syncfrees]:
+        def fn(*p, hf=hf, ov=ov, sf=sf):
             hyb_function.OVERLAP["enabled"] = ov
+            hyb_format.SYNC_FREE["enabled"] = sf
             return sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=hf)
-        v = {"hot_frac": hf, "ell_width": ell_width, "overlap": ov}
+        v = {"hot_frac": hf, "ell_width": ell_width, "overlap": ov, "sync_free": sf}
         with torch.no_grad():
             y_s, l1_s, fire = fn(*params)
         with torch.no_grad():
@@ -211,7 +216,7 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
             v["grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gs, ref)}
             del gs
         rec["variants"].append(v)
-        print(f"H={H} nnz={nnz} hot_frac={hf} overlap={ov}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
+        print(f"H={H} nnz={nnz} hot_frac={hf} overlap={ov} sync_free={sf}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
               f"x{v['speedup']:.2f} grad {v.get('grad_rel_err')}", flush=True)
     best = min(rec["variants"], key=lambda v: v["sparse_ms"])
     rec["best"] = best
@@ -220,6 +225,7 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
         print("breakdown", rec["breakdown_ms"], flush=True)
     if do_profile:
         hyb_function.OVERLAP["enabled"] = best["overlap"]
+        hyb_format.SYNC_FREE["enabled"] = best["sync_free"]
         fn = lambda *p: sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=best["hot_frac"])  # noqa: E731
         rec["sparse_fwd_ms"] = median_ms(lambda: fn(*params))
         with torch.no_grad():
@@ -257,12 +263,13 @@ def markdown(env, cases):
         fmt = lambda d: "/".join(f"{d[k]:.1e}" for k in ("dx", "dWg", "dWu", "dWd")) if d else "-"  # noqa: E731
         lines.append(f"| {c['M']} | {c['D']} | {c['H']} | {c['nnz_target']}{' +%d dense rows' % c['dense_rows'] if c['dense_rows'] else ''} "
                      f"| {s['nnz_mean']:.1f}/{s['nnz_max']} | {s['busiest_neuron_rate']:.3f} | {c['dense_ms']:.3f} "
-                     f"| {b['sparse_ms']:.3f} ({b['hot_frac']}) | **{b['speedup']:.2f}x** | {fmt(ge)} | {fmt(gd)} "
+                     f"| {b['sparse_ms']:.3f} ({b['hot_frac']}{', sync-free' if b.get('sync_free') else ''}) | **{b['speedup']:.2f}x** | {fmt(ge)} | {fmt(gd)} "
                      f"| {c['dense_peak_mib']:.0f}/{b['sparse_peak_mib']:.0f} | {c['dense_saved_mib']:.0f}/{b['sparse_saved_mib']:.0f} |")
-    lines += ["", note, "", "All variants (hot_frac sweep):", "", "| H | nnz | hot_frac | overlap | sparse ms | speedup |", "|---|---|---|---|---|---|"]
+    lines += ["", note, "", "All variants (hot_frac sweep):", "", "| H | nnz | hot_frac | overlap | sync-free | sparse ms | speedup |", "|---|---|---|---|---|---|---|"]
     for c in cases:
         for v in c["variants"]:
-            lines.append(f"| {c['H']} | {c['nnz_target']} | {v['hot_frac']} | {v.get('overlap')} | {v['sparse_ms']:.3f} "
+            lines.append(f"| {c['H']} | {c['nnz_target']} | {v['hot_frac']} | {v.get('overlap')} | {v.get('sync_free')} "
+                         f"| {v['sparse_ms']:.3f} "
                          f"| {v['speedup']:.2f}x |")
     for c in cases:
         if "breakdown_ms" in c:
@@ -282,6 +289,8 @@ def main():
     ap.add_argument("--dense-rows", type=int, default=4, help="extra case at nnz 29 with this many dense rows")
     ap.add_argument("--overlap", choices=["on", "off", "both"], default="off",
                     help="hot-panel GEMMs on a side stream (function.OVERLAP)")
+    ap.add_argument("--sync-free", choices=["on", "off", "both"], default="off",
+                    help="capacity path without the mid-forward host read (format.SYNC_FREE)")
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of the main case")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs on the first case first")
@@ -289,6 +298,7 @@ def main():
     a = ap.parse_args()
     hot_fracs = [None if h == "none" else float(h) for h in a.hot_fracs]
     overlaps = {"on": (True,), "off": (False,), "both": (False, True)}[a.overlap]
+    syncfrees = {"on": (True,), "off": (False,), "both": (True, False)}[a.sync_free]
     env = environment()
     print(env, flush=True)
     cases = []
@@ -303,10 +313,10 @@ def main():
         for nnz in nnzs:
             main_case = H == a.hidden[0] and nnz == 29
             cases.append(run_case(a.tokens, a.d_model, H, nnz, hot_fracs, a.ell_width, overlaps=overlaps,
-                                  do_breakdown=a.breakdown and main_case, do_profile=a.profile and main_case))
+                                  syncfrees=syncfrees, do_breakdown=a.breakdown and main_case, do_profile=a.profile and main_case))
     if a.dense_rows:
         cases.append(run_case(a.tokens, a.d_model, a.hidden[0], 29, hot_fracs[:1], a.ell_width, overlaps=overlaps,
-                              dense_rows=a.dense_rows))
+                              syncfrees=syncfrees, dense_rows=a.dense_rows))
     payload = {"environment": env, "protocol": "BENCHMARKS.md FFN training", "lambda_l1": LAMBDA, "cases": cases,
                "sweep": sweep}
     md = markdown(env, cases)
