@@ -14,8 +14,8 @@ An activation (token i, neuron j) with g_ij > 0 lands in exactly one of three pa
     that the weight-gradient products need: csc_slot lists flat ELL slots (i * Wc + s) sorted by
     neuron, csc_ptr[j]:csc_ptr[j+1] delimits neuron j.
 
-Host synchronisation. Default (SYNC_FREE off): ONE device-to-host read per layer forward (R heavy
-rows, K hot neurons, Wc) right after the gate, so every size is exact. Optional capacity path
+Host synchronisation. With SYNC_FREE off: ONE device-to-host read per layer forward (R heavy
+rows, K hot neurons, Wc) right after the gate, so every size is exact. Default capacity path
 (SYNC_FREE on): the first call for a layer (key: w_gate's storage, M, H, ell_width,
 hot_frac) reads (R, K, Wc) from the device before building, so every size is exact. Later calls
 do not wait: they take K and Wc from capacities remembered from the previous call (CAPS), so the
@@ -39,10 +39,10 @@ from .split_pack import reference as split_reference
 from .split_pack import split_pack
 
 
-# Capacity path (no mid-forward host sync, see the module docstring). Off by default: on H100 it
-# measured neither faster nor slower (NOTES.md variant 8; the step is CPU-launch-bound, not
-# sync-bound), and a stale capacity costs one slow call. True: use it.
-SYNC_FREE = {"enabled": False}
+# Capacity path (no mid-forward host sync, see the module docstring). On by default: on H100 the
+# main case's step is 4.22 vs 4.68 ms with the host sync (NOTES.md variants 8 and 10). A stale
+# capacity costs speed on one call, never correctness. False: the exact path with the host sync.
+SYNC_FREE = {"enabled": True}
 CAP_HEADROOM = (1.25, 8)       # next Wc = ceil(need * 1.25) + 8, a multiple of 8
 _CAPS: dict = {}               # layer key -> [K, Wc]
 # (x storage, x version, layer key) -> the [K, Wc] a forward used: a recompute of the same forward
@@ -140,7 +140,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
         if not recompute:
             _remember(xkey, [K, Wc])
         hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
-        hot_mask[order[:K]] = True
+        hot_mask.index_fill_(0, order[:K], True)   # (x[i] = True would copy the scalar host->device)
         cnt, idx, g, csc_ptr, csc_slot, flag, need = split_pack(cnt0, idx0, val0, hot_mask, Wc, flags=True)
         stats = torch.stack([flag.sum().to(torch.int64), n_hot.to(torch.int64),
                              need.max().to(torch.int64) if M else n_hot.new_zeros(())])
