@@ -19,8 +19,15 @@ def _data(step, gen):
 
 
 def test_controller_reaches_target_on_a_tiny_model():
-    torch.manual_seed(0)
     torch.set_flush_denormal(True)  # as the trainer does: L1 makes denormals, which are ~10x slower
+    try:
+        _closed_loop()
+    finally:
+        torch.set_flush_denormal(False)  # process-wide: do not leak it into other tests
+
+
+def _closed_loop():
+    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = SparseLlama(CFG)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
