@@ -33,6 +33,7 @@ def test_torch_mlp_matches_handwritten_reference():
     torch.testing.assert_close(res.y, y_ref)
     torch.testing.assert_close(res.l1.double(), l1_ref)
     assert torch.equal(res.fire_counts, (x @ wg.t() > 0).sum(0).int())
+    assert torch.equal(res.token_nnz, (x @ wg.t() > 0).sum(1).int())
 
 
 def test_l1_gradient_is_sign_of_h_over_tokens():

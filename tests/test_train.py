@@ -16,7 +16,7 @@ def test_single_process_trains_logs_and_checkpoints(tmp_path):
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "ce_loss", "l1_coeff", "nnz_per_token", "lr", "grad_norm", "tokens_per_s",
-                "model_tflops", "executed_tflops", "dead_fraction", "l1_term"):
+                "model_tflops", "executed_tflops", "dead_fraction", "l1_term", "nnz_max_layer"):
         assert key in rows[-1], key
     assert rows[-1]["ce_loss"] < rows[0]["ce_loss"]
     valid = read_metrics(run_dir, "valid")

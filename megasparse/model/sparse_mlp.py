@@ -30,6 +30,7 @@ class MLPResult:
     y: torch.Tensor                      # [M, D] (a partial sum under tensor parallelism)
     l1: torch.Tensor                     # 0-dim, >= fp32, mean over tokens of sum_j |h_j| (local shard)
     fire_counts: torch.Tensor | None     # [H_local] int32: tokens with g_j > 0; None if unknown
+    token_nnz: torch.Tensor | None = None  # [M] int32: active local neurons per token (for nnz max)
 
 
 def torch_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -40,8 +41,8 @@ def torch_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     # Accumulate in at least fp32 (bf16 sums over H lose precision); fp64 stays fp64 for gradcheck.
     acc = torch.promote_types(h.dtype, torch.float32)
     l1 = h.abs().sum(-1, dtype=acc).mean() if h.shape[0] else h.new_zeros((), dtype=acc)
-    fire_counts = (g > 0).sum(0, dtype=torch.int32)
-    return MLPResult(y, l1, fire_counts)
+    active = g > 0
+    return MLPResult(y, l1, active.sum(0, dtype=torch.int32), active.sum(1, dtype=torch.int32))
 
 
 def _twell_forward(x, w_gate, w_up, w_down, cache: dict) -> MLPResult:
@@ -116,10 +117,11 @@ class ReluGatedMLP(nn.Module):
             return _twell_forward(x2d, wg, wu, wd, self._twell_cache)
         return _hybrid_forward(x2d, wg, wu, wd)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor):
+        """(y, l1, fire_counts, token_nnz); the last two are None where a backend cannot tell."""
         shape = x.shape
         result = self.local_forward(self.enter_region(x.reshape(-1, shape[-1])))
-        return self.leave_region(result.y).view(shape), result.l1, result.fire_counts
+        return self.leave_region(result.y).view(shape), result.l1, result.fire_counts, result.token_nnz
 
 
 class SwiGLUMLP(nn.Module):
@@ -137,4 +139,4 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor):
         x = self.enter_region(x)
         y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return y, x.new_zeros((), dtype=torch.float32), None
+        return y, x.new_zeros((), dtype=torch.float32), None, None

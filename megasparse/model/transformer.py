@@ -29,6 +29,7 @@ class ModelOutput:
     fire_counts: list                    # per layer: [H_local] int32 (tokens with g_j > 0) or None
     tokens: int                          # tokens in this micro-batch
     logits: torch.Tensor | None = None   # only when no labels were given
+    token_nnz: list | None = None        # per layer: [M] int32 active local neurons per token, or None
 
 
 def plain_linear(in_features: int, out_features: int, kind: str, **sharding) -> nn.Linear:
@@ -137,8 +138,8 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        y, l1, fire_counts = self.mlp(self.mlp_norm(x))
-        return x + y, l1, fire_counts
+        y, l1, fire_counts, token_nnz = self.mlp(self.mlp_norm(x))
+        return x + y, l1, fire_counts, token_nnz
 
 
 class SparseLlama(nn.Module):
@@ -182,21 +183,23 @@ class SparseLlama(nn.Module):
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids)
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        l1_terms, fire_counts = [], []
+        l1_terms, fire_counts, token_nnz = [], [], []
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, l1, counts = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x, l1, counts, per_token = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x, l1, counts = layer(x, cos, sin)
+                x, l1, counts, per_token = layer(x, cos, sin)
             l1_terms.append(l1)
             fire_counts.append(counts)
+            token_nnz.append(per_token)
         l1_local = torch.stack(l1_terms)
         # One all-reduce of [n_layers] per micro-batch makes the loss the full-H value, the same
         # at any TP degree; its backward is the identity, so each shard's L1 gradient stays local.
         l1_full = self.plan.sum_over_shards(l1_local)
         result = self.output(self.norm(x), self.head_weight(), labels)
         return ModelOutput(ce_loss=None if labels is None else result, aux_loss=l1_full.mean(),
-                           l1_per_layer=l1_local.detach(), fire_counts=fire_counts, tokens=input_ids.numel(),
+                           l1_per_layer=l1_local.detach(), fire_counts=fire_counts, token_nnz=token_nnz,
+                           tokens=input_ids.numel(),
                            logits=result if labels is None else None)
 
     def set_measured_nnz(self, fractions: list[float]) -> None:

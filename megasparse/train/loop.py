@@ -163,8 +163,7 @@ class Trainer:
                 totals.ce += out.ce_loss.detach().float()
                 totals.aux += out.aux_loss.detach().float()
                 totals.micro_batches += 1
-                # token_nnz: per-token counts for nnz max, once the model returns them (docs/sparsity.md)
-                self.stats.update(out.fire_counts, out.l1_per_layer, out.tokens, getattr(out, "token_nnz", None))
+                self.stats.update(out.fire_counts, out.l1_per_layer, out.tokens, out.token_nnz)
             self.engine.backward(loss)
             self.engine.step()
         self.step += 1

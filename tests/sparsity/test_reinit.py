@@ -134,7 +134,7 @@ class _Toy(torch.nn.Module):
     def forward(self, x):
         l1 = 0.0
         for block in self.layers:
-            y, l1_layer, _ = block.mlp(x)
+            y, l1_layer, _, _ = block.mlp(x)
             x, l1 = x + y, l1 + l1_layer
         return (self.head(x) ** 2).mean() + 0.01 * l1
 
