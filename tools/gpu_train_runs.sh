@@ -5,8 +5,9 @@
 #   3. the ~125M config with the `auto` backend: L1 ramps up, nnz/token falls, and layers switch
 #      to the hybrid sparse kernels once their nnz/H is under model.sparse_nnz_threshold.
 # Usage (from the repo root, wheels for deepspeed & co. in .whl/): bash tools/gpu_train_runs.sh OUT_DIR [STEPS]
+# ONLY=name runs just that run (demo_bf16, m125_dense or m125_auto).
 set -uo pipefail
-out=${1:?output folder}; steps=${2:-300}
+out=${1:?output folder}; steps=${2:-300}; only=${ONLY:-}
 mkdir -p "$out"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -15,6 +16,7 @@ export PYTHONUNBUFFERED=1 MEGASPARSE_CACHE=/tmp/megasparse_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 run() {  # name, then megasparse train arguments
   local name=$1; shift
+  if [ -n "$only" ] && [ "$only" != "$name" ]; then return; fi
   echo "=== $name"
   timeout 240 python3 -m megasparse.cli train "$@" train.run_dir=/tmp/runs/$name train.progress_bar=false \
     > "$out/$name.log" 2>&1; echo "exit $?" | tee -a "$out/$name.log"
