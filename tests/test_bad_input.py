@@ -63,7 +63,7 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     from megasparse.errors import TrainingError
 
     trainer = _poisoned_trainer(tmp_path / "r", "stop")
-    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 1;.*train.on_nonfinite=skip"):
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 2;.*train.on_nonfinite=skip"):
         trainer.fit()
     assert trainer.step == 1  # the first step completed, the second was refused
 

@@ -119,13 +119,6 @@ class Trainer:
             signal.signal(sig, request_stop)
 
     # ------------------------------------------------------------------ data
-    def _sampler(self):
-        from megasparse.data import GlobalBatchSampler
-
-        return GlobalBatchSampler(num_samples=len(self.data.train), global_batch_size=self.batch.global_batch_size,
-                                  dp_rank=self.parallel.dp_rank, dp_size=self.batch.dp, seed=self.cfg.train.seed,
-                                  consumed_samples=self.consumed_samples)
-
     def _micro_batches(self, dataset, indices: list[int]):
         mb = self.batch.micro_batch_size
         for start in range(0, len(indices), mb):
@@ -152,7 +145,7 @@ class Trainer:
             if not self._finite_everywhere(loss):
                 if self.cfg.train.on_nonfinite == "stop":
                     raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {self.step}; lower optim.lr, check the data, "
+                        f"non-finite loss ({loss.item()}) at step {self.step + 1}; lower optim.lr, check the data, "
                         f"or set train.on_nonfinite=skip to drop such micro-batches")
                 # Skip: a zero loss tied to every parameter gives zero gradients, so the collective
                 # schedule of ZeRO stays identical on every rank while this batch contributes nothing.
@@ -277,7 +270,8 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict:
         cfg = self.cfg.train
-        sampler = iter(self._sampler())
+        sampler = iter(self.data.sampler(self.batch.global_batch_size, self.parallel.dp_rank, self.batch.dp,
+                                         consumed_samples=self.consumed_samples))
         totals, last_record = self._new_totals(), {}
         t0, steps_in_window = time.perf_counter(), 0
         bar = self._progress()
