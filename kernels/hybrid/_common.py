@@ -4,12 +4,12 @@ Errors name the bad value, what was expected, and the fix (DESIGN.md convention)
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..common import interpreting
+
 # Read once at import: TRITON_INTERPRET must be set before triton is imported anyway.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import grouped_tile_ids
 from ._common import INTERPRET, ceil_div, check_matrix
 
 
@@ -28,15 +29,7 @@ def _gate_pack_kernel(x_ptr, w_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr,
                       GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
                       PREC: tl.constexpr, SCAN: tl.constexpr):
     # Grouped launch order: GROUP_M row-tiles share each W_g column tile while it is in L2.
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(H, BN)
-    per_group = GROUP_M * n_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = grouped_tile_ids(M, tl.cdiv(H, BN), BM, GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)

@@ -1,17 +1,9 @@
-"""Small shared pieces of the TwELL kernels: interpreter detection and input checks."""
+"""Input checks shared by the TwELL kernels (they reject non-contiguous inputs with a clear error)."""
 from __future__ import annotations
-
-import os
 
 import torch
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU tests): kernels then upcast tl.dot operands to fp32,
-    because the interpreter's bf16 dot gives garbage, and use a single launch config."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_matrix(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_matrix, interpreting
+from ..common import interpreting
+from ._common import check_matrix
 from .gate import gate_twell, gate_up_dense
 from .reference import twell_ffn_reference
 from .updown import updown

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import interpreting
+from ..common import grouped_tile_ids, interpreting
 from .format import pair_dtype
 
 _INTERPRET = interpreting()
@@ -39,19 +39,6 @@ def _configs():
                                  (64, 64, 8, 4), (256, 64, 16, 3)]]
 
 
-@triton.jit
-def _tile_ids(M, n_tiles_n, BM: tl.constexpr, GROUP_M: tl.constexpr, pid=None):
-    # Grouped ordering: GROUP_M row blocks sweep the N tiles together so A tiles stay in L2.
-    if pid is None:
-        pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    per_group = GROUP_M * n_tiles_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -133,7 +120,7 @@ def _gate_twell_kernel(x_ptr, wg_ptr, cnt_ptr, pair_ptr, fire_ptr, M, D, H, col0
                        M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
                        IEEE: tl.constexpr, INTERPRET: tl.constexpr, EPI: tl.constexpr, PAIR64: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, n_tiles, BM, GROUP_M)
+    pid_m, pid_n = grouped_tile_ids(M, n_tiles, BM, GROUP_M)
     offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     offs_n = col0 + pid_n * BN + tl.arange(0, BN)          # global (internal) neuron index
     offs_k = tl.arange(0, BK)
@@ -184,7 +171,7 @@ def _gate_twell_tma_kernel(x_desc, wg_desc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, 
     # PERSIST: a grid of about one program per SM walks the tiles (grid chosen on the host).
     total = tl.cdiv(M, BM) * n_tiles
     for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0)):
-        pid_m, pid_n = _tile_ids(M, n_tiles, BM, GROUP_M, tile_id)
+        pid_m, pid_n = grouped_tile_ids(M, n_tiles, BM, GROUP_M, tile_id)
         off_m = pid_m * BM
         off_n = col0 + pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -204,7 +191,7 @@ def _gate_up_dense_tma_kernel(x_desc, wg_desc, wu_desc, h_ptr, fire_ptr, M, D, N
                               BN: tl.constexpr, COUNT_FIRES: tl.constexpr, IEEE: tl.constexpr,
                               INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                               GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, tl.cdiv(N_HOT, BN), BM, GROUP_M)
+    pid_m, pid_n = grouped_tile_ids(M, tl.cdiv(N_HOT, BN), BM, GROUP_M)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, D, BK):
@@ -231,7 +218,7 @@ def _gate_up_dense_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, fire_ptr, M, D, N_HOT, M
                           BN: tl.constexpr, COUNT_FIRES: tl.constexpr, IEEE: tl.constexpr,
                           INTERPRET: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                           GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, tl.cdiv(N_HOT, BN), BM, GROUP_M)
+    pid_m, pid_n = grouped_tile_ids(M, tl.cdiv(N_HOT, BN), BM, GROUP_M)
     offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
