@@ -45,11 +45,6 @@ from .split_pack import split_pack
 SYNC_FREE = {"enabled": True}
 CAP_HEADROOM = (1.25, 8)       # next Wc = ceil(need * 1.25) + 8, a multiple of 8
 _CAPS: dict = {}               # layer key -> [K, Wc]
-# (x storage, x version, layer key) -> the [K, Wc] a forward used: a recompute of the same forward
-# (activation checkpointing) must save tensors of the same shapes, so it reuses them exactly.
-# An entry is consumed by the call that uses it, so a plain repeated forward of the same x (a
-# benchmark loop) takes stale sizes at most once and then follows _CAPS again.
-_USED: dict = {}
 
 
 # How the gate GEMM is done: the fused Triton GEMM+pack epilogue, or cuBLAS then a pack pass
@@ -95,12 +90,6 @@ class HybridPattern:
                     self.heavy, self.cold_mask))
 
 
-def _remember(xkey, kw):
-    if len(_USED) >= 256:
-        _USED.pop(next(iter(_USED)))
-    _USED[xkey] = kw
-
-
 def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_frac: float | None,
                   _packed=None, _use_reference: bool = False, hot_multiple: int = 64) -> HybridPattern:
     """Run the gate GEMM + epilogue pack, then split into hot / heavy / cold parts.
@@ -128,17 +117,10 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
         n_hot = torch.clamp((n_hot + hot_multiple - 1) // hot_multiple * hot_multiple, max=H)
     key = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
            W0, hot_frac, hot_multiple)
-    xkey = (x.untyped_storage().data_ptr(), x.storage_offset(), x._version, key)
-    caps = None
-    if SYNC_FREE["enabled"] and not _use_reference:
-        caps = _USED.pop(xkey, None)
-        recompute = caps is not None
-        caps = caps or _CAPS.get(key)
+    caps = _CAPS.get(key) if SYNC_FREE["enabled"] and not _use_reference else None
     if caps is not None:
         # Capacity path: no host read here (see the module docstring).
         K, Wc = min(caps[0], H), max(caps[1], 1)
-        if not recompute:
-            _remember(xkey, [K, Wc])
         hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
         hot_mask.index_fill_(0, order[:K], True)   # (x[i] = True would copy the scalar host->device)
         cnt, idx, g, csc_ptr, csc_slot, flag, need = split_pack(cnt0, idx0, val0, hot_mask, Wc, flags=True)
@@ -172,8 +154,6 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
         a, b = CAP_HEADROOM
         w_need = int(need.max()) if M else 0   # same sync point as above, already waited for
         _CAPS[key] = [K, max(8, -(-(int(w_need * a) + b) // 8) * 8)]
-    if SYNC_FREE["enabled"]:
-        _remember(xkey, [K, Wc])
     hot = order[:K]
     heavy = (torch.argsort(light.to(torch.int8), stable=True)[:R] if R
              else torch.zeros(0, dtype=torch.int64, device=dev))

@@ -10,8 +10,8 @@ Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
                y += (g u) W_d^T via gathered rows           (Triton, accumulates into y)
   heavy rows:  dense torch over cold neurons, recomputed in backward (usually R = 0)
 Saved for backward: x and W_g, W_u (the caller holds them anyway), W_d^T (a transposed copy,
-cheaper to keep than to redo), the cold ELL (idx, g, u), the CSC view, and the hot panel
-[g_h | u_h] [M, 2K]. Never dense g, u or h [M, H].
+cheaper to keep than to redo); kept on ctx (data-dependent shapes, see forward): the cold ELL
+(idx, g, u), the CSC view, and the hot panel [g_h | u_h] [M, 2K]. Never dense g, u or h [M, H].
 Backward has no host sync: the L1 scale g_l1 / M stays a device tensor read by the kernel.
 """
 from __future__ import annotations
@@ -110,15 +110,28 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             l1 = l1 + h_r.abs().sum()
         l1 = l1 / max(M, 1)
         # W_d^T is saved (23 MB at H=5632) rather than re-transposed in backward (~50 us).
-        ctx.save_for_backward(x, w_gate, w_up, w_down_t, pat.cnt, pat.idx, pat.g, u, pat.csc_ptr,
-                              pat.csc_slot, hot, heavy, pat.cold_mask, gu)
+        ctx.save_for_backward(x, w_gate, w_up, w_down_t)
+        # The pattern and the values on it have data-dependent shapes (K, R and Wc follow the
+        # remembered capacities), so a recompute under activation checkpointing may size them
+        # differently and torch.utils.checkpoint would reject the mismatch. They are kept on
+        # ctx instead of going through the saved-tensor hooks: checkpointing then never
+        # recomputes them, and backward always uses the exact pattern the forward's y came from.
+        # They are small next to the dense activations checkpointing frees ([M, Wc] and [M, 2K]
+        # against [M, H]).
+        ctx.pattern = (pat.cnt, pat.idx, pat.g, u, pat.csc_ptr, pat.csc_slot, hot, heavy,
+                       pat.cold_mask, gu)
         ctx.mark_non_differentiable(pat.fire)
         return y, l1, pat.fire
 
     @staticmethod
     def backward(ctx, dy, dl1, _dfire):
-        (x, w_gate, w_up, w_down_t, cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, cold_mask,
-         gu) = ctx.saved_tensors
+        x, w_gate, w_up, w_down_t = ctx.saved_tensors
+        if ctx.pattern is None:
+            raise RuntimeError("backward ran twice through the hybrid sparse MLP; retain_graph=True "
+                               "is not supported by this op (its pattern is freed by the first "
+                               "backward). Use mlp_backend=torch for double backward.")
+        cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, cold_mask, gu = ctx.pattern
+        ctx.pattern = None   # free it now, not when the caller drops the graph (e.g. next step)
         M, D = x.shape
         H = w_gate.shape[0]
         K, R, Wc = hot.numel(), heavy.numel(), idx.shape[1]
