@@ -68,3 +68,27 @@ def test_auto_backend_switches_on_measured_nnz():
     with torch.no_grad():
         mlp(x[None])
     assert mlp.last_backend == "twell"
+
+
+def test_hybrid_under_activation_checkpointing_in_the_model():
+    """The whole model with hybrid MLPs, activation checkpointing on vs off, over several steps
+    (the first is exact, later ones run on remembered capacities that change between a layer's
+    forward and its recompute): the same gradients."""
+    from megasparse.config import ModelConfig
+    from megasparse.model.transformer import SparseLlama
+
+    ids = torch.randint(0, 256, (4, 65), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    grads = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                          ffn_hidden=512, max_seq_len=64, mlp_backend="hybrid",
+                          activation_checkpointing=ckpt)
+        model = SparseLlama(cfg).cuda()
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            out = model(ids[:, :-1], ids[:, 1:])
+            (out.ce_loss + 0.01 * out.aux_loss).backward()
+        assert all(m.last_backend == "hybrid" for m in model.modules() if isinstance(m, ReluGatedMLP))
+        grads[ckpt] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert rel(grads[True], grads[False]) < 1e-4
