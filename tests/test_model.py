@@ -122,3 +122,17 @@ def test_sequence_too_long_is_clear():
     model = SparseLlama(tiny())
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 40, dtype=torch.long))
+
+
+def test_twell_weight_layout_key_follows_updates_and_never_caches_zero3_params():
+    from megasparse.model.sparse_mlp import weight_layout_key
+
+    mlp = ReluGatedMLP(16, 32)
+    ws = (mlp.gate_weight, mlp.up_weight, mlp.down_weight)
+    key = weight_layout_key(*ws)
+    assert key is not None and weight_layout_key(*ws) == key
+    with torch.no_grad():
+        mlp.up_weight.add_(1.0)          # an in-place optimizer update
+    assert weight_layout_key(*ws) != key
+    mlp.down_weight.ds_id = 7            # what DeepSpeed ZeRO-3 tags its partitioned params with
+    assert weight_layout_key(*ws) is None

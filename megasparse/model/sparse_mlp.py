@@ -45,13 +45,26 @@ def torch_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     return MLPResult(y, l1, active.sum(0, dtype=torch.int32), active.sum(1, dtype=torch.int32))
 
 
+def weight_layout_key(*weights: torch.Tensor) -> tuple | None:
+    """When the kernel's weight layout may be reused: the key changes whenever a weight does, or
+    None when that cannot be told cheaply and the layout must be rebuilt on every call.
+
+    A plain parameter's version counter moves on every in-place optimizer update, and a new
+    tensor has a new address. A ZeRO-3 parameter is gathered into a fresh buffer per forward: the
+    caching allocator can hand back the same address, and the parameter keeps its own version
+    counter while DeepSpeed updates only the partitions, so (address, version) could repeat after
+    an optimizer step and serve a stale layout. Those are never cached (eval forwards only)."""
+    if any(hasattr(w, "ds_id") for w in weights):
+        return None
+    return tuple((w.data_ptr(), w._version) for w in weights)
+
+
 def _twell_forward(x, w_gate, w_up, w_down, cache: dict) -> MLPResult:
     import kernels.twell as twell  # lazily: CPU runs never need Triton
 
-    # Re-derive the kernel's weight layout only when a parameter changed (its version counter
-    # moves on every in-place optimizer update) or was replaced (ZeRO-3 gathers new storage).
-    key = tuple((w.data_ptr(), w._version) for w in (w_gate, w_up, w_down))
-    if cache.get("key") != key:
+    # Re-derive the kernel's weight layout only when a parameter changed (weight_layout_key).
+    key = weight_layout_key(w_gate, w_up, w_down)
+    if key is None or cache.get("key") != key:
         cache["key"], cache["weights"] = key, twell.prepare_weights(w_gate, w_up, w_down)
     y = twell.twell_ffn(x, cache["weights"])
     return MLPResult(y, x.new_zeros((), dtype=torch.float32), None)
