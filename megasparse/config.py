@@ -186,6 +186,7 @@ class DataConfig:
     seq_len: int = 256
     valid_fraction: float = 0.05         # bundled text only: held-out share, split by document
     num_workers: int = 0
+    verify_shards: bool = False          # hash every shard against metadata.json at start (reads all data)
 
     def __post_init__(self) -> None:
         _check(self.seq_len > 0, f"data.seq_len={self.seq_len} must be positive")

@@ -17,7 +17,7 @@ import numpy as np
 from megasparse.data.bundled import bundled_text_sha256, read_bundled_documents
 from megasparse.data.packed import PackedSequenceDataset
 from megasparse.data.sampler import GlobalBatchSampler
-from megasparse.data.shards import content_hash, open_preprocessed, token_dtype
+from megasparse.data.shards import content_hash, open_preprocessed, token_dtype, verify_checksums
 from megasparse.data.splits import SPLIT_SEED, split_document_indices
 from megasparse.data.token_store import InMemoryTokens
 from megasparse.data.tokenizer import Tokenizer, cache_dir, demo_tokenizer
@@ -115,7 +115,9 @@ def _build_bundled(data_cfg, vocab_size: int, seed: int) -> DataBundle:
 
 
 def _build_preprocessed(data_cfg, vocab_size: int, seed: int) -> DataBundle:
-    data = open_preprocessed(data_cfg.path)
+    data = open_preprocessed(data_cfg.path)   # always checks every shard's presence and size
+    if data_cfg.verify_shards:                # the content too: a same-size corruption
+        verify_checksums(data)
     meta = data.metadata
     tokenizer = Tokenizer(data_cfg.tokenizer or data.tokenizer_path)
     if tokenizer.sha256 != meta["tokenizer_sha256"]:

@@ -1,4 +1,4 @@
-"""`megasparse data corpus | tokenizer | preprocess`: the offline data pipeline.
+"""`megasparse data corpus | tokenizer | preprocess | verify`: the offline data pipeline.
 
 Handlers import their modules lazily so that `megasparse --help` does not load datasets.
 """
@@ -27,6 +27,16 @@ def _preprocess(args: argparse.Namespace) -> int:
     preprocess(inputs=args.input, tokenizer_path=args.tokenizer, out_dir=args.out,
                valid_fraction=args.valid_fraction, num_proc=args.num_proc, text_field=args.text_field,
                hf_split=args.split, text_unit=args.text_unit, shard_tokens=args.shard_tokens)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from megasparse.data.shards import open_preprocessed, verify_checksums
+    data = open_preprocessed(args.path)
+    verify_checksums(data)    # raises DataError naming the first corrupt shard
+    shards = sum(len(data.metadata["splits"][s]["shards"]) for s in data.splits)
+    tokens = sum(data.metadata["splits"][s]["num_tokens"] for s in data.splits)
+    print(f"{args.path}: {shards} shards, {tokens} tokens, every sha256 matches metadata.json")
     return 0
 
 
@@ -63,3 +73,7 @@ def register(subparsers) -> None:
                      help="what one document is in a .txt file")
     pre.add_argument("--shard-tokens", type=int, default=1 << 28, help="cut a shard after this many tokens")
     pre.set_defaults(func=_preprocess)
+
+    verify = commands.add_parser("verify", help="check every shard's sha256 against metadata.json")
+    verify.add_argument("path", help="a `megasparse data preprocess` output directory")
+    verify.set_defaults(func=_verify)

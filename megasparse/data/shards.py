@@ -161,7 +161,8 @@ def open_preprocessed(path: str) -> PreprocessedData:
 
 
 def verify_checksums(data: PreprocessedData) -> None:
-    """Hash every shard against metadata.json (reads all the data; for `data verify` and tests)."""
+    """Hash every shard against metadata.json (reads all the data): `megasparse data verify`, and
+    at start-up with data.verify_shards=true. Opening a directory checks only sizes."""
     for split in SPLITS:
         for shard in data.metadata["splits"][split]["shards"]:
             file = os.path.join(data.path, shard["file"])

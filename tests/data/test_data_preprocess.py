@@ -156,6 +156,26 @@ def test_corrupt_shard_names_the_file(preprocessed, tmp_path, vocab):
         verify_checksums(open_preprocessed(str(broken)))
 
 
+def test_same_size_valid_id_corruption_is_caught_by_verification(preprocessed, tmp_path, vocab, capsys):
+    """Two tokens swapped: sizes and ids stay valid, so only the sha256 can tell."""
+    from megasparse.cli import main
+    assert main(["data", "verify", str(preprocessed)]) == 0
+    assert "every sha256 matches" in capsys.readouterr().out
+    broken = _copy(preprocessed, tmp_path / "broken")
+    shard = broken / "valid-00000.bin"
+    data = bytearray(shard.read_bytes())
+    item = open_preprocessed(str(broken)).splits["valid"].dtype.itemsize
+    first, second = bytes(data[:item]), bytes(data[item:2 * item])
+    assert first != second
+    data[:item], data[item:2 * item] = second, first
+    shard.write_bytes(bytes(data))
+    build_data(_config(broken), vocab_size=vocab, seed=0)        # opening checks sizes only
+    with pytest.raises(DataError, match="valid-00000.bin is corrupt: its sha256"):
+        build_data(_config(broken, verify_shards=True), vocab_size=vocab, seed=0)
+    assert main(["data", "verify", str(broken)]) == 2
+    assert "valid-00000.bin is corrupt" in capsys.readouterr().err
+
+
 def test_tokenizer_hash_mismatch_is_a_clear_error(preprocessed, tmp_path, vocab):
     from megasparse.data.bundled import read_bundled_text
     other_text = tmp_path / "other.txt"
