@@ -30,13 +30,18 @@ def losses_by_step(run_dir):
 
 def final_weights(run_dir, tag="step00000008"):
     path = os.path.join(run_dir, "checkpoints", tag, "mp_rank_00_model_states.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    # ZeRO-3 keeps only partitions: rebuild the fp32 weights from every rank's shard
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(os.path.join(run_dir, "checkpoints"), tag=tag)
 
 
 CASES = {
     "zero1": (1, ["parallel.zero_stage=1"]),
     "zero2_dp2": (2, ["parallel.zero_stage=2"]),
     "tp2_dp2_zero2": (4, ["parallel.zero_stage=2", "parallel.tp=2"]),
+    "zero3_dp2": (2, ["parallel.zero_stage=3"]),
 }
 
 
@@ -72,12 +77,15 @@ def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path):
     assert (ckpt / "latest").read_text() == "step00000008"
 
 
-def test_resume_at_dp1_from_dp2_checkpoint_sees_same_global_batches(tmp_path):
+@pytest.mark.parametrize("stage,tp", [(1, 1), (3, 1), (1, 2)])
+def test_resume_at_dp1_from_dp2_checkpoint_sees_same_global_batches(tmp_path, stage, tp):
+    """Through a DeepSpeed universal checkpoint. ZeRO-3 caught two loader bugs we work around
+    (shared Adam step tensor, group 0's weight decay copied to every group)."""
     common = ["train.max_steps=8", "train.save_interval=4", "train.global_batch_size=4",
-              "train.micro_batch_size=2", "parallel.zero_stage=1"]
-    check(launch(2, tmp_path / "dp2", *common))
-    run(driver_cmd(2, tmp_path / "switch", "--kill-after-save", 4, *common))
-    check(launch(1, tmp_path / "switch", *common, "train.resume=auto"))  # dp=1: accumulation 2
+              "train.micro_batch_size=2", f"parallel.zero_stage={stage}", f"parallel.tp={tp}"]
+    check(launch(2 * tp, tmp_path / "dp2", *common))
+    run(driver_cmd(2 * tp, tmp_path / "switch", "--kill-after-save", 4, *common))
+    check(launch(tp, tmp_path / "switch", *common, "train.resume=auto"))  # dp=1: accumulation 2
     straight, switched = losses_by_step(tmp_path / "dp2"), losses_by_step(tmp_path / "switch")
     for step in range(1, 9):
         assert switched[step][0] == pytest.approx(straight[step][0], rel=1e-5), step
@@ -119,3 +127,28 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     tag = (run_dir / "checkpoints" / "latest").read_text()
     step = int(tag.removeprefix("step"))
     assert 2 <= step < 100000 and read_metrics(run_dir)[-1]["step"] <= step
+
+
+def test_zero3_dp_change_under_tp_is_refused_before_loading(tmp_path):
+    """DeepSpeed's ZeRO-3 universal loader cannot merge our TP shards: the plan says so up front."""
+    import json
+    from types import SimpleNamespace
+
+    from megasparse.config import load_config
+    from megasparse.errors import CheckpointError
+    from megasparse.train.resume import plan_resume
+
+    cfg = load_config("configs/demo.yaml", [*TINY, "parallel.zero_stage=3", "parallel.tp=2",
+                                            "train.resume=auto"])
+    tag = tmp_path / "step00000004"
+    tag.mkdir()
+    (tmp_path / "latest").write_text("step00000004")
+    (tag / "megasparse.json").write_text(json.dumps({
+        "config": {"model": dict(cfg.model.__dict__)}, "tp": 2, "dp": 2, "zero_stage": 3,
+        "tokenizer_hash": "t", "data_hash": "d"}))
+    trainer = SimpleNamespace(cfg=cfg, ckpt_dir=str(tmp_path), is_main=True, batch=SimpleNamespace(dp=1),
+                              dist=SimpleNamespace(rank=0), data=SimpleNamespace(check_resume=lambda *a: None))
+    with pytest.raises(CheckpointError, match="works at tp=1 only.*reset_optimizer_on_resume=true"):
+        plan_resume(trainer)
+    cfg.train.reset_optimizer_on_resume = True     # weights only: allowed
+    assert plan_resume(trainer).universal is False

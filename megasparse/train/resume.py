@@ -9,6 +9,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+import torch
+
 from megasparse.errors import CheckpointError
 from megasparse.train.checkpoint import check_compatible, load_rng_state, read_meta, resolve_resume
 from megasparse.train.universal import ensure_universal
@@ -44,12 +46,20 @@ def plan_resume(trainer) -> ResumePlan | None:
     same_dp = meta["dp"] == trainer.batch.dp
     universal = False
     if not same_dp and not reset:
-        if cfg.parallel.zero_stage == 3 or meta["zero_stage"] != cfg.parallel.zero_stage:
+        if meta["zero_stage"] != cfg.parallel.zero_stage:
             raise CheckpointError(
                 f"{where} was saved at DP={meta['dp']} with ZeRO-{meta['zero_stage']}; resuming at DP={trainer.batch.dp} "
-                f"with ZeRO-{cfg.parallel.zero_stage} is supported for ZeRO-0/1/2 with the same stage only. Resume "
-                f"at the saved layout, or set train.reset_optimizer_on_resume=true (weights only, fresh optimizer)")
-        if cfg.parallel.zero_stage in (1, 2):
+                f"with ZeRO-{cfg.parallel.zero_stage} is supported with the same ZeRO stage only. Resume with "
+                f"parallel.zero_stage={meta['zero_stage']}, or set train.reset_optimizer_on_resume=true "
+                f"(weights only, fresh optimizer)")
+        if cfg.parallel.zero_stage == 3 and cfg.parallel.tp > 1:
+            # DeepSpeed's ZeRO-3 universal loader merges TP shards only for its own AutoTP
+            # layout; on ours it fails deep inside the load (measured on 0.19.8).
+            raise CheckpointError(
+                f"{where} was saved at DP={meta['dp']} with ZeRO-3 and tp={cfg.parallel.tp}; changing the DP degree "
+                f"of a ZeRO-3 checkpoint works at tp=1 only. Resume at DP={meta['dp']}, or set "
+                f"train.reset_optimizer_on_resume=true (weights only, fresh optimizer)")
+        if cfg.parallel.zero_stage in (1, 2, 3):
             tag = ensure_universal(load_dir, tag, trainer.dist.rank)
             universal = True
     if reset and trainer.is_main:
@@ -59,14 +69,35 @@ def plan_resume(trainer) -> ResumePlan | None:
     return ResumePlan(load_dir, tag, where, meta, reset, same_dp, universal)
 
 
+# Param-group entries that are not hyperparameters, or that the LR scheduler owns.
+_NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
+
+
+def _group_hyperparameters(optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMETERS} for g in optimizer.param_groups]
+
+
 def apply_resume(trainer, plan: ResumePlan) -> None:
     reset = plan.reset
+    # DeepSpeed's ZeRO-3 universal loader copies param group 0's hyperparameters into EVERY
+    # group, so the no-decay group (norms) would resume with weight decay. Ours come from the
+    # config, so they are put back after any universal load.
+    groups = _group_hyperparameters(trainer.lr_scheduler.optimizer)
     _path, client = trainer.engine.load_checkpoint(
         plan.load_dir, tag=plan.tag, load_optimizer_states=not reset, load_lr_scheduler_states=not reset,
         load_module_only=reset, load_module_strict=True)
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load {plan.source}; check that its files are complete")
     scheduler = trainer.lr_scheduler
+    if plan.universal:
+        for group, hyper in zip(scheduler.optimizer.param_groups, groups):
+            group.update(hyper)
+        # The same loader also hands ONE step tensor to every parameter's state; torch's Adam
+        # increments it in place once per parameter, so the bias correction would run ahead
+        # (found by the ZeRO-3 DP-change test: the step went 4 -> 6 in one step).
+        for state in scheduler.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     if not reset:
         # DeepSpeed's universal ZeRO loader restores the optimizer's moments but not its param
         # groups, so the first resumed step would use the LR of step 0; take it from the
