@@ -72,7 +72,8 @@ class Trainer:
         self.l1_schedule = build_l1_schedule(cfg.sparsity, hidden_size=cfg.model.ffn_hidden)
         hidden_local = cfg.model.ffn_hidden // cfg.parallel.tp
         self.stats = SparsityStats(cfg.model.n_layers, hidden_local, cfg.model.ffn_hidden, self.dist.device,
-                                   window_tokens=cfg.sparsity.stats_window_tokens)
+                                   window_tokens=cfg.sparsity.stats_window_tokens,
+                                   tp_group=self.parallel.tp_group)
         self.reinit = DeadNeuronReinit(cfg.sparsity, cfg.model.init_std, cfg.train.seed, self.parallel.tp_rank)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step = 0

@@ -52,10 +52,10 @@ def _direct(layers, xs):
     return out
 
 
-def _check(rec, direct, stats=None, tp_group=None, direct_max=None):
+def _check(rec, direct, stats=None, tp_group=None):
     assert rec["nnz_per_token_layer"] == pytest.approx(direct["nnz"])
     assert rec["nnz_fraction_layer"] == pytest.approx([v / H for v in direct["nnz"]])
-    assert rec["nnz_max_layer"] == (direct_max or direct)["max"]
+    assert rec["nnz_max_layer"] == direct["max"]
     assert rec["dead_fraction_layer"] == pytest.approx(direct["dead"])
     assert rec["l1_layer"] == pytest.approx(direct["l1"], rel=1e-5)
     assert rec["nnz_per_token"] == pytest.approx(sum(direct["nnz"]) / L)
@@ -129,11 +129,15 @@ def _check_mode(rank, world, mode):
         singles = [dist.new_group([r]) for r in range(world)]
         xs = _batches(2, seed=20)
         shard = H // world
-        stats = SparsityStats(L, shard, H, torch.device("cpu"))
+        stats = SparsityStats(L, shard, H, torch.device("cpu"), tp_group=dist.group.WORLD)
         _feed(stats, layers, xs, rows=slice(rank * shard, (rank + 1) * shard))
         rec = stats.reduce_and_reset(dp_group=singles[rank], tp_group=dist.group.WORLD)
-        # Under TP the max is taken on the interval's last micro-batch (see stats.py).
-        _check(rec, _direct(layers, xs), stats, tp_group=dist.group.WORLD, direct_max=_direct(layers, xs[-1:]))
+        # The max over every micro-batch of the interval, each token's count summed over shards
+        # (here the first micro-batch holds it: a max of the last one only would fail).
+        assert _direct(layers, xs)["max"] != _direct(layers, xs[-1:])["max"]
+        _check(rec, _direct(layers, xs), stats, tp_group=dist.group.WORLD)
+        with pytest.raises(ValueError, match="pass the tensor-parallel group"):
+            SparsityStats(L, shard, H, torch.device("cpu"))
 
 
 def _free_port():
