@@ -37,14 +37,39 @@ def test_tp2_to_tp1_conversion_gives_same_logits(tmp_path):
     torch.testing.assert_close(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_converted_checkpoint_needs_the_reset_flag_and_right_tp(tmp_path):
+def test_weights_only_conversion_needs_the_reset_flag_and_right_tp(tmp_path):
     common = ["train.global_batch_size=2", "train.micro_batch_size=2", "parallel.tp=2", "train.max_steps=2"]
     check(run(torchrun_cmd(2, tmp_path / "tp2", *common)))
     ckpt = tmp_path / "tp2" / "checkpoints"
-    check(run([sys.executable, "-m", "megasparse.cli", "convert", str(ckpt), str(tmp_path / "tp1"), "--tp", "1"]))
+    check(run([sys.executable, "-m", "megasparse.cli", "convert", str(ckpt), str(tmp_path / "tp1"), "--tp", "1",
+               "--weights-only"]))
     no_flag = run([sys.executable, "-m", "megasparse.cli", "train", "configs/demo.yaml", *TINY,
                    f"train.run_dir={tmp_path / 'x'}", f"train.resume={tmp_path / 'tp1'}", "train.max_steps=3"])
     assert no_flag.returncode != 0 and "reset_optimizer_on_resume=true" in no_flag.stderr
     wrong_tp = run([sys.executable, "-m", "megasparse.cli", "train", "configs/demo.yaml", *TINY,
                     f"train.run_dir={tmp_path / 'y'}", f"train.resume={ckpt}", "train.max_steps=3"])
     assert wrong_tp.returncode != 0 and "megasparse convert" in wrong_tp.stderr
+
+
+@pytest.mark.parametrize("src_tp,dst_tp", [(2, 1), (1, 2)])
+def test_conversion_carries_adam_moments(tmp_path, src_tp, dst_tp):
+    """ZeRO-1 at tp=A x dp=2, killed after step 4, converted to tp=B and resumed there (at dp=2):
+    the per-step losses continue as the uninterrupted run's, which needs the moments (a fresh
+    optimizer changes step 5's update). K/V are replicated at tp=2 (n_kv_heads=1)."""
+    from tests.test_resume import driver_cmd, losses_by_step
+
+    common = ["train.max_steps=8", "train.save_interval=4", "train.global_batch_size=4",
+              "train.micro_batch_size=2", "parallel.zero_stage=1"]
+    check(run(torchrun_cmd(2 * src_tp, tmp_path / "straight", *common, f"parallel.tp={src_tp}")))
+    run(driver_cmd(2 * src_tp, tmp_path / "src", "--kill-after-save", 4, *common, f"parallel.tp={src_tp}"))
+    conv = run([sys.executable, "-m", "megasparse.cli", "convert", str(tmp_path / "src" / "checkpoints"),
+                str(tmp_path / "conv"), "--tp", str(dst_tp)])
+    check(conv)
+    assert "Adam moments" in conv.stdout
+    resumed = tmp_path / "resumed"
+    check(run(torchrun_cmd(2 * dst_tp, resumed, *common, f"parallel.tp={dst_tp}",
+                           f"train.resume={tmp_path / 'conv'}")))
+    straight, again = losses_by_step(tmp_path / "straight"), losses_by_step(resumed)
+    assert sorted(again) == [5, 6, 7, 8]
+    for step in again:
+        assert again[step][0] == pytest.approx(straight[step][0], rel=1e-5), step

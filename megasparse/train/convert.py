@@ -1,10 +1,12 @@
-"""`megasparse convert SRC DST --tp B`: reshard a checkpoint's model from tp=A to tp=B.
+"""`megasparse convert SRC DST --tp B`: reshard a checkpoint from tp=A to tp=B.
 
 The shards of every TP rank are pasted into full tensors (using the sharding recorded in the
 checkpoint's megasparse.json), then cut for the new degree. The output is a DeepSpeed-loadable
-checkpoint folder holding the model and the training position (step, consumed samples, L1
-schedule); optimizer moments are not carried over (ZeRO keeps them as flat per-rank partitions
-whose layout depends on TP), so it resumes with `train.reset_optimizer_on_resume=true`.
+checkpoint folder holding the model, the LR schedule and the training position (step,
+consumed samples, L1 schedule). For a ZeRO-1/2 source the Adam moments and fp32 master weights
+come too, as a universal checkpoint resharded for tp=B beside it (convert_optimizer.py); the
+run resumes from it at any DP degree. Otherwise (ZeRO-0, or `--weights-only`) the moments are
+left behind and the run resumes with `train.reset_optimizer_on_resume=true`.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import torch
 
 from megasparse.errors import CheckpointError
 from megasparse.train.checkpoint import META, read_meta, resolve_resume, tag_for_step, write_latest
+from megasparse.train.universal import UNIVERSAL_COMPLETE, UNIVERSAL_SUFFIX, ensure_universal
 
-_DEEPSPEED_KEYS = ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes", "frozen_param_shapes",
+_DEEPSPEED_KEYS = ("module", "optimizer", "buffer_names", "param_shapes", "frozen_param_shapes",
                    "shared_params", "frozen_param_fragments", "ds_config", "ds_version", "sparse_tensor_module_names")
 
 
@@ -65,7 +68,14 @@ def split_full(full: dict, shard_info: dict, tp: int, n_kv_heads: int) -> list[d
     return out
 
 
-def convert(src: str, dst: str, tp: int) -> str:
+def _write_model_files(folder: str, modules: list[dict], client: dict, tp: int, step: int) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for rank, module in enumerate(modules):
+        torch.save({**client, "module": module, "mp_world_size": tp, "dp_world_size": 1, "global_steps": step,
+                    "skipped_steps": 0}, _model_file(folder, rank))
+
+
+def convert(src: str, dst: str, tp: int, weights_only: bool = False) -> str:
     from megasparse.config import config_from_dict
 
     found = resolve_resume(src, src)
@@ -89,14 +99,16 @@ def convert(src: str, dst: str, tp: int) -> str:
     full = merge_shards([s["module"] for s in shards], meta.get("shards", {}))
     out_tag = tag_for_step(meta["step"])
     out_folder = os.path.join(dst, out_tag)
-    os.makedirs(out_folder, exist_ok=True)
     client = {k: v for k, v in shards[0].items() if k not in _DEEPSPEED_KEYS}
     client["config"] = cfg_dict
     n_kv = meta["config"]["model"]["n_kv_heads"]
-    for rank, module in enumerate(split_full(full, meta.get("shards", {}), tp, n_kv)):
-        torch.save({**client, "module": module, "mp_world_size": tp, "dp_world_size": 1, "global_steps": meta["step"],
-                    "skipped_steps": 0}, _model_file(out_folder, rank))
-    new_meta = {**meta, "tp": tp, "dp": None, "config": cfg_dict, "optimizer_states": False,
+    modules = split_full(full, meta.get("shards", {}), tp, n_kv)
+    _write_model_files(out_folder, modules, client, tp, meta["step"])
+    moments = not weights_only and meta["zero_stage"] in (1, 2) and meta.get("optimizer_states", True) is True
+    if moments:
+        _convert_moments(load_dir, tag, os.path.join(dst, out_tag + UNIVERSAL_SUFFIX), modules, client, meta, tp)
+    new_meta = {**meta, "tp": tp, "dp": None, "config": cfg_dict,
+                "optimizer_states": "universal" if moments else False,
                 "converted_from": {"path": os.path.abspath(folder), "tp": meta["tp"]}}
     new_meta["shards"] = {n: {**i, "replicas": _replicas_for(n, tp, n_kv)} for n, i in meta.get("shards", {}).items()}
     with open(os.path.join(out_folder, META), "w") as fh:
@@ -105,11 +117,35 @@ def convert(src: str, dst: str, tp: int) -> str:
     return out_folder
 
 
+def _convert_moments(load_dir: str, tag: str, out: str, modules: list[dict], client: dict, meta: dict,
+                     tp: int) -> None:
+    """The ZeRO-1/2 optimizer state as a universal checkpoint for the new TP degree (see module doc)."""
+    from megasparse.train.convert_optimizer import reshard_universal
+
+    try:
+        src_universal = os.path.join(load_dir, ensure_universal(load_dir, tag, rank=0))
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}\nor convert with --weights-only (fresh optimizer moments)") from err
+    _write_model_files(out, modules, client, tp, meta["step"])
+    reshard_universal(src_universal, out, meta.get("shards", {}), meta["tp"], tp,
+                      meta["config"]["model"]["n_kv_heads"])
+    open(os.path.join(out, UNIVERSAL_COMPLETE), "w").close()
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="reshard a checkpoint to another tensor-parallel degree")
     p.add_argument("src", help="a checkpoints folder (its `latest`) or one step folder")
     p.add_argument("dst", help="output checkpoints folder")
     p.add_argument("--tp", type=int, required=True, help="the new parallel.tp")
-    p.set_defaults(func=lambda args: print(f"wrote {convert(args.src, args.dst, args.tp)}; resume it with "
-                                           f"train.resume={args.dst} train.reset_optimizer_on_resume=true "
-                                           f"parallel.tp={args.tp}") or 0)
+    p.add_argument("--weights-only", action="store_true",
+                   help="leave the optimizer moments behind (resume with train.reset_optimizer_on_resume=true)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    out = convert(args.src, args.dst, args.tp, weights_only=args.weights_only)
+    carried = read_meta(os.path.dirname(out), os.path.basename(out))["optimizer_states"] == "universal"
+    extra = "" if carried else " train.reset_optimizer_on_resume=true"
+    what = "model, LR schedule and Adam moments" if carried else "model and LR schedule (no optimizer moments)"
+    print(f"wrote {out}: {what}; resume it with train.resume={args.dst} parallel.tp={args.tp}{extra}")
+    return 0

@@ -13,7 +13,7 @@ import torch
 
 from megasparse.errors import CheckpointError
 from megasparse.train.checkpoint import check_compatible, load_rng_state, read_meta, resolve_resume
-from megasparse.train.universal import ensure_universal
+from megasparse.train.universal import UNIVERSAL_SUFFIX, ensure_universal
 
 
 @dataclass
@@ -40,12 +40,21 @@ def plan_resume(trainer) -> ResumePlan | None:
     check_compatible(meta, cfg.model.__dict__, cfg.parallel.tp, where)
     trainer.data.check_resume(meta["tokenizer_hash"], meta["data_hash"], where)
     reset = cfg.train.reset_optimizer_on_resume
-    if not meta.get("optimizer_states", True) and not reset:
-        raise CheckpointError(f"{where} holds no optimizer state (it was written by `megasparse convert`); "
-                              f"resume it with train.reset_optimizer_on_resume=true")
+    states = meta.get("optimizer_states", True)
+    if not states and not reset:
+        raise CheckpointError(f"{where} holds no optimizer state (it was written by `megasparse convert "
+                              f"--weights-only` or from a ZeRO-0 run); resume it with "
+                              f"train.reset_optimizer_on_resume=true")
     same_dp = meta["dp"] == trainer.batch.dp
     universal = False
-    if not same_dp and not reset:
+    if states == "universal" and not reset:
+        # `megasparse convert` output: the moments exist only as a universal checkpoint beside it.
+        if cfg.parallel.zero_stage not in (1, 2):
+            raise CheckpointError(f"{where} carries its optimizer moments as a universal checkpoint (from "
+                                  f"`megasparse convert`), which loads under ZeRO-1/2 only; set "
+                                  f"parallel.zero_stage=1 or 2, or train.reset_optimizer_on_resume=true")
+        tag, universal, same_dp = tag + UNIVERSAL_SUFFIX, True, False
+    elif not same_dp and not reset:
         if meta["zero_stage"] != cfg.parallel.zero_stage:
             raise CheckpointError(
                 f"{where} was saved at DP={meta['dp']} with ZeRO-{meta['zero_stage']}; resuming at DP={trainer.batch.dp} "

@@ -18,6 +18,7 @@ from deepspeed.checkpoint import constants as C
 from megasparse.errors import CheckpointError
 
 UNIVERSAL_SUFFIX = "_universal"
+UNIVERSAL_COMPLETE = ".complete"   # written last into a finished universal folder
 
 
 _REPLICATED = [r".*norm\.weight$"]
@@ -45,7 +46,7 @@ def ensure_universal(load_dir: str, tag: str, rank: int) -> str:
 
     out_tag = tag + UNIVERSAL_SUFFIX
     out = os.path.join(load_dir, out_tag)
-    done = os.path.join(out, ".complete")
+    done = os.path.join(out, UNIVERSAL_COMPLETE)
     if rank == 0 and not os.path.isfile(done):
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                os.path.join(load_dir, tag), "--output_folder", out, "--num_extract_workers", "1",
