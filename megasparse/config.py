@@ -38,6 +38,7 @@ class ModelConfig:
     mlp: str = "relu_gated"              # relu_gated (sparse, L1) | swiglu (dense baseline)
     mlp_backend: str = "auto"            # auto | torch | twell | hybrid (see model/sparse_mlp.py)
     sparse_nnz_threshold: float = 0.05   # auto: use the sparse training kernel below this nnz/H
+    sparse_calibration: bool = True      # auto: ... and only if it measured faster for that layer
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5

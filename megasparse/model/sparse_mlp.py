@@ -11,8 +11,9 @@ Backends (``model.mlp_backend``):
 - ``twell``: ``kernels.twell`` inference kernels (no autograd): eval and generation on CUDA.
 - ``hybrid``: ``kernels.hybrid`` sparse training kernels (autograd) on CUDA.
 - ``auto``: CUDA + grad enabled + this layer's measured nnz/H under
-  ``model.sparse_nnz_threshold`` -> hybrid; CUDA + no grad -> twell; otherwise torch.
-  Activations are dense early in training, where the dense path is faster.
+  ``model.sparse_nnz_threshold`` -> hybrid, if it measured faster than torch for this layer
+  (``model.sparse_calibration``, backend_calibration.py); CUDA + no grad -> twell; otherwise
+  torch. Activations are dense early in training, where the dense path is faster.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megasparse.errors import ConfigError
+from megasparse.model.backend_calibration import BackendCalibration, time_forward_backward_ms
 
 
 @dataclass
@@ -96,6 +98,16 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _gathered(params):
+    """DeepSpeed ZeRO-3 gathers partitioned parameters only inside a module's forward."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 class ReluGatedMLP(nn.Module):
     """The sparse MLP. It owns its three weights directly (nn.Linear layouts: gate/up [H, D],
     down [D, H], H being this rank's shard) because the backends consume the weights as one
@@ -106,7 +118,7 @@ class ReluGatedMLP(nn.Module):
     """
 
     def __init__(self, d_model: int, hidden: int, backend: str = "auto", sparse_nnz_threshold: float = 0.05,
-                 enter_region=_identity, leave_region=_identity):
+                 enter_region=_identity, leave_region=_identity, calibrate: bool = True):
         super().__init__()
         self.gate_weight = nn.Parameter(torch.empty(hidden, d_model))
         self.up_weight = nn.Parameter(torch.empty(hidden, d_model))
@@ -118,17 +130,36 @@ class ReluGatedMLP(nn.Module):
         self.measured_nnz_fraction = 1.0
         self.last_backend = "torch"
         self._twell_cache: dict = {}
+        self.calibration = BackendCalibration(enabled=calibrate)
 
     def local_forward(self, x2d: torch.Tensor) -> MLPResult:
         """The MLP on this rank's shard, before any tensor-parallel reduction of y."""
         wg, wu, wd = self.gate_weight, self.up_weight, self.down_weight
         backend = choose_backend(self.backend, x2d, self.measured_nnz_fraction, self.sparse_nnz_threshold)
+        if backend == "hybrid" and self.backend == "auto":
+            backend = self.calibration.backend(self.measured_nnz_fraction)
+            if self.calibration.wants_sample():
+                self.calibration.sample = x2d.detach()   # measured at the next log interval
         self.last_backend = backend
         if backend == "torch":
             return torch_gated_mlp(x2d, wg, wu, wd)
         if backend == "twell":
             return _twell_forward(x2d, wg, wu, wd, self._twell_cache)
         return _hybrid_forward(x2d, wg, wu, wd)
+
+    def calibrate_pending(self) -> str | None:
+        """Time dense vs hybrid on the kept input (outside autograd: the trainer calls this at log
+        intervals through SparseLlama.set_measured_nnz); returns the choice, or None if nothing
+        was pending. Every rank must call it at the same point (it all-reduces the timings)."""
+        cal = self.calibration
+        if cal.sample is None or not cal.wants_sample():
+            return None
+        x = cal.sample
+        weights = [self.gate_weight, self.up_weight, self.down_weight]
+        fns = {"torch": torch_gated_mlp, "hybrid": _hybrid_forward}
+        with _gathered(weights):   # ZeRO-3 keeps only partitions outside forward
+            measure = lambda b: time_forward_backward_ms(fns[b], x, weights, cal.warmup, cal.iters)  # noqa: E731
+            return cal.decide(self.measured_nnz_fraction, measure)
 
     def forward(self, x: torch.Tensor):
         """(y, l1, fire_counts, token_nnz); the last two are None where a backend cannot tell."""

@@ -130,7 +130,7 @@ class DecoderBlock(nn.Module):
             enter, leave = plan.mlp_regions()
             # The sparse MLP owns its weights, so it is given its local width and tagged after.
             self.mlp = ReluGatedMLP(cfg.d_model, cfg.ffn_hidden // tp, cfg.mlp_backend,
-                                    cfg.sparse_nnz_threshold, enter, leave)
+                                    cfg.sparse_nnz_threshold, enter, leave, calibrate=cfg.sparse_calibration)
             plan.shard_sparse_mlp(self.mlp)
         else:
             # SwiGLU builds its projections through the factory, which takes full sizes.
@@ -202,11 +202,18 @@ class SparseLlama(nn.Module):
                            tokens=input_ids.numel(),
                            logits=result if labels is None else None)
 
-    def set_measured_nnz(self, fractions: list[float]) -> None:
-        """Per-layer measured nnz/H, which the `auto` backend compares with its threshold."""
-        for layer, frac in zip(self.layers, fractions):
+    def set_measured_nnz(self, fractions: list[float]) -> dict:
+        """Per-layer measured nnz/H, which the `auto` backend compares with its threshold; layers
+        that became eligible since the last call are timed dense vs sparse now (all ranks call
+        this at the same log interval). Returns {layer index: (choice, {backend: ms})} for those."""
+        decided = {}
+        for i, (layer, frac) in enumerate(zip(self.layers, fractions)):
             if isinstance(layer.mlp, ReluGatedMLP):
                 layer.mlp.measured_nnz_fraction = float(frac)
+                choice = layer.mlp.calibrate_pending()
+                if choice is not None:
+                    decided[i] = (choice, layer.mlp.calibration.timings_ms)
+        return decided
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -229,7 +229,12 @@ class Trainer:
         sparsity = self.stats.reduce_and_reset(self.parallel.dp_group, self.parallel.tp_group)
         nnz_frac = sparsity.get("nnz_fraction_layer")
         if nnz_frac:
-            self.engine.module.set_measured_nnz(nnz_frac)
+            decided = self.engine.module.set_measured_nnz(nnz_frac)
+            if decided and self.is_main:
+                for layer, (choice, ms) in decided.items():
+                    print(f"layer {layer} MLP: dense {ms['torch']:.3f} ms vs sparse {ms['hybrid']:.3f} ms per "
+                          f"forward+backward (rank 0) -> {'hybrid' if choice == 'hybrid' else 'stays dense'}",
+                          flush=True)
         tokens = steps * self.batch.global_batch_size * cfg.data.seq_len
         tokens_per_s = tokens / max(elapsed, 1e-9)
         model_fpt = model_flops_per_token(cfg.model, cfg.data.seq_len)

@@ -1,0 +1,89 @@
+"""Does the sparse training kernel beat dense for THIS layer? Measure it before switching.
+
+Whether the hybrid kernels win depends on D, the local H, the tokens per micro-batch and the
+layer's sparsity (bench/results/ffn_train_h100.md: 1.38x at D=2048/H=5632, 0.76x at H=1408; a
+125M model at D=768 ran 27% slower after switching). So the `auto` backend does not switch on
+the nnz threshold alone: once a layer is under it, its next training forward stays dense and
+keeps its input; at the following log interval (outside any autograd graph) both paths run
+forward+backward on that input with the layer's weights, and the faster one is kept. A layer
+that stayed dense is measured again once its nnz/H has halved (sparse only gets faster as
+activations thin out); a layer that went sparse stays sparse.
+
+Every rank sums the timings over the default process group before choosing, so all ranks pick
+the same path (the TP statistics collectives depend on it) and no rank waits on another's
+decision later.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("torch", "hybrid")
+
+
+class BackendCalibration:
+    def __init__(self, enabled: bool = True, warmup: int = 2, iters: int = 5):
+        self.enabled, self.warmup, self.iters = enabled, warmup, iters
+        self.choice: str | None = None          # None: not measured yet (or due again)
+        self.nnz_at_choice = 1.0
+        self.timings_ms: dict[str, float] = {}
+        self.sample: torch.Tensor | None = None  # the input kept for the pending measurement
+
+    def backend(self, nnz_fraction: float) -> str:
+        """What an eligible (under-threshold) training forward runs now."""
+        if not self.enabled or self.choice == "hybrid":
+            return "hybrid"
+        if self.choice == "torch" and nnz_fraction <= 0.5 * self.nnz_at_choice:
+            self.choice = None                   # activations have thinned out: measure again
+        return "torch"
+
+    def wants_sample(self) -> bool:
+        return self.enabled and self.choice is None
+
+    def decide(self, nnz_fraction: float, measure_ms: Callable[[str], float]) -> str:
+        """Time both paths (measure_ms(backend) -> ms), agree across ranks, keep the faster."""
+        local = [measure_ms(b) for b in BACKENDS]
+        times = torch.tensor(local, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            device = self.sample.device if self.sample is not None else torch.device("cpu")
+            times = times.to(device)
+            dist.all_reduce(times)                # the same sums, so the same choice everywhere
+            times = times.cpu()
+        self.timings_ms = dict(zip(BACKENDS, local))
+        self.choice = BACKENDS[int(torch.argmin(times))]
+        self.nnz_at_choice = nnz_fraction
+        self.sample = None
+        return self.choice
+
+
+def time_forward_backward_ms(fn, x: torch.Tensor, weights: list[torch.Tensor], warmup: int, iters: int) -> float:
+    """Median ms of fn(x, *weights) forward + backward of sum(y * x) + l1, on detached copies
+    (no gradient reaches the real parameters). Uses x itself as the output gradient, so no
+    random numbers are drawn (the trainer's RNG streams stay exact for resume)."""
+    xs = x.detach().requires_grad_(True)
+    ws = [w.detach().requires_grad_(True) for w in weights]
+    times = []
+    with torch.enable_grad():
+        for i in range(warmup + iters):
+            if x.is_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            else:
+                t0 = time.perf_counter()
+            out = fn(xs, *ws)
+            ((out.y.float() * xs.detach().float()).sum() + out.l1).backward()
+            if x.is_cuda:
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                ms = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times.append(ms)
+            xs.grad = None
+            for w in ws:
+                w.grad = None
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,86 @@
+"""The `auto` backend's dense-vs-sparse measurement (model/backend_calibration.py), on CPU with
+stand-ins for the CUDA kernels: the policy, the plumbing through the model, and rank agreement."""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megasparse.model import sparse_mlp
+from megasparse.model.backend_calibration import BackendCalibration, time_forward_backward_ms
+from megasparse.model.sparse_mlp import ReluGatedMLP, torch_gated_mlp
+
+
+def test_policy_measures_once_remeasures_after_nnz_halves_and_keeps_sparse():
+    cal = BackendCalibration()
+    assert cal.backend(0.04) == "torch" and cal.wants_sample()        # pending: dense, keep input
+    assert cal.decide(0.04, {"torch": 1.0, "hybrid": 2.0}.get) == "torch"
+    assert cal.timings_ms == {"torch": 1.0, "hybrid": 2.0} and not cal.wants_sample()
+    assert cal.backend(0.03) == "torch" and not cal.wants_sample()    # not yet half of 0.04
+    assert cal.backend(0.02) == "torch" and cal.wants_sample()        # halved: measure again
+    assert cal.decide(0.02, {"torch": 1.0, "hybrid": 0.5}.get) == "hybrid"
+    assert cal.backend(0.5) == "hybrid"                                # sparse stays sparse
+    assert BackendCalibration(enabled=False).backend(0.04) == "hybrid"
+
+
+def test_timing_leaves_parameters_and_rng_untouched():
+    mlp = ReluGatedMLP(16, 32)
+    for w in mlp.parameters():
+        torch.nn.init.normal_(w)
+    x = torch.randn(20, 16)
+    rng = torch.get_rng_state()
+    ms = time_forward_backward_ms(torch_gated_mlp, x, list(mlp.parameters()), warmup=1, iters=3)
+    assert ms > 0
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in mlp.parameters())
+
+
+def _slow_torch_mlp(x, wg, wu, wd):
+    time.sleep(0.02)
+    return torch_gated_mlp(x, wg, wu, wd)
+
+
+def test_model_plumbing_keeps_dense_when_sparse_measures_slower(monkeypatch):
+    """Eligible layer: the next forward stays dense and keeps its input; the next log interval
+    (set_measured_nnz) times both paths and keeps the faster; here the stand-in sparse is slower."""
+    from megasparse.config import ModelConfig
+    from megasparse.model.transformer import SparseLlama
+
+    monkeypatch.setattr(sparse_mlp, "choose_backend", lambda requested, x, frac, thr: "hybrid" if frac < thr else "torch")
+    monkeypatch.setattr(sparse_mlp, "_hybrid_forward", _slow_torch_mlp)
+    model = SparseLlama(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                                    ffn_hidden=32, max_seq_len=16))
+    ids = torch.randint(0, 64, (2, 9))
+    assert model.set_measured_nnz([0.5, 0.01]) == {}        # layer 1 eligible, nothing measured yet
+    model(ids[:, :-1], ids[:, 1:]).ce_loss.backward()
+    mlps = [layer.mlp for layer in model.layers]
+    assert [m.last_backend for m in mlps] == ["torch", "torch"]
+    assert mlps[0].calibration.sample is None and mlps[1].calibration.sample is not None
+    decided = model.set_measured_nnz([0.5, 0.01])
+    assert list(decided) == [1] and decided[1][0] == "torch"
+    assert decided[1][1]["hybrid"] > decided[1][1]["torch"]
+    model(ids[:, :-1], ids[:, 1:])
+    assert mlps[1].last_backend == "torch" and mlps[1].calibration.sample is None
+
+
+def _agree_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cal = BackendCalibration()
+        # rank 0 sees sparse a little faster, rank 1 much slower: the summed times decide for both
+        local = {"torch": 1.0, "hybrid": 0.9} if rank == 0 else {"torch": 1.0, "hybrid": 3.0}
+        assert cal.decide(0.01, local.get) == "torch"
+        assert cal.timings_ms == local
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_summed_timings():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree_worker, args=(2, port), nprocs=2, join=True)
