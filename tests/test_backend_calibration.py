@@ -1,7 +1,6 @@
 """The `auto` backend's dense-vs-sparse measurement (model/backend_calibration.py), on CPU with
 stand-ins for the CUDA kernels: the policy, the plumbing through the model, and rank agreement."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from megasparse.model import sparse_mlp
 from megasparse.model.backend_calibration import BackendCalibration, time_forward_backward_ms
 from megasparse.model.sparse_mlp import ReluGatedMLP, torch_gated_mlp
+from tests.trainer_utils import _port
 
 
 def test_policy_measures_once_remeasures_after_nnz_halves_and_keeps_sparse():
@@ -86,7 +86,4 @@ def _agree_worker(rank, world, port):
 
 
 def test_ranks_agree_on_the_summed_timings():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_agree_worker, args=(2, port), nprocs=2, join=True)
+    mp.spawn(_agree_worker, args=(2, _port()), nprocs=2, join=True)

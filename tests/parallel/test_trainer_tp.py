@@ -8,10 +8,11 @@ the optimizer updates, and clipping (the grad norm is above 1), to shape steps 2
 """
 import json
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
+
+from tests.trainer_utils import _port
 
 MODEL = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=16)
 STEPS = 3
@@ -40,16 +41,11 @@ def _train_rank(rank: int, world: int, port: int, cfg_dict: dict) -> None:
     Trainer(config_from_dict(cfg_dict)).fit()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(tmp_path, world: int, tp: int, zero: int) -> list[dict]:
     run_dir = str(tmp_path / f"w{world}_tp{tp}_z{zero}")
     # Forked workers inherit the imported torch/deepspeed/megasparse (seconds saved per rank).
-    mp.start_processes(_train_rank, args=(world, _free_port(), _config(run_dir, tp, zero)), nprocs=world,
+    mp.start_processes(_train_rank, args=(world, _port(), _config(run_dir, tp, zero)), nprocs=world,
                        join=True, start_method="fork")
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         records = [json.loads(line) for line in fh]

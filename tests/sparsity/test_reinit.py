@@ -1,7 +1,6 @@
 """Dead-neuron re-initialisation touches only the dead neurons' weights and Adam moments, keeps
 the loss finite, and does so under DeepSpeed ZeRO stages 0-3 on 2 gloo ranks."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from megasparse.model.sparse_mlp import ReluGatedMLP
 from megasparse.model.transformer import SparseLlama
 from megasparse.sparsity.reinit import DeadNeuronReinit, _ParamAccess, reinit_dead_neurons
 from megasparse.sparsity.stats import SparsityStats
+from tests.trainer_utils import _port
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=48, max_seq_len=16, mlp_backend="torch")
 DEAD = {0: [1, 5, 40], 1: []}  # layer -> neurons declared dead
@@ -188,12 +188,7 @@ def _ds_worker(rank, world, port, stages=(0, 1, 2, 3)):
         engine.destroy()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_deepspeed_zero_stages_0_to_3_on_two_ranks():
-    mp.spawn(_ds_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_ds_worker, args=(2, _port()), nprocs=2, join=True)

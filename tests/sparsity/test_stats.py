@@ -1,6 +1,5 @@
 """SparsityStats against a direct computation, over windows, and reduced over 2 gloo ranks."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 
 from megasparse.model.sparse_mlp import torch_gated_mlp
 from megasparse.sparsity.stats import SparsityStats
+from tests.trainer_utils import _port
 
 D, H, L, M = 16, 24, 2, 12
 DEAD = [3, 7, 20]  # gate rows made negative against positive inputs: these never fire
@@ -140,12 +140,7 @@ def _check_mode(rank, world, mode):
             SparsityStats(L, shard, H, torch.device("cpu"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_reduce_across_two_gloo_ranks_dp_and_tp():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _port()), nprocs=2, join=True)
