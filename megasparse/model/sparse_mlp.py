@@ -152,7 +152,7 @@ class ReluGatedMLP(nn.Module):
         intervals through SparseLlama.set_measured_nnz); returns the choice, or None if nothing
         was pending. Every rank must call it at the same point (it all-reduces the timings)."""
         cal = self.calibration
-        if cal.sample is None or not cal.wants_sample():
+        if cal.sample is None:     # kept only while a measurement is pending; decide() clears it
             return None
         x = cal.sample
         weights = [self.gate_weight, self.up_weight, self.down_weight]

@@ -16,6 +16,7 @@ import os
 import torch
 
 from megasparse.errors import CheckpointError
+from megasparse.parallel.sharding import shard_range
 from megasparse.train.checkpoint import META, read_meta, resolve_resume, tag_for_step, write_latest
 from megasparse.train.universal import UNIVERSAL_COMPLETE, UNIVERSAL_SUFFIX, ensure_universal
 
@@ -25,12 +26,6 @@ _DEEPSPEED_KEYS = ("module", "optimizer", "buffer_names", "param_shapes", "froze
 
 def _model_file(folder: str, tp_rank: int) -> str:
     return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
-
-
-def _shard_range(full: int, rank: int, tp: int, replicas: int) -> tuple[int, int]:
-    from megasparse.parallel.sharding import shard_range
-
-    return shard_range(full, rank, tp, replicas)
 
 
 def _replicas_for(name: str, tp: int, n_kv_heads: int) -> int:
@@ -63,7 +58,7 @@ def split_full(full: dict, shard_info: dict, tp: int, n_kv_heads: int) -> list[d
             if info is None or tp == 1:
                 out[rank][name] = tensor.clone()
                 continue
-            start, length = _shard_range(info["full_size"], rank, tp, _replicas_for(name, tp, n_kv_heads))
+            start, length = shard_range(info["full_size"], rank, tp, _replicas_for(name, tp, n_kv_heads))
             out[rank][name] = tensor.narrow(info["dim"], start, length).clone()
     return out
 
