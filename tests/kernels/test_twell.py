@@ -150,6 +150,29 @@ def test_fully_dense_rows_overflow_is_exact(dtype, overflow):
     assert rel(y[dense], ref[dense]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype,entries", [(torch.float32, 2), (torch.bfloat16, 1)])
+def test_updown_prefetch_walk_matches_plain_walk(dtype, entries):
+    # The software-pipelined walk (PF) must give what the plain walk gives: tokens with 0, few and
+    # many entries, a partial last tile, and overflowed tokens (which take the plain walk).
+    from kernels.twell.updown import updown
+    f = inputs(24, 96, 300, 14.0, dtype, dense_rows=2, seed=11)
+    f.x[3] = 0.0                                             # a token with no active neuron (g = 0)
+    w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=8)
+    counts, pairs = gate_twell(f.x, w.w_gate, 64, 8)
+    assert int(counts[3].sum()) == 0 and (counts > 8).any(1).sum() >= 2 and (counts <= 8).all(1).sum() >= 15
+    outs = []
+    for pf in (False, True):
+        y = torch.empty_like(f.x)
+        updown(f.x, w.w_gate, w.w_up, w.w_down_t, counts, pairs, y, tile=64, cap=8, col0=0,
+               entries=entries, prefetch=pf)
+        outs.append(y)
+    ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
+    assert rel(outs[1], ref) < TOL[dtype]
+    assert torch.allclose(outs[1].float(), outs[0].float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                          atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(outs[1][3], torch.zeros_like(outs[1][3]))
+
+
 def test_all_zero_activations():
     f = inputs(20, 64, 150, 5.0, torch.float32)
     f.w_gate[:, 0] = -100.0                                 # every gate negative
