@@ -159,29 +159,7 @@ def _tma_configs():
             for bm, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]]
 
 
-def _tma_twell_configs():
-    # the shared TMA configs, plus (persistent grid only) a flattened tile loop and two programs
-    # per SM (BM=64, 4 warps: 255 registers x 128 threads and <= 113 KB of shared memory each)
-    base = _tma_configs()
-    if _INTERPRET or os.environ.get("TWELL_NO_AUTOTUNE", "0") != "0":
-        return base
-    extra = [triton.Config({"BM": 128, "BK": 64, "GROUP_M": 8, "FLATTEN": True}, num_warps=8, num_stages=4,
-                           pre_hook=_set_blocks)]
-    extra += [triton.Config({"BM": 64, "BK": bk, "GROUP_M": 8, "CPS": 2, "FLATTEN": fl}, num_warps=4,
-                            num_stages=s, pre_hook=_set_blocks)
-              for bk, s, fl in [(64, 2, False), (32, 4, False), (64, 2, True)]]
-    return base + extra
-
-
-def _prune_for_grid(configs, named_args, **kwargs):
-    # CPS/FLATTEN only mean something on the persistent grid; drop them elsewhere
-    if kwargs.get("PERSIST", named_args.get("PERSIST", True)):
-        return configs
-    return [c for c in configs if c.kwargs.get("CPS", 1) == 1 and not c.kwargs.get("FLATTEN", False)]
-
-
-@triton.autotune(configs=_tma_twell_configs(), key=["M_BUCKET", "D", "H", "BN", "PERSIST"], reset_to_zero=["fire_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_for_grid})
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "D", "H", "BN", "PERSIST"], reset_to_zero=["fire_ptr"])
 @triton.jit
 def _gate_twell_tma_kernel(x_desc, wg_desc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, M, D, H, col0, n_tiles,
                            M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
@@ -191,10 +169,10 @@ def _gate_twell_tma_kernel(x_desc, wg_desc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, 
                            FLATTEN: tl.constexpr = False, CPS: tl.constexpr = 1):
     # The same GEMM + epilogue as _gate_twell_kernel, but A and B tiles arrive by TMA
     # (tensor descriptors: no per-element address registers, out-of-bounds boxes zero-filled).
-    # PERSIST: a grid of CPS programs per SM walks the tiles (grid chosen on the host). CPS=2
-    # (BM=64, 4 warps, 2 stages fit twice in an SM's registers and shared memory) lets one
-    # program's pack epilogue run while the other's main loop keeps the tensor cores busy.
-    # FLATTEN: the compiler overlaps a tile's epilogue with the next tile's first loads.
+    # PERSIST: a grid of CPS programs per SM walks the tiles (grid chosen on the host).
+    # CPS and FLATTEN exist for tools/sweep_twell.py: two 64-row programs per SM (so one's pack
+    # epilogue could overlap the other's main loop) and a flattened tile loop were both slower
+    # on the H100 than one 128-row program per SM (NOTES.md run 8); autotune leaves them off.
     total = tl.cdiv(M, BM) * n_tiles
     for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = grouped_tile_ids(M, n_tiles, BM, GROUP_M, tile_id)
