@@ -89,7 +89,7 @@ def saved_mem_mib(fn, params):
 
 def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
     """Median ms of each piece of the sparse step (pieces run alone, so the sum is indicative)."""
-    pat = build_pattern(x, wg, ell_width, hot_frac)
+    pat = build_pattern(x, wg, ell_width, hot_frac).resolve()   # capacity path: heavy rows known
     K = pat.hot.numel()
     wdt = wd.t().contiguous()
     u = ell_sddmm(x, wu, pat.idx, pat.cnt)
@@ -125,16 +125,25 @@ SWEEP = {
     "gate_pack": [dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=False),
                   dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=True),
                   dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False)],
-    "row_pack": [dict(BR=16, BH=256, num_warps=4, SCAN=True), dict(BR=16, BH=256, num_warps=4, SCAN=False),
+    "row_pack": [dict(BR=64, BH=128, num_warps=8, SCAN=True, STAGES=3), dict(BR=32, BH=128, num_warps=4, SCAN=True, STAGES=3),
+                 dict(BR=64, BH=128, num_warps=8, SCAN=2), dict(BR=64, BH=128, num_warps=4, SCAN=2),
+                 dict(BR=16, BH=128, num_warps=4, SCAN=2), dict(BR=16, BH=128, num_warps=4, SCAN=True),
+                 dict(BR=32, BH=128, num_warps=8, SCAN=True),
+                 dict(BR=16, BH=256, num_warps=4, SCAN=True), dict(BR=16, BH=256, num_warps=4, SCAN=False),
                  dict(BR=8, BH=512, num_warps=4, SCAN=False), dict(BR=32, BH=256, num_warps=8, SCAN=False),
                  dict(BR=32, BH=256, num_warps=8, SCAN=True), dict(BR=16, BH=512, num_warps=8, SCAN=True),
                  dict(BR=64, BH=128, num_warps=8, SCAN=True), dict(BR=8, BH=1024, num_warps=8, SCAN=True)],
-    "ell_sddmm": [dict(SP=32, BD=128, num_warps=4), dict(SP=16, BD=256, num_warps=4),
+    "ell_sddmm": [dict(WALK=True, num_warps=2), dict(WALK=True, num_warps=4), dict(WALK=True, num_warps=1),
+                  dict(WALK=True, num_warps=8),
+                  dict(SP=32, BD=128, num_warps=4), dict(SP=16, BD=256, num_warps=4),
                   dict(SP=32, BD=256, num_warps=8), dict(SP=16, BD=128, num_warps=4),
                   dict(SP=64, BD=64, num_warps=4)],
-    "ell_spmm": [dict(SP=8, BD=512, num_warps=4), dict(SP=16, BD=512, num_warps=4),
+    "ell_spmm": [dict(WALK=True, num_warps=2), dict(WALK=True, num_warps=4), dict(WALK=True, num_warps=1),
+                 dict(WALK=True, num_warps=8),
+                 dict(SP=8, BD=512, num_warps=4), dict(SP=16, BD=512, num_warps=4),
                  dict(SP=8, BD=256, num_warps=4), dict(SP=16, BD=256, num_warps=4)],
-    "csc_wgrad": [dict(NB=1, KT=16, BD=512, num_warps=4), dict(NB=2, KT=16, BD=256, num_warps=4),
+    "csc_wgrad": [dict(WALK=True, num_warps=4), dict(WALK=True, num_warps=2), dict(WALK=True, num_warps=8),
+                  dict(NB=1, KT=16, BD=512, num_warps=4), dict(NB=2, KT=16, BD=256, num_warps=4),
                   dict(NB=1, KT=32, BD=256, num_warps=4), dict(NB=4, KT=8, BD=256, num_warps=4)],
 }
 

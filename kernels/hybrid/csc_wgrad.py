@@ -56,8 +56,50 @@ def _csc_wgrad_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out1_ptr
         tl.store(out2_ptr + o, tl.sum(acc2, axis=1).to(out2_ptr.dtype.element_ty), mask=m)
 
 
-# Launch configuration; the benchmark overrides it to sweep (one config under the interpreter).
-CONFIG = dict(NB=1, KT=16, BD=512, num_warps=4)
+@triton.jit
+def _csc_wgrad_walk_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out1_ptr, out2_ptr,
+                           D, width, BLOCK_D: tl.constexpr, PRODUCT: tl.constexpr, DUAL: tl.constexpr):
+    # One program per neuron with its whole output row(s) in registers, one token per step,
+    # pipelined by hand: the row a[token] and coefficients of step i+1 and the slot of step i+2
+    # are in flight while step i accumulates (the walk of ell_spmm._ell_spmm_walk_kernel).
+    j = tl.program_id(0).to(tl.int64)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    start = tl.load(ptr_ptr + j)
+    n = tl.load(ptr_ptr + j + 1) - start
+    acc1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    slot = tl.load(slot_ptr + start, mask=n > 0, other=0).to(tl.int64)
+    ac = tl.load(a_ptr + (slot // width) * D + rd, mask=d_ok & (n > 0), other=0.0)
+    c1c = tl.load(c1_ptr + slot, mask=n > 0, other=0.0)
+    if PRODUCT:
+        c1c = c1c * tl.load(c3_ptr + slot, mask=n > 0, other=0.0)
+    c2c = tl.load(c2_ptr + slot, mask=(n > 0) & DUAL, other=0.0)
+    slot_n = tl.load(slot_ptr + start + 1, mask=n > 1, other=0).to(tl.int64)
+    for i in range(0, n):
+        ok_n = i + 1 < n
+        an = tl.load(a_ptr + (slot_n // width) * D + rd, mask=d_ok & ok_n, other=0.0)
+        c1n = tl.load(c1_ptr + slot_n, mask=ok_n, other=0.0)
+        if PRODUCT:
+            c1n = c1n * tl.load(c3_ptr + slot_n, mask=ok_n, other=0.0)
+        c2n = tl.load(c2_ptr + slot_n, mask=ok_n & DUAL, other=0.0)
+        slot_n = tl.load(slot_ptr + start + i + 2, mask=i + 2 < n, other=0).to(tl.int64)
+        av = ac.to(tl.float32)
+        acc1 += c1c * av
+        if DUAL:
+            acc2 += c2c * av
+        ac, c1c, c2c = an, c1n, c2n
+    o = j * D + rd
+    tl.store(out1_ptr + o, acc1.to(out1_ptr.dtype.element_ty), mask=d_ok)
+    if DUAL:
+        tl.store(out2_ptr + o, acc2.to(out2_ptr.dtype.element_ty), mask=d_ok)
+
+
+# Launch configuration; the benchmark overrides it to sweep. WALK picks the pipelined
+# one-token-per-step walk (rows up to MAX_WALK_D wide), else the chunked kernel (NB, KT, BD).
+CONFIG = dict(WALK=True, num_warps=4)
+INTERPRET_CONFIG = dict(WALK=False, NB=32, KT=16, BD=64)
+MAX_WALK_D = 8192
 
 
 def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=None, c2=None,
@@ -69,12 +111,16 @@ def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=Non
     dt = out_dtype or a.dtype
     out1 = torch.empty(H, D, dtype=dt, device=a.device)
     out2 = torch.empty(H, D, dtype=dt, device=a.device) if c2 is not None else out1
-    cfg = dict(NB=32, KT=16, BD=64) if INTERPRET else dict(CONFIG)
-    if H and D:
+    cfg = dict(INTERPRET_CONFIG if INTERPRET else CONFIG)
+    args = (a, csc_ptr, csc_slot, c1, c1 if c3 is None else c3, c1 if c2 is None else c2, out1, out2)
+    flags = dict(PRODUCT=c3 is not None, DUAL=c2 is not None)
+    if H and D and cfg.pop("WALK", False) and D <= MAX_WALK_D:
+        _csc_wgrad_walk_kernel[(H,)](*args, D, width, BLOCK_D=triton.next_power_of_2(D), **flags,
+                                     num_warps=cfg.get("num_warps", 4))
+    elif H and D:
+        cfg = {"NB": 1, "KT": 16, "BD": 512, **cfg}
         grid = (ceil_div(H, cfg["NB"]), ceil_div(D, cfg["BD"]))
-        _csc_wgrad_kernel[grid](a, csc_ptr, csc_slot, c1, c1 if c3 is None else c3,
-                                c1 if c2 is None else c2, out1, out2, H, D, width,
-                                PRODUCT=c3 is not None, DUAL=c2 is not None, **cfg)
+        _csc_wgrad_kernel[grid](*args, H, D, width, **flags, **cfg)
     return (out1, out2) if c2 is not None else out1
 
 

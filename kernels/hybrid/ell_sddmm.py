@@ -57,15 +57,66 @@ def _ell_sddmm_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, out_ptr,
         tl.store(l1_ptr + row, tl.sum(l1, axis=0))
 
 
-# Launch configuration; the benchmark overrides it to sweep (one config under the interpreter).
-CONFIG = dict(SP=16, BD=128, num_warps=4)
+@triton.jit
+def _ell_sddmm_walk_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, out_ptr,
+                           g_ptr, u_ptr, out2_ptr, scale_ptr, l1_ptr,
+                           D, width, BLOCK_D: tl.constexpr, BWD: tl.constexpr):
+    # The same products as _ell_sddmm_kernel, one slot per step with a_i in registers and the
+    # walk pipelined by hand: the weight row of slot s+1 and the index of slot s+2 are in flight
+    # while slot s is reduced (see ell_spmm._ell_spmm_walk_kernel).
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.load(cnt_ptr + row)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    base = row * width
+    a = tl.load(a_ptr + row * D + rd, mask=d_ok, other=0.0).to(tl.float32)
+    col = tl.load(idx_ptr + base, mask=n > 0, other=0).to(tl.int64)
+    wc = tl.load(w_ptr + col * D + rd, mask=d_ok & (n > 0), other=0.0)
+    col_n = tl.load(idx_ptr + base + 1, mask=n > 1, other=0).to(tl.int64)
+    gc = tl.load(g_ptr + base, mask=n > 0, other=0.0)
+    uc = tl.load(u_ptr + base, mask=n > 0, other=0.0)     # forward: u_ptr is a scratch, value unused
+    l1 = 0.0
+    if BWD:
+        scale = tl.load(scale_ptr)
+    for s in range(0, n):
+        ok_n = s + 1 < n
+        wn = tl.load(w_ptr + col_n * D + rd, mask=d_ok & ok_n, other=0.0)
+        gn = tl.load(g_ptr + base + s + 1, mask=ok_n, other=0.0)
+        if BWD:
+            un = tl.load(u_ptr + base + s + 1, mask=ok_n, other=0.0)
+        col_n = tl.load(idx_ptr + base + s + 2, mask=s + 2 < n, other=0).to(tl.int64)
+        dot = tl.sum(wc.to(tl.float32) * a, axis=0)
+        if BWD:
+            sgn = tl.where(uc > 0, 1.0, tl.where(uc < 0, -1.0, 0.0))
+            dh = dot + scale * sgn
+            tl.store(out_ptr + base + s, dh * gc)       # du
+            tl.store(out2_ptr + base + s, dh * uc)      # dg
+            uc = un
+        else:
+            tl.store(out_ptr + base + s, dot)
+            l1 += tl.abs(gc * dot)
+        wc, gc = wn, gn
+    if not BWD:
+        tl.store(l1_ptr + row, l1)
 
 
-def _config(width: int):
-    if INTERPRET:
-        return dict(SP=16, BD=64), {}
-    cfg = dict(CONFIG)
-    return dict(SP=cfg.pop("SP"), BD=cfg.pop("BD")), cfg
+# Launch configuration; the benchmark overrides it to sweep. WALK picks the pipelined
+# one-slot-per-step walk (rows up to MAX_WALK_D wide), else the chunked kernel (SP, BD).
+CONFIG = dict(WALK=True, num_warps=2)
+INTERPRET_CONFIG = dict(WALK=False, SP=16, BD=64)
+MAX_WALK_D = 8192
+
+
+def _launch(a, w, idx, cnt, out, g, u, out2, scale, l1, bwd: bool):
+    cfg = dict(INTERPRET_CONFIG if INTERPRET else CONFIG)
+    M, D = a.shape
+    args = (a, w, idx, cnt, out, g, u, out2, scale, l1, D, idx.shape[1])
+    if cfg.pop("WALK", False) and D <= MAX_WALK_D:
+        _ell_sddmm_walk_kernel[(M,)](*args, BLOCK_D=triton.next_power_of_2(D), BWD=bwd,
+                                     num_warps=cfg.get("num_warps", 2))
+    else:
+        sp, bd = cfg.pop("SP", 16), cfg.pop("BD", 128)
+        _ell_sddmm_kernel[(M,)](*args, SP=sp, BD=bd, BWD=bwd, **cfg)
 
 
 def ell_sddmm(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor,
@@ -81,9 +132,7 @@ def ell_sddmm(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, cnt: torch.Te
     l1row = torch.empty(M, dtype=torch.float32, device=a.device)
     gg = torch.zeros_like(out) if g is None else g
     if M:
-        cfg, opts = _config(idx.shape[1])
-        _ell_sddmm_kernel[(M,)](a, w, idx, cnt, out, gg, out, out, out, l1row, D, idx.shape[1],
-                                BWD=False, **cfg, **opts)
+        _launch(a, w, idx, cnt, out, gg, out, out, out, l1row, bwd=False)
     return out if g is None else (out, l1row)
 
 
@@ -94,9 +143,7 @@ def ell_sddmm_bwd(dy, w_t, idx, cnt, g, u, scale):
     du = torch.empty(idx.shape, dtype=torch.float32, device=dy.device)
     dg = torch.empty_like(du)
     if M:
-        cfg, opts = _config(idx.shape[1])
-        _ell_sddmm_kernel[(M,)](dy, w_t, idx, cnt, du, g, u, dg, scale, du, D, idx.shape[1],
-                                BWD=True, **cfg, **opts)
+        _launch(dy, w_t, idx, cnt, du, g, u, dg, scale, du, bwd=True)
     return du, dg
 
 

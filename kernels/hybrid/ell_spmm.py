@@ -53,8 +53,56 @@ def _ell_spmm_kernel(out_ptr, idx_ptr, cnt_ptr, c1_ptr, c3_ptr, w1_ptr, c2_ptr, 
         tl.store(o, res.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-# Launch configuration; the benchmark overrides it to sweep (one config under the interpreter).
-CONFIG = dict(SP=8, BD=512, num_warps=4)
+@triton.jit
+def _ell_spmm_walk_kernel(out_ptr, idx_ptr, cnt_ptr, c1_ptr, c3_ptr, w1_ptr, c2_ptr, w2_ptr,
+                          D, width, BLOCK_D: tl.constexpr, PRODUCT: tl.constexpr,
+                          DUAL: tl.constexpr, ACCUM: tl.constexpr):
+    # One program per token with the whole output row in registers, one slot per step,
+    # pipelined by hand: the weight row(s) and coefficients of slot s+1 and the index of slot
+    # s+2 are in flight while slot s is accumulated (the same walk as kernels/twell/updown.py,
+    # where it beat the chunked walk by 22% on an H100).
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.load(cnt_ptr + row)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    base = row * width
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ok = n > 0
+    col = tl.load(idx_ptr + base, mask=ok, other=0).to(tl.int64)
+    w1c = tl.load(w1_ptr + col * D + rd, mask=d_ok & ok, other=0.0)
+    c1c = tl.load(c1_ptr + base, mask=ok, other=0.0)
+    if PRODUCT:
+        c1c = c1c * tl.load(c3_ptr + base, mask=ok, other=0.0)
+    if DUAL:
+        w2c = tl.load(w2_ptr + col * D + rd, mask=d_ok & ok, other=0.0)
+        c2c = tl.load(c2_ptr + base, mask=ok, other=0.0)
+    col_n = tl.load(idx_ptr + base + 1, mask=n > 1, other=0).to(tl.int64)
+    for s in range(0, n):
+        ok_n = s + 1 < n
+        w1n = tl.load(w1_ptr + col_n * D + rd, mask=d_ok & ok_n, other=0.0)
+        c1n = tl.load(c1_ptr + base + s + 1, mask=ok_n, other=0.0)
+        if PRODUCT:
+            c1n = c1n * tl.load(c3_ptr + base + s + 1, mask=ok_n, other=0.0)
+        if DUAL:
+            w2n = tl.load(w2_ptr + col_n * D + rd, mask=d_ok & ok_n, other=0.0)
+            c2n = tl.load(c2_ptr + base + s + 1, mask=ok_n, other=0.0)
+        col_n = tl.load(idx_ptr + base + s + 2, mask=s + 2 < n, other=0).to(tl.int64)
+        acc += c1c * w1c.to(tl.float32)
+        if DUAL:
+            acc += c2c * w2c.to(tl.float32)
+            w2c, c2c = w2n, c2n
+        w1c, c1c = w1n, c1n
+    o = out_ptr + row * D + rd
+    if ACCUM:
+        acc += tl.load(o, mask=d_ok, other=0.0).to(tl.float32)
+    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# Launch configuration; the benchmark overrides it to sweep. WALK picks the pipelined
+# one-slot-per-step walk (rows up to MAX_WALK_D wide), else the chunked kernel (SP, BD).
+CONFIG = dict(WALK=True, num_warps=4)
+INTERPRET_CONFIG = dict(WALK=False, SP=16, BD=64)
+MAX_WALK_D = 8192
 
 
 def ell_spmm(out: torch.Tensor, idx, cnt, c1, w1, c3=None, c2=None, w2=None, accumulate=False):
@@ -63,12 +111,19 @@ def ell_spmm(out: torch.Tensor, idx, cnt, c1, w1, c3=None, c2=None, w2=None, acc
     if w1.shape[1] != D or (w2 is not None and w2.shape != w1.shape) or not out.is_contiguous():
         raise ValueError(f"shape/layout mismatch: out {tuple(out.shape)} contiguous={out.is_contiguous()}, "
                          f"w1 {tuple(w1.shape)}, w2 {None if w2 is None else tuple(w2.shape)}")
-    cfg = dict(SP=16, BD=64) if INTERPRET else dict(CONFIG)
-    if M:
-        _ell_spmm_kernel[(M,)](out, idx, cnt, c1, c1 if c3 is None else c3, w1,
-                               c1 if c2 is None else c2, w1 if w2 is None else w2,
-                               D, idx.shape[1], PRODUCT=c3 is not None, DUAL=c2 is not None,
-                               ACCUM=accumulate, **cfg)
+    cfg = dict(INTERPRET_CONFIG if INTERPRET else CONFIG)
+    if not M:
+        return out
+    args = (out, idx, cnt, c1, c1 if c3 is None else c3, w1, c1 if c2 is None else c2,
+            w1 if w2 is None else w2, D, idx.shape[1])
+    flags = dict(PRODUCT=c3 is not None, DUAL=c2 is not None, ACCUM=accumulate)
+    if cfg.pop("WALK", False) and D <= MAX_WALK_D:
+        _ell_spmm_walk_kernel[(M,)](*args, **flags, BLOCK_D=triton.next_power_of_2(D),
+                                    num_warps=cfg.get("num_warps", 2))
+    else:
+        cfg.setdefault("SP", 8)
+        cfg.setdefault("BD", 512)
+        _ell_spmm_kernel[(M,)](*args, **flags, **cfg)
     return out
 
 

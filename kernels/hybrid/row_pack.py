@@ -19,30 +19,43 @@ from ._common import INTERPRET
 
 @triton.jit
 def _row_pack_kernel(g_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width,
-                     BR: tl.constexpr, BH: tl.constexpr, SCAN: tl.constexpr):
+                     BR: tl.constexpr, BH: tl.constexpr, SCAN: tl.constexpr, STAGES: tl.constexpr = 1,
+                     INTERP: tl.constexpr = False):
     # BR rows per program: one row per program (first version) ran 0.63 ms at M=16384,
     # H=5632 (~0.3 TB/s): 6 dependent scan iterations per program and too little in flight.
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    # Addresses are one 64-bit base per program plus 32-bit offsets inside its block (BR*H and
+    # BR*width < 2^31): [BR, BH] 64-bit address tensors made the kernel spill (ptxas, sm_90a).
+    pid = tl.program_id(0)
+    rows = pid * BR + tl.arange(0, BR)
     r_ok = rows < M
-    rows64 = rows.to(tl.int64)
+    g_blk = g_ptr + pid.to(tl.int64) * BR * H
+    out_base = pid.to(tl.int64) * BR * width
+    r_g = tl.arange(0, BR)[:, None] * H
+    r_o = tl.arange(0, BR)[:, None] * width
     cols = tl.arange(0, BH)
     n = tl.zeros((BR,), dtype=tl.int32)
-    for h0 in range(0, H, BH):
+    if SCAN == 2:
+        r = tl.arange(0, BH)
+        # (the CPU interpreter's fp16 dot is wrong: it gets the same 0/1 product in fp32)
+        tri = (r[:, None] <= r[None, :]).to(tl.float32 if INTERP else tl.float16)
+    # STAGES > 1: ask the compiler to prefetch the next column chunks of g during the scan
+    for h0 in tl.range(0, H, BH, num_stages=STAGES):
         c = h0 + cols
         c_ok = c < H
-        v = tl.load(g_ptr + rows64[:, None] * H + c[None, :], mask=r_ok[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
+        v = tl.load(g_blk + r_g + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
         on = v > 0
         oi = on.to(tl.int32)
-        if SCAN:   # column-ordered, deterministic slots
+        if SCAN == 2:   # column-ordered slots by a tensor-core product with a triangular ones matrix
+            pos = n[:, None] + tl.dot(on.to(tri.dtype), tri).to(tl.int32) - 1
+        elif SCAN:      # column-ordered, deterministic slots
             pos = n[:, None] + tl.cumsum(oi, axis=1) - 1
         else:      # one atomic per nonzero (~1 per row and chunk): no [BR, BH] scan
             pos = tl.atomic_add(cnt_ptr + rows[:, None] + tl.zeros((BR, BH), dtype=tl.int32),
                                 tl.full((BR, BH), 1, tl.int32), mask=on & r_ok[:, None])
         keep = on & (pos < width)
-        off = rows64[:, None] * width + pos
-        tl.store(idx_ptr + off, c[None, :] + tl.zeros((BR, BH), dtype=tl.int32), mask=keep)
-        tl.store(val_ptr + off, v, mask=keep)
+        off = r_o + pos
+        tl.store(idx_ptr + out_base + off, c[None, :] + tl.zeros((BR, BH), dtype=tl.int32), mask=keep)
+        tl.store(val_ptr + out_base + off, v.to(tl.float32), mask=keep)
         colsum = tl.sum(oi, axis=0)
         tl.atomic_add(fire_ptr + c, colsum, mask=colsum > 0)
         n += tl.sum(oi, axis=1)
@@ -65,7 +78,7 @@ def row_pack(g: torch.Tensor, width: int):
     idx = torch.empty(M, width, dtype=torch.int32, device=dev)
     val = torch.empty(M, width, dtype=torch.float32, device=dev)
     if M and H:
-        cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"]) if INTERPRET else dict(CONFIG)
+        cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"], INTERP=True) if INTERPRET else {"STAGES": 1, **CONFIG}
         _row_pack_kernel[(triton.cdiv(M, cfg["BR"]),)](g, fire, cnt, idx, val, M, H, width, **cfg)
     return fire, cnt, idx, val
 

@@ -37,12 +37,12 @@ def _row_sets(cnt, idx, val, width):
     return out
 
 
-@pytest.mark.parametrize("packer", ["fused_epilogue", "row_pack_scan", "row_pack_atomic"])
+@pytest.mark.parametrize("packer", ["fused_epilogue", "row_pack_scan", "row_pack_atomic", "row_pack_dot"])
 def test_gate_packers_match_reference(packer, monkeypatch):
     x, wg, _, _ = _inputs()
     width = 12          # small, so the dense rows overflow and must report their true count
     fn = gate_mod.gate_pack if packer == "fused_epilogue" else row_mod.cublas_gate_pack
-    monkeypatch.setitem(row_mod.CONFIG, "SCAN", packer == "row_pack_scan")
+    monkeypatch.setitem(row_mod.CONFIG, "SCAN", {"row_pack_scan": 1, "row_pack_dot": 2}.get(packer, 0))
     fire, cnt, idx, val = fn(x, wg, width)
     rf, rc, ri, rv = gate_mod.reference(x, wg, width)
     assert torch.equal(fire, rf) and torch.equal(cnt, rc)
@@ -72,7 +72,14 @@ def test_split_and_csc_match_reference():
     assert not hot[k[1][:, :][torch.arange(Wc, device=DEV)[None] < k[0][:, None]].long()].any()
 
 
-def test_sddmm_spmm_wgrad_hot_match_reference():
+@pytest.mark.parametrize("walk", [False, True])
+def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
+    # walk: the pipelined one-slot-per-step kernels (the GPU default), else the chunked ones
+    for mod in (sddmm_mod, spmm_mod):
+        monkeypatch.setattr(mod, "INTERPRET_CONFIG", dict(WALK=walk, SP=16, BD=64))
+        monkeypatch.setattr(mod, "CONFIG", dict(WALK=walk, SP=16, BD=64, num_warps=4))
+    monkeypatch.setattr(csc_mod, "INTERPRET_CONFIG", dict(WALK=walk, NB=32, KT=16, BD=64))
+    monkeypatch.setattr(csc_mod, "CONFIG", dict(WALK=walk, NB=1, KT=16, BD=64, num_warps=4))
     x, wg, wu, wd = _inputs(nnz=24, seed=2)
     pat = fmt.build_pattern(x, wg, 64, None)
     # rows longer than one slot chunk (16 under the interpreter) and rows with no slot at all
