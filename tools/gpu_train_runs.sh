@@ -5,7 +5,9 @@
 #   3. the ~125M config with the `auto` backend: L1 ramps up, nnz/token falls, and layers switch
 #      to the hybrid sparse kernels once their nnz/H is under model.sparse_nnz_threshold.
 # Usage (from the repo root, wheels for deepspeed & co. in .whl/): bash tools/gpu_train_runs.sh OUT_DIR [STEPS]
-# ONLY=name runs just that run (demo_bf16, m125_dense or m125_auto).
+# ONLY=name runs just that run (demo_bf16, m125_dense, m125_auto or m125_threshold).
+#   4. m125_threshold: as 3 with model.sparse_calibration=false, so layers switch on the nnz
+#      threshold alone even where the sparse kernels measure slower (tokens/s after switching).
 set -uo pipefail
 out=${1:?output folder}; steps=${2:-300}; only=${ONLY:-}
 mkdir -p "$out"
@@ -28,3 +30,6 @@ run m125_dense configs/125m.yaml train.max_steps=$steps model.mlp_backend=torch 
   sparsity.schedule=linear sparsity.delay_steps=50 sparsity.ramp_steps=150 sparsity.l1_coeff=0.02
 run m125_auto configs/125m.yaml train.max_steps=$steps model.mlp_backend=auto train.save_interval=100000 \
   sparsity.schedule=linear sparsity.delay_steps=50 sparsity.ramp_steps=150 sparsity.l1_coeff=0.02
+run m125_threshold configs/125m.yaml train.max_steps=$steps model.mlp_backend=auto train.save_interval=100000 \
+  sparsity.schedule=linear sparsity.delay_steps=50 sparsity.ramp_steps=150 sparsity.l1_coeff=0.02 \
+  model.sparse_calibration=false

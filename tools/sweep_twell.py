@@ -32,10 +32,10 @@ from kernels.twell import updown as U  # noqa: E402
 GATE_VARIANTS = [(128, 64, 8, 4, False, 1), (128, 64, 8, 3, False, 1), (128, 64, 8, 4, True, 1),
                  (64, 64, 4, 2, False, 2), (64, 32, 4, 4, False, 2), (64, 64, 4, 2, True, 2),
                  (64, 64, 4, 3, False, 1), (64, 64, 4, 2, False, 3)]
-# (E, warps, ACC2D, PF)
-UPDOWN_VARIANTS = [(2, 4, False, False), (2, 4, True, False), (4, 8, False, False), (1, 2, False, False),
-                   (2, 4, False, True), (1, 2, False, True), (2, 8, False, True), (4, 8, False, True),
-                   (1, 4, False, True), (1, 1, False, True)]
+# (E, warps, ACC2D, PF, entries per step for tokens with an overflowed tile under PF)
+UPDOWN_VARIANTS = [(2, 4, False, False, 0), (2, 4, True, False, 0), (4, 8, False, False, 0), (1, 2, False, False, 0),
+                   (2, 4, False, True, 0), (1, 2, False, True, 0), (2, 8, False, True, 0), (4, 8, False, True, 0),
+                   (1, 4, False, True, 0), (1, 1, False, True, 0), (1, 2, False, True, 2), (1, 2, False, True, 4)]
 
 
 def gate_launch(x, w, tile, cap, col0, bm, bk, warps, stages, flatten, cps, epi=3):
@@ -63,10 +63,12 @@ def main():
     ap.add_argument("--h", type=int, default=5632)
     ap.add_argument("--nnz", type=float, default=29.0)
     ap.add_argument("--n-hot", type=int, default=1536, help="hot columns for the col0 > 0 rows")
+    ap.add_argument("--dense-rows", type=int, default=0, help="fully dense tokens (overflow path)")
+    ap.add_argument("--only", choices=["gate", "updown"], default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
-    f = make_ffn_inputs(a.m, 2048, a.h, target_nnz=a.nnz, device="cuda", seed=0)
+    f = make_ffn_inputs(a.m, 2048, a.h, target_nnz=a.nnz, dense_rows=a.dense_rows, device="cuda", seed=0)
     x = f.x
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
     _, fc = twell.twell_ffn(x[:8192].contiguous(), w0, return_fire_counts=True)
@@ -75,7 +77,7 @@ def main():
     for name, w in (("all sparse", w0), (f"hot{a.n_hot}", wh)):
         col0 = w.n_hot
         base = None
-        for v in GATE_VARIANTS:
+        for v in (GATE_VARIANTS if a.only != "updown" else GATE_VARIANTS[:1]):
             try:
                 run = gate_launch(x, w.w_gate, w.tile, w.cap, col0, *v)
                 c, p = run()
@@ -92,13 +94,13 @@ def main():
             print(rows[-1], flush=True)
         counts, pairs = G.gate_twell(x, w.w_gate, w.tile, w.cap, col0)
         ref = None
-        for v in UPDOWN_VARIANTS:
-            e, nw, a2, pf = v
+        for v in (UPDOWN_VARIANTS if a.only != "gate" else []):
+            e, nw, a2, pf, eo = v
             y = torch.empty_like(x)
 
             def run():
                 return U.updown(x, w.w_gate, w.w_up, w.w_down_t, counts, pairs, y, tile=w.tile, cap=w.cap,
-                                col0=col0, entries=e, num_warps=nw, acc2d=a2, prefetch=pf)
+                                col0=col0, entries=e, num_warps=nw, acc2d=a2, prefetch=pf, overflow_entries=eo)
             try:
                 run()
                 if ref is None:

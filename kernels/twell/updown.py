@@ -57,7 +57,8 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr,
                    D, H, col0, n_tiles,
                    CAP: tl.constexpr, TILE: tl.constexpr, NT_P: tl.constexpr,
                    BLOCK_D: tl.constexpr, E: tl.constexpr, ACCUM: tl.constexpr,
-                   PAIR64: tl.constexpr, ACC2D: tl.constexpr, PF: tl.constexpr = False):
+                   PAIR64: tl.constexpr, ACC2D: tl.constexpr, PF: tl.constexpr = False,
+                   EO: tl.constexpr = 0):
     m = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -108,12 +109,16 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr,
     else:
         # ACC2D: an [E, BLOCK_D] accumulator reduced over E once at the end (no per-step
         # reduction over E) against a [BLOCK_D] one (fewer registers, more programs per SM).
+        # EO: entries per step of this walk when it differs from E (PF configs come here only for
+        # tokens with an overflowed tile: a fully dense row walks all H columns, so wider steps)
+        EW: tl.constexpr = EO if EO > 0 else E
         if ACC2D:
-            acc2 = tl.zeros((E, BLOCK_D), dtype=tl.float32)
+            acc2 = tl.zeros((EW, BLOCK_D), dtype=tl.float32)
         else:
             acc2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for e0 in range(0, total, E):
-            e_ok, slot, t_e, s, o_e = _entry_slots(e0 + ar_e, total, cinc, cexc, ovf_i, t_idx, m, n_tiles, CAP)
+        for e0 in range(0, total, EW):
+            e_ok, slot, t_e, s, o_e = _entry_slots(e0 + tl.arange(0, EW), total, cinc, cexc, ovf_i, t_idx, m,
+                                                   n_tiles, CAP)
             from_slot = e_ok & (o_e == 0)
             p = tl.load(pair_ptr + slot, mask=from_slot, other=0)    # packed (value, column)
             g, lc = _decode(p, x_ptr, PAIR64)
@@ -144,14 +149,16 @@ MAX_D = 16384
 
 
 def _ud_configs():
-    # (E, num_warps, ACC2D, PF): the candidates that won somewhere in the H100 sweep
-    # (tools/sweep_twell.py, NOTES.md run 8); the interpreter and GPU tests get one config
+    # (E, num_warps, PF, EO): the candidates that won in the H100 sweeps (tools/sweep_twell.py,
+    # NOTES.md runs 8-9). PF configs walk overflowed tokens EO entries per step: with EO=0 (one
+    # entry) 16 fully dense rows in 16384 tokens cost 11.4 ms in the up/down, with EO=4 5.0 ms.
+    # The interpreter and GPU tests get one config.
     if interpreting():
-        return [triton.Config({"E": 4, "ACC2D": False, "PF": False}, num_warps=4)]
+        return [triton.Config({"E": 4, "ACC2D": False, "PF": False, "EO": 0}, num_warps=4)]
     if os.environ.get("TWELL_NO_AUTOTUNE", "0") != "0":
-        return [triton.Config({"E": 1, "ACC2D": False, "PF": True}, num_warps=2)]
-    return [triton.Config({"E": e, "ACC2D": False, "PF": pf}, num_warps=w)
-            for e, w, pf in [(1, 2, True), (1, 1, True), (2, 4, True), (2, 4, False)]]
+        return [triton.Config({"E": 1, "ACC2D": False, "PF": True, "EO": 4}, num_warps=2)]
+    return [triton.Config({"E": e, "ACC2D": False, "PF": pf, "EO": eo}, num_warps=w)
+            for e, w, pf, eo in [(1, 2, True, 4), (1, 2, True, 2), (2, 4, False, 0)]]
 
 
 # Tuned once per (D, tile layout); y is only written (ACCUM=False in twell_ffn), so re-running a
@@ -162,9 +169,10 @@ _updown_tuned = triton.autotune(configs=_ud_configs(), key=["D", "n_tiles", "CAP
 
 def updown(x, w_gate, w_up, w_down_t, counts, pairs, y, *, tile: int, cap: int, col0: int,
            accumulate: bool = False, entries: int | None = None, num_warps: int | None = None,
-           acc2d: bool = False, prefetch: bool = False):
+           acc2d: bool = False, prefetch: bool = False, overflow_entries: int = 0):
     """Launch the sparse up/down kernel; writes (or adds into, if accumulate) y [M, D].
-    entries/num_warps/acc2d/prefetch pick one config instead of the autotuned one (tests, sweeps)."""
+    entries/num_warps/acc2d/prefetch/overflow_entries pick one config instead of the autotuned one
+    (tests, sweeps)."""
     m, d = x.shape
     h = w_gate.shape[0]
     nt = counts.shape[1]
@@ -182,5 +190,6 @@ def updown(x, w_gate, w_up, w_down_t, counts, pairs, y, *, tile: int, cap: int, 
         return y
     if entries is None:  # very wide D: E rows per step bounded so they fit in registers
         entries = max(1, 4096 // block_d)
-    _updown_kernel[(m,)](*args, **meta, E=entries, ACC2D=acc2d, PF=prefetch, num_warps=num_warps or 4)
+    _updown_kernel[(m,)](*args, **meta, E=entries, ACC2D=acc2d, PF=prefetch, EO=overflow_entries,
+                         num_warps=num_warps or 4)
     return y

@@ -150,8 +150,8 @@ def test_fully_dense_rows_overflow_is_exact(dtype, overflow):
     assert rel(y[dense], ref[dense]) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype,entries", [(torch.float32, 2), (torch.bfloat16, 1)])
-def test_updown_prefetch_walk_matches_plain_walk(dtype, entries):
+@pytest.mark.parametrize("dtype,entries,overflow_entries", [(torch.float32, 2, 0), (torch.bfloat16, 1, 2)])
+def test_updown_prefetch_walk_matches_plain_walk(dtype, entries, overflow_entries):
     # The software-pipelined walk (PF) must give what the plain walk gives: tokens with 0, few and
     # many entries, a partial last tile, and overflowed tokens (which take the plain walk).
     from kernels.twell.updown import updown
@@ -164,7 +164,7 @@ def test_updown_prefetch_walk_matches_plain_walk(dtype, entries):
     for pf in (False, True):
         y = torch.empty_like(f.x)
         updown(f.x, w.w_gate, w.w_up, w.w_down_t, counts, pairs, y, tile=64, cap=8, col0=0,
-               entries=entries, prefetch=pf)
+               entries=entries, prefetch=pf, overflow_entries=overflow_entries if pf else 0)
         outs.append(y)
     ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
     assert rel(outs[1], ref) < TOL[dtype]
