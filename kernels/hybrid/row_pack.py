@@ -63,6 +63,43 @@ def _row_pack_kernel(g_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width,
         tl.store(cnt_ptr + rows, n, mask=r_ok)
 
 
+@triton.jit
+def _chunk_count_kernel(g_ptr, fire_ptr, ccnt_ptr, M, H, n_chunks, BR: tl.constexpr, BH: tl.constexpr):
+    # Two-pass pack, pass 1: nonzeros of each (row, BH-column chunk) and the fire counts.
+    # One program per (row block, chunk) and no loop: many independent loads in flight, where
+    # the one-pass kernel walks 44 chunks serially per program (latency-bound, NOTES.md).
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    r_ok = rows < M
+    c_ok = c < H
+    v = tl.load(g_ptr + rows.to(tl.int64)[:, None] * H + c[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                other=0.0)
+    oi = (v > 0).to(tl.int32)
+    tl.store(ccnt_ptr + rows.to(tl.int64) * n_chunks + tl.program_id(1), tl.sum(oi, axis=1), mask=r_ok)
+    colsum = tl.sum(oi, axis=0)
+    tl.atomic_add(fire_ptr + c, colsum, mask=colsum > 0)
+
+
+@triton.jit
+def _chunk_pack_kernel(g_ptr, coff_ptr, idx_ptr, val_ptr, M, H, width, n_chunks,
+                       BR: tl.constexpr, BH: tl.constexpr):
+    # Pass 2: each nonzero's slot = its chunk's exclusive offset in the row (from pass 1's
+    # counts) + its rank inside the chunk; column order, deterministic, like SCAN.
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    r_ok = rows < M
+    c_ok = c < H
+    rows64 = rows.to(tl.int64)
+    v = tl.load(g_ptr + rows64[:, None] * H + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+    on = v > 0
+    base = tl.load(coff_ptr + rows64 * n_chunks + tl.program_id(1), mask=r_ok, other=0)
+    pos = base[:, None] + tl.cumsum(on.to(tl.int32), axis=1) - 1
+    keep = on & (pos < width)
+    off = rows64[:, None] * width + pos
+    tl.store(idx_ptr + off, c[None, :] + tl.zeros((BR, BH), dtype=tl.int32), mask=keep)
+    tl.store(val_ptr + off, v.to(tl.float32), mask=keep)
+
+
 # Launch configuration (one config under the interpreter).
 # BR=64, BH=128, 8 warps: 0.903 ms gate+pack vs 0.994 for BR=16/BH=256/4 warps (H100 sweep, NOTES.md).
 CONFIG = dict(BR=64, BH=128, num_warps=8, SCAN=True)
@@ -77,7 +114,19 @@ def row_pack(g: torch.Tensor, width: int):
     cnt = torch.zeros(M, dtype=torch.int32, device=dev)
     idx = torch.empty(M, width, dtype=torch.int32, device=dev)
     val = torch.empty(M, width, dtype=torch.float32, device=dev)
-    if M and H:
+    if M and H and CONFIG.get("TWO_PASS"):
+        cfg = dict(CONFIG)
+        del cfg["TWO_PASS"]
+        br, bh = (16, 64) if INTERPRET else (cfg.pop("BR"), cfg.pop("BH"))
+        nw = {} if INTERPRET else {"num_warps": cfg.get("num_warps", 4)}
+        nc = triton.cdiv(H, bh)
+        grid = (triton.cdiv(M, br), nc)
+        ccnt = torch.empty(M, nc, dtype=torch.int32, device=dev)
+        _chunk_count_kernel[grid](g, fire, ccnt, M, H, nc, BR=br, BH=bh, **nw)
+        torch.sum(ccnt, 1, dtype=torch.int32, out=cnt)
+        coff = torch.cumsum(ccnt, 1, dtype=torch.int32).sub_(ccnt)      # exclusive offsets
+        _chunk_pack_kernel[grid](g, coff, idx, val, M, H, width, nc, BR=br, BH=bh, **nw)
+    elif M and H:
         cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"], INTERP=True) if INTERPRET else {"STAGES": 1, **CONFIG}
         _row_pack_kernel[(triton.cdiv(M, cfg["BR"]),)](g, fire, cnt, idx, val, M, H, width, **cfg)
     return fire, cnt, idx, val

@@ -155,11 +155,11 @@ def test_updown_prefetch_walk_matches_plain_walk(dtype, entries, overflow_entrie
     # The software-pipelined walk (PF) must give what the plain walk gives: tokens with 0, few and
     # many entries, a partial last tile, and overflowed tokens (which take the plain walk).
     from kernels.twell.updown import updown
-    f = inputs(24, 96, 300, 14.0, dtype, dense_rows=2, seed=11)
+    f = inputs(16, 64, 200, 14.0, dtype, dense_rows=1, seed=11)
     f.x[3] = 0.0                                             # a token with no active neuron (g = 0)
     w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=8)
     counts, pairs = gate_twell(f.x, w.w_gate, 64, 8)
-    assert int(counts[3].sum()) == 0 and (counts > 8).any(1).sum() >= 2 and (counts <= 8).all(1).sum() >= 15
+    assert int(counts[3].sum()) == 0 and (counts > 8).any(1).sum() >= 1 and (counts <= 8).all(1).sum() >= 10
     outs = []
     for pf in (False, True):
         y = torch.empty_like(f.x)
