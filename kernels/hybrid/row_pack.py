@@ -1,12 +1,16 @@
-"""Pack a dense gate output g [M, H] (from cuBLAS) into the per-token ELL, one program per token.
+"""Pack a dense gate output g [M, H] (from cuBLAS) into the per-token ELL.
 
 Why this exists next to the fused epilogue (gate_pack.py): on H100 our Triton gate GEMM with
 the packing epilogue runs 1.30-1.37 ms at M=16384, D=2048, H=5632, against 0.65 ms for cuBLAS
 (NOTES.md). cuBLAS writing bf16 g (184 MB, freed right after) plus this pass (one read of g)
 is faster until the fused kernel's main loop is fixed. Same output contract as gate_pack.
 
-A program owns whole rows, so with SCAN slots are assigned by a running scan in column order
-(sorted, deterministic ELL); without, by one int32 atomic per nonzero (order may vary). fire_counts: per-column sums of the block, one int32 atomic per column.
+Default (CONFIG TWO_PASS): two loop-free kernels over (row block, column chunk) tiles: pass 1
+counts each row's nonzeros per chunk (and the per-column fire counts, one int32 atomic per
+column), torch turns the counts into exclusive per-row offsets, pass 2 ranks each nonzero inside
+its chunk. Column-ordered, deterministic ELL.
+One-pass alternative: a program owns whole rows and walks the chunks; with SCAN slots come from
+a running scan in column order, without, from one int32 atomic per nonzero (order may vary).
 """
 from __future__ import annotations
 
@@ -102,7 +106,10 @@ def _chunk_pack_kernel(g_ptr, coff_ptr, idx_ptr, val_ptr, M, H, width, n_chunks,
 
 # Launch configuration (one config under the interpreter).
 # BR=64, BH=128, 8 warps: 0.903 ms gate+pack vs 0.994 for BR=16/BH=256/4 warps (H100 sweep, NOTES.md).
-CONFIG = dict(BR=64, BH=128, num_warps=8, SCAN=True)
+# TWO_PASS, BR=32, BH=128, 4 warps: 0.838 ms gate+pack vs 0.920 for the one-pass BR=64/BH=128/8
+# warps (H100 sweep, bench/results/ffn_train_sweep2_h100.md). SCAN picks the one-pass variant
+# when TWO_PASS is off.
+CONFIG = dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, SCAN=True)
 
 
 def row_pack(g: torch.Tensor, width: int):
@@ -117,6 +124,7 @@ def row_pack(g: torch.Tensor, width: int):
     if M and H and CONFIG.get("TWO_PASS"):
         cfg = dict(CONFIG)
         del cfg["TWO_PASS"]
+        cfg.pop("SCAN", None)
         br, bh = (16, 64) if INTERPRET else (cfg.pop("BR"), cfg.pop("BH"))
         nw = {} if INTERPRET else {"num_warps": cfg.get("num_warps", 4)}
         nc = triton.cdiv(H, bh)
