@@ -7,8 +7,8 @@ is faster until the fused kernel's main loop is fixed. Same output contract as g
 
 Default (CONFIG TWO_PASS): two loop-free kernels over (row block, column chunk) tiles: pass 1
 counts each row's nonzeros per chunk (and the per-column fire counts, one int32 atomic per
-column), torch turns the counts into exclusive per-row offsets, pass 2 ranks each nonzero inside
-its chunk. Column-ordered, deterministic ELL.
+column), pass 2 sums the row's earlier chunks and ranks each nonzero inside its chunk.
+Column-ordered, deterministic ELL.
 One-pass alternative: a program owns whole rows and walks the chunks; with SCAN slots come from
 a running scan in column order, without, from one int32 atomic per nonzero (order may vary).
 """
@@ -85,18 +85,25 @@ def _chunk_count_kernel(g_ptr, fire_ptr, ccnt_ptr, M, H, n_chunks, BR: tl.conste
 
 
 @triton.jit
-def _chunk_pack_kernel(g_ptr, coff_ptr, idx_ptr, val_ptr, M, H, width, n_chunks,
-                       BR: tl.constexpr, BH: tl.constexpr):
-    # Pass 2: each nonzero's slot = its chunk's exclusive offset in the row (from pass 1's
-    # counts) + its rank inside the chunk; column order, deterministic, like SCAN.
+def _chunk_pack_kernel(g_ptr, ccnt_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width, n_chunks,
+                       BR: tl.constexpr, BH: tl.constexpr, NC_P: tl.constexpr):
+    # Pass 2: each nonzero's slot = the row's nonzeros in earlier chunks (summed here from pass
+    # 1's counts, so no torch cumsum launches in between) + its rank inside the chunk; column
+    # order, deterministic, like SCAN. Chunk 0's program also writes the row totals.
+    pid_c = tl.program_id(1)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BH + tl.arange(0, BH)
+    c = pid_c * BH + tl.arange(0, BH)
     r_ok = rows < M
     c_ok = c < H
     rows64 = rows.to(tl.int64)
+    k = tl.arange(0, NC_P)
+    counts = tl.load(ccnt_ptr + rows64[:, None] * n_chunks + k[None, :],
+                     mask=r_ok[:, None] & (k < n_chunks)[None, :], other=0)
+    base = tl.sum(tl.where(k[None, :] < pid_c, counts, 0), axis=1)
+    if pid_c == 0:
+        tl.store(cnt_ptr + rows, tl.sum(counts, axis=1), mask=r_ok)
     v = tl.load(g_ptr + rows64[:, None] * H + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
     on = v > 0
-    base = tl.load(coff_ptr + rows64 * n_chunks + tl.program_id(1), mask=r_ok, other=0)
     pos = base[:, None] + tl.cumsum(on.to(tl.int32), axis=1) - 1
     keep = on & (pos < width)
     off = rows64[:, None] * width + pos
@@ -131,9 +138,8 @@ def row_pack(g: torch.Tensor, width: int):
         grid = (triton.cdiv(M, br), nc)
         ccnt = torch.empty(M, nc, dtype=torch.int32, device=dev)
         _chunk_count_kernel[grid](g, fire, ccnt, M, H, nc, BR=br, BH=bh, **nw)
-        torch.sum(ccnt, 1, dtype=torch.int32, out=cnt)
-        coff = torch.cumsum(ccnt, 1, dtype=torch.int32).sub_(ccnt)      # exclusive offsets
-        _chunk_pack_kernel[grid](g, coff, idx, val, M, H, width, nc, BR=br, BH=bh, **nw)
+        _chunk_pack_kernel[grid](g, ccnt, cnt, idx, val, M, H, width, nc, BR=br, BH=bh,
+                                 NC_P=max(2, triton.next_power_of_2(nc)), **nw)
     elif M and H:
         cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"], INTERP=True) if INTERPRET else {"STAGES": 1, **CONFIG}
         _row_pack_kernel[(triton.cdiv(M, cfg["BR"]),)](g, fire, cnt, idx, val, M, H, width, **cfg)
