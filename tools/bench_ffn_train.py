@@ -263,6 +263,12 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
         print(table, flush=True)
+        # GPU work per step (sum of kernel times) against the measured step: the gap is idle GPU
+        # time (CPU launch overhead, the end-of-forward host read)
+        from torch.autograd import DeviceType
+        gpu_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+        rec["gpu_kernel_ms_per_step"] = gpu_us / 5 / 1000
+        print(f"GPU kernel time per step {rec['gpu_kernel_ms_per_step']:.3f} ms", flush=True)
         rec["profile_table"] = table
     del ref
     torch.cuda.empty_cache()
