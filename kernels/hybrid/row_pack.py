@@ -23,7 +23,7 @@ from ._common import INTERPRET
 
 @triton.jit
 def _row_pack_kernel(g_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width,
-                     BR: tl.constexpr, BH: tl.constexpr, SCAN: tl.constexpr, STAGES: tl.constexpr = 1,
+                     BR: tl.constexpr, BH: tl.constexpr, SCAN: tl.constexpr,
                      INTERP: tl.constexpr = False):
     # BR rows per program: one row per program (first version) ran 0.63 ms at M=16384,
     # H=5632 (~0.3 TB/s): 6 dependent scan iterations per program and too little in flight.
@@ -42,8 +42,7 @@ def _row_pack_kernel(g_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width,
         r = tl.arange(0, BH)
         # (the CPU interpreter's fp16 dot is wrong: it gets the same 0/1 product in fp32)
         tri = (r[:, None] <= r[None, :]).to(tl.float32 if INTERP else tl.float16)
-    # STAGES > 1: ask the compiler to prefetch the next column chunks of g during the scan
-    for h0 in tl.range(0, H, BH, num_stages=STAGES):
+    for h0 in range(0, H, BH):
         c = h0 + cols
         c_ok = c < H
         v = tl.load(g_blk + r_g + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
@@ -129,11 +128,8 @@ def row_pack(g: torch.Tensor, width: int):
     idx = torch.empty(M, width, dtype=torch.int32, device=dev)
     val = torch.empty(M, width, dtype=torch.float32, device=dev)
     if M and H and CONFIG.get("TWO_PASS"):
-        cfg = dict(CONFIG)
-        del cfg["TWO_PASS"]
-        cfg.pop("SCAN", None)
-        br, bh = (16, 64) if INTERPRET else (cfg.pop("BR"), cfg.pop("BH"))
-        nw = {} if INTERPRET else {"num_warps": cfg.get("num_warps", 4)}
+        br, bh = (16, 64) if INTERPRET else (CONFIG["BR"], CONFIG["BH"])
+        nw = {} if INTERPRET else {"num_warps": CONFIG.get("num_warps", 4)}
         nc = triton.cdiv(H, bh)
         grid = (triton.cdiv(M, br), nc)
         ccnt = torch.empty(M, nc, dtype=torch.int32, device=dev)
@@ -141,7 +137,8 @@ def row_pack(g: torch.Tensor, width: int):
         _chunk_pack_kernel[grid](g, ccnt, cnt, idx, val, M, H, width, nc, BR=br, BH=bh,
                                  NC_P=max(2, triton.next_power_of_2(nc)), **nw)
     elif M and H:
-        cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"], INTERP=True) if INTERPRET else {"STAGES": 1, **CONFIG}
+        cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"], INTERP=True) if INTERPRET else dict(CONFIG)
+        cfg.pop("TWO_PASS", None)
         _row_pack_kernel[(triton.cdiv(M, cfg["BR"]),)](g, fire, cnt, idx, val, M, H, width, **cfg)
     return fire, cnt, idx, val
 
