@@ -128,7 +128,6 @@ SWEEP = {
     "row_pack": [dict(TWO_PASS=True, BR=32, BH=128, num_warps=4), dict(TWO_PASS=True, BR=16, BH=128, num_warps=4),
                  dict(TWO_PASS=True, BR=64, BH=128, num_warps=8), dict(TWO_PASS=True, BR=32, BH=256, num_warps=8),
                  dict(TWO_PASS=True, BR=16, BH=256, num_warps=4),
-                 dict(BR=64, BH=128, num_warps=8, SCAN=True, STAGES=3), dict(BR=32, BH=128, num_warps=4, SCAN=True, STAGES=3),
                  dict(BR=64, BH=128, num_warps=8, SCAN=2), dict(BR=64, BH=128, num_warps=4, SCAN=2),
                  dict(BR=16, BH=128, num_warps=4, SCAN=2), dict(BR=16, BH=128, num_warps=4, SCAN=True),
                  dict(BR=32, BH=128, num_warps=8, SCAN=True),

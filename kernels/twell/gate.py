@@ -165,16 +165,14 @@ def _gate_twell_tma_kernel(x_desc, wg_desc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, 
                            M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
                            IEEE: tl.constexpr, INTERPRET: tl.constexpr, EPI: tl.constexpr,
                            PAIR64: tl.constexpr, PERSIST: tl.constexpr,
-                           BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                           FLATTEN: tl.constexpr = False, CPS: tl.constexpr = 1):
+                           BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # The same GEMM + epilogue as _gate_twell_kernel, but A and B tiles arrive by TMA
     # (tensor descriptors: no per-element address registers, out-of-bounds boxes zero-filled).
-    # PERSIST: a grid of CPS programs per SM walks the tiles (grid chosen on the host).
-    # CPS and FLATTEN exist for tools/sweep_twell.py: two 64-row programs per SM (so one's pack
-    # epilogue could overlap the other's main loop) and a flattened tile loop were both slower
-    # on the H100 than one 128-row program per SM (NOTES.md run 8); autotune leaves them off.
+    # PERSIST: a grid of about one program per SM walks the tiles (grid chosen on the host).
+    # Two 64-row programs per SM and a flattened tile loop were both slower on the H100
+    # (NOTES.md run 8, measured at commit 269121b).
     total = tl.cdiv(M, BM) * n_tiles
-    for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
+    for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0)):
         pid_m, pid_n = grouped_tile_ids(M, n_tiles, BM, GROUP_M, tile_id)
         off_m = pid_m * BM
         off_n = col0 + pid_n * BN
@@ -308,7 +306,7 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
 
         def grid(meta):
             n = triton.cdiv(m, meta["BM"]) * nt
-            return (min(n, sms * meta.get("CPS", 1)) if persist else n,)
+            return (min(n, sms) if persist else n,)
         _gate_twell_tma_kernel[grid](_desc(x), _desc(w_gate), x, counts, pairs, fire_arg, m, d, h, col0, nt,
                                      _m_bucket(m), PERSIST=persist, **flags)
         return counts, pairs
