@@ -13,6 +13,10 @@ INTERPRET = interpreting()
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+# The pipelined walks (ell_sddmm, ell_spmm, csc_wgrad) keep one whole D row per program in
+# registers; wider rows take the chunked kernels.
+MAX_WALK_D = 8192
+
 
 def check_matrix(name: str, t: torch.Tensor, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
     """Validate a 2-D operand and return a contiguous version of it.

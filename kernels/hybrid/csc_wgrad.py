@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, ceil_div
+from ._common import INTERPRET, MAX_WALK_D, ceil_div
 
 
 @triton.jit
@@ -99,7 +99,6 @@ def _csc_wgrad_walk_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out
 # one-token-per-step walk (rows up to MAX_WALK_D wide), else the chunked kernel (NB, KT, BD).
 CONFIG = dict(WALK=True, num_warps=4)
 INTERPRET_CONFIG = dict(WALK=False, NB=32, KT=16, BD=64)
-MAX_WALK_D = 8192
 
 
 def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=None, c2=None,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, MAX_WALK_D
 
 
 @triton.jit
@@ -104,7 +104,6 @@ def _ell_sddmm_walk_kernel(a_ptr, w_ptr, idx_ptr, cnt_ptr, out_ptr,
 # one-slot-per-step walk (rows up to MAX_WALK_D wide), else the chunked kernel (SP, BD).
 CONFIG = dict(WALK=True, num_warps=2)
 INTERPRET_CONFIG = dict(WALK=False, SP=16, BD=64)
-MAX_WALK_D = 8192
 
 
 def _launch(a, w, idx, cnt, out, g, u, out2, scale, l1, bwd: bool):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, MAX_WALK_D
 
 
 @triton.jit
@@ -102,7 +102,6 @@ def _ell_spmm_walk_kernel(out_ptr, idx_ptr, cnt_ptr, c1_ptr, c3_ptr, w1_ptr, c2_
 # one-slot-per-step walk (rows up to MAX_WALK_D wide), else the chunked kernel (SP, BD).
 CONFIG = dict(WALK=True, num_warps=4)
 INTERPRET_CONFIG = dict(WALK=False, SP=16, BD=64)
-MAX_WALK_D = 8192
 
 
 def ell_spmm(out: torch.Tensor, idx, cnt, c1, w1, c3=None, c2=None, w2=None, accumulate=False):
