@@ -28,6 +28,7 @@ from kernels.hybrid.ell_sddmm import ell_sddmm, ell_sddmm_bwd  # noqa: E402
 from kernels.hybrid.ell_spmm import ell_spmm  # noqa: E402
 from kernels.hybrid.format import build_pattern  # noqa: E402
 from kernels.hybrid.gate_pack import gate_pack  # noqa: E402
+from kernels.hybrid.heavy_rows import heavy_backward, heavy_forward  # noqa: E402
 from kernels.hybrid.row_pack import cublas_gate_pack  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from bench_common import (activation_stats, environment, gpu_slug, median_ms, rel_err,  # noqa: E402
@@ -64,6 +65,28 @@ def fwd_bwd(fn, params, dy):
     return torch.autograd.grad([y, l1], params, [dy, lam])
 
 
+def graph_ms(fn, params, dy):
+    """Median ms of fwd_bwd(fn) replayed from a CUDA graph: the step's GPU time without the
+    host's launch overhead. Leaves are re-made on the capture stream (autograd's leaf nodes
+    remember the stream their tensors were made on); warm-up calls there first, as torch asks."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        p = [t.detach().clone().requires_grad_() for t in params]
+        d = dy.clone()
+        for _ in range(3):
+            fwd_bwd(fn, p, d)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fwd_bwd(fn, p, d)
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    ms = median_ms(graph.replay)
+    del graph
+    return ms
+
+
 def peak_mem_mib(step):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -89,7 +112,7 @@ def saved_mem_mib(fn, params):
 
 def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
     """Median ms of each piece of the sparse step (pieces run alone, so the sum is indicative)."""
-    pat = build_pattern(x, wg, ell_width, hot_frac).resolve()   # capacity path: heavy rows known
+    pat = build_pattern(x, wg, ell_width, hot_frac)
     K = pat.hot.numel()
     wdt = wd.t().contiguous()
     u = ell_sddmm(x, wu, pat.idx, pat.cnt)
@@ -98,6 +121,7 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
     y = torch.empty_like(x)
     hw = torch.cat([wg[pat.hot], wu[pat.hot]])
     gu = x @ hw.t()
+    hw_grads = [torch.zeros_like(wg), torch.zeros_like(wu), torch.zeros_like(wdt)]
     pieces = {
         "gate_pack (fused Triton epilogue)": lambda: gate_pack(x, wg, ell_width),
         "gate cuBLAS + row_pack": lambda: cublas_gate_pack(x, wg, ell_width),
@@ -111,12 +135,16 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
         "bwd csc dWd": lambda: csc_wgrad(dy, pat.csc_ptr, pat.csc_slot, pat.width, wg.shape[0], pat.g, c3=u),
         f"hot gemm [M,D]x[D,2K] (K={K})": lambda: x @ hw.t(),
         f"hot gemm [2K,M]x[M,D] (K={K})": lambda: gu.t() @ x,
+        "heavy rows fwd": lambda: heavy_forward(x, wg, wu, wdt, pat.cold_mask, pat.heavy, pat.n_heavy,
+                                                y, torch.empty(x.shape[0], device=x.device)),
+        "heavy rows bwd (dx, dW)": lambda: heavy_backward(x, dy, wg, wu, wdt, pat.cold_mask, pat.heavy,
+                                                          pat.n_heavy, scale, y, *hw_grads),
     }
     res = {k: median_ms(f) for k, f in pieces.items()}
     res["cold_nnz_per_token"] = float(pat.cnt.float().mean())
     res["ell_width_cold"] = pat.width
     res["hot_neurons"] = K
-    res["heavy_rows"] = pat.heavy.numel()
+    res["heavy_rows"] = pat.heavy_rows().numel()
     res["pattern_bytes"] = pat.nbytes()
     return res
 
@@ -191,6 +219,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
 
 
 def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,), syncfrees=(True,), seed=0,
+             graphs=False,
              grads=True,
              do_breakdown=False,
              do_profile=False):
@@ -205,6 +234,9 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
     t_pk = median_ms(lambda: fwd_bwd(lambda *p: dense_ffn(*p, packed=True), params, dy))
     rec["dense_separate_ms"], rec["dense_packed_ms"] = t_sep, t_pk
     rec["dense_ms"] = min(t_sep, t_pk)
+    if graphs:   # both sides replayed from CUDA graphs (the faster dense variant)
+        rec["dense_graph_ms"] = graph_ms(dense_ffn if t_sep <= t_pk else lambda *p: dense_ffn(*p, packed=True),
+                                         params, dy)
     rec["dense_peak_mib"] = peak_mem_mib(lambda: fwd_bwd(dense_ffn, params, dy))
     rec["dense_saved_mib"] = saved_mem_mib(dense_ffn, params)
     ref = None
@@ -231,6 +263,9 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
         del y_s, y_r
         v["sparse_ms"] = median_ms(lambda: fwd_bwd(fn, params, dy))
         v["speedup"] = rec["dense_ms"] / v["sparse_ms"]
+        if graphs and sf:
+            v["sparse_graph_ms"] = graph_ms(fn, params, dy)
+            v["graph_speedup"] = rec["dense_graph_ms"] / v["sparse_graph_ms"]
         v["sparse_peak_mib"] = peak_mem_mib(lambda: fwd_bwd(fn, params, dy))
         v["sparse_saved_mib"] = saved_mem_mib(fn, params)
         if ref is not None:
@@ -239,7 +274,8 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
             del gs
         rec["variants"].append(v)
         print(f"H={H} nnz={nnz} hot_frac={hf} overlap={ov} sync_free={sf}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
-              f"x{v['speedup']:.2f} grad {v.get('grad_rel_err')}", flush=True)
+              f"x{v['speedup']:.2f} graphs {rec.get('dense_graph_ms')} / {v.get('sparse_graph_ms')} grad {v.get('grad_rel_err')}",
+              flush=True)
     best = min(rec["variants"], key=lambda v: v["sparse_ms"])
     rec["best"] = best
     if do_breakdown:
@@ -293,7 +329,17 @@ def markdown(env, cases):
                      f"| {s['nnz_mean']:.1f}/{s['nnz_max']} | {s['busiest_neuron_rate']:.3f} | {c['dense_ms']:.3f} "
                      f"| {b['sparse_ms']:.3f} ({b['hot_frac']}{', sync-free' if b.get('sync_free') else ''}) | **{b['speedup']:.2f}x** | {fmt(ge)} | {fmt(gd)} "
                      f"| {c['dense_peak_mib']:.0f}/{b['sparse_peak_mib']:.0f} | {c['dense_saved_mib']:.0f}/{b['sparse_saved_mib']:.0f} |")
-    lines += ["", note, "", "All variants (hot_frac sweep):", "", "| H | nnz | hot_frac | overlap | sync-free | sparse ms | speedup |", "|---|---|---|---|---|---|---|"]
+    lines += ["", note]
+    graphed = [c for c in cases if "dense_graph_ms" in c]
+    if graphed:
+        lines += ["", "Both sides replayed from CUDA graphs (GPU time without launch overhead; "
+                  "the sparse layer has no host sync, so it can be captured):", "",
+                  "| H | nnz | dense graph ms | sparse graph ms | speedup |", "|---|---|---|---|---|"]
+        for c in graphed:
+            v = min((v for v in c["variants"] if "sparse_graph_ms" in v), key=lambda v: v["sparse_graph_ms"])
+            lines.append(f"| {c['H']} | {c['nnz_target']}{' +%d dense rows' % c['dense_rows'] if c['dense_rows'] else ''} "
+                         f"| {c['dense_graph_ms']:.3f} | {v['sparse_graph_ms']:.3f} | **{v['graph_speedup']:.2f}x** |")
+    lines += ["", "All variants (hot_frac sweep):", "", "| H | nnz | hot_frac | overlap | sync-free | sparse ms | speedup |", "|---|---|---|---|---|---|---|"]
     for c in cases:
         for v in c["variants"]:
             lines.append(f"| {c['H']} | {c['nnz_target']} | {v['hot_frac']} | {v.get('overlap')} | {v.get('sync_free')} "
@@ -318,7 +364,9 @@ def main():
     ap.add_argument("--overlap", choices=["on", "off", "both"], default="off",
                     help="hot-panel GEMMs on a side stream (function.OVERLAP)")
     ap.add_argument("--sync-free", choices=["on", "off", "both"], default="on",
-                    help="capacity path without the mid-forward host read (format.SYNC_FREE)")
+                    help="remembered hot count, no host read in the layer (format.SYNC_FREE)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time dense and sparse fwd+bwd replayed from CUDA graphs (no launch overhead)")
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of the main case")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs on the first case first")
@@ -341,10 +389,11 @@ def main():
         for nnz in nnzs:
             main_case = H == a.hidden[0] and nnz == 29
             cases.append(run_case(a.tokens, a.d_model, H, nnz, hot_fracs, a.ell_width, overlaps=overlaps,
-                                  syncfrees=syncfrees, do_breakdown=a.breakdown and main_case, do_profile=a.profile and main_case))
+                                  syncfrees=syncfrees, graphs=a.graphs, do_breakdown=a.breakdown and main_case,
+                                  do_profile=a.profile and main_case))
     if a.dense_rows:
         cases.append(run_case(a.tokens, a.d_model, a.hidden[0], 29, hot_fracs[:1], a.ell_width, overlaps=overlaps,
-                              syncfrees=syncfrees, dense_rows=a.dense_rows))
+                              syncfrees=syncfrees, dense_rows=a.dense_rows, graphs=a.graphs))
     payload = {"environment": env, "protocol": "BENCHMARKS.md FFN training", "lambda_l1": LAMBDA, "cases": cases,
                "sweep": sweep}
     md = markdown(env, cases)

@@ -2,17 +2,18 @@
 
 Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
   gate GEMM + pack (cuBLAS + Triton row pack, or the fused Triton epilogue) -> HybridPattern
-  (sizes from remembered capacities; the one host read, of the heavy-row count, comes at the
-  end of the forward, see format.py)
+  (the hot-panel size K is remembered from an earlier call: no host sync, see format.py)
   hot panel:   [g_h | u_h] = x [W_g[hot]; W_u[hot]]^T (one cuBLAS GEMM), h_h = relu(g_h) u_h
                y = h_h W_d[:, hot]^T                      (cuBLAS)
   cold ELL:    u = SDDMM(x, W_u) at the pattern            (Triton)
                y += (g u) W_d^T via gathered rows           (Triton, accumulates into y)
-  heavy rows:  dense torch over cold neurons, recomputed in backward (usually R = 0)
+  heavy rows:  recomputed densely over cold neurons in forward and backward by Triton kernels
+               that read the heavy-row count on the device (heavy_rows.py; usually none)
 Saved for backward: x and W_g, W_u (the caller holds them anyway), W_d^T (a transposed copy,
 cheaper to keep than to redo); kept on ctx (data-dependent shapes, see forward): the cold ELL
-(idx, g, u), the CSC view, and the hot panel [g_h | u_h] [M, 2K]. Never dense g, u or h [M, H].
-Backward has no host sync: the L1 scale g_l1 / M stays a device tensor read by the kernel.
+(idx, g, u), the CSC view, the heavy-row list and the hot panel [g_h | u_h] [M, 2K]. Never dense
+g, u or h [M, H]. No host sync in forward (after a layer's first call) or backward: the L1 scale
+g_l1 / M stays a device tensor read by the kernels.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .csc_wgrad import csc_wgrad
 from .ell_sddmm import ell_sddmm, ell_sddmm_bwd
 from .ell_spmm import ell_spmm
 from .format import HybridPattern, build_pattern
+from .heavy_rows import heavy_backward, heavy_forward
 from .hot_panel import hot_backward, hot_forward
 
 DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the dense backup
@@ -63,14 +65,6 @@ def _join(side, *tensors):
         t.record_stream(main)
 
 
-def _heavy_dense(x_r, w_gate, w_up, cold_mask):
-    """g, u, h (fp32) of the heavy tokens over the cold neurons only (hot ones live in the panel)."""
-    g = x_r.float() @ w_gate.float().t()
-    u = x_r.float() @ w_up.float().t()
-    on = (g > 0) & cold_mask[None, :]
-    return g, u, torch.where(on, g * u, 0.0), on
-
-
 class SparseGatedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, ell_width=DEFAULT_ELL_WIDTH, hot_frac=DEFAULT_HOT_FRAC):
@@ -94,32 +88,27 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=True)
         else:
             y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
-        l1 = l1_cold.sum()
-        # Heavy rows are known only now on the capacity path: the host read happens here, after
-        # the whole forward above is queued, so the GPU does not idle while the CPU waits.
-        heavy = pat.resolve().heavy
-        R = heavy.numel()
         if K:
             _join(side, gu, h_h, l1_h, y_h)
             if side is not None:
                 y += y_h
+        # heavy tokens: y rows and their l1row entries (the SDDMM wrote 0 there); no-op if none
+        heavy_forward(x, w_gate, w_up, w_down_t, pat.cold_mask, pat.heavy, pat.n_heavy, y, l1_cold)
+        l1 = l1_cold.sum()
+        if K:
             l1 = l1 + l1_h.sum()
-        if R:
-            _, _, h_r, _ = _heavy_dense(x[heavy], w_gate, w_up, pat.cold_mask)
-            y.index_add_(0, heavy, (h_r @ w_down_t.float()).to(y.dtype))
-            l1 = l1 + h_r.abs().sum()
         l1 = l1 / max(M, 1)
         # W_d^T is saved (23 MB at H=5632) rather than re-transposed in backward (~50 us).
         ctx.save_for_backward(x, w_gate, w_up, w_down_t)
-        # The pattern and the values on it have data-dependent shapes (K, R and Wc follow the
-        # remembered capacities), so a recompute under activation checkpointing may size them
+        # The pattern and the values on it have data-dependent shapes (K follows the remembered
+        # hot count), so a recompute under activation checkpointing may size them
         # differently and torch.utils.checkpoint would reject the mismatch. They are kept on
         # ctx instead of going through the saved-tensor hooks: checkpointing then never
         # recomputes them, and backward always uses the exact pattern the forward's y came from.
         # They are small next to the dense activations checkpointing frees ([M, Wc] and [M, 2K]
         # against [M, H]).
-        ctx.pattern = (pat.cnt, pat.idx, pat.g, u, pat.csc_ptr, pat.csc_slot, hot, heavy,
-                       pat.cold_mask, gu)
+        ctx.pattern = (pat.cnt, pat.idx, pat.g, u, pat.csc_ptr, pat.csc_slot, hot, pat.heavy,
+                       pat.n_heavy, pat.cold_mask, gu)
         ctx.mark_non_differentiable(pat.fire)
         return y, l1, pat.fire
 
@@ -130,11 +119,11 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             raise RuntimeError("backward ran twice through the hybrid sparse MLP; retain_graph=True "
                                "is not supported by this op (its pattern is freed by the first "
                                "backward). Use mlp_backend=torch for double backward.")
-        cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, cold_mask, gu = ctx.pattern
+        cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, n_heavy, cold_mask, gu = ctx.pattern
         ctx.pattern = None   # free it now, not when the caller drops the graph (e.g. next step)
         M, D = x.shape
         H = w_gate.shape[0]
-        K, R, Wc = hot.numel(), heavy.numel(), idx.shape[1]
+        K, Wc = hot.numel(), idx.shape[1]
         dy = torch.zeros_like(x) if dy is None else dy.contiguous().to(x.dtype)
         scale = (torch.zeros((), device=x.device) if dl1 is None else dl1.float()) / max(M, 1)
         scale = scale.reshape(()).contiguous()
@@ -162,15 +151,8 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             dw_up.index_copy_(0, hot, dwug[:K].to(dw_up.dtype))
             dw_gate.index_copy_(0, hot, dwug[K:].to(dw_gate.dtype))
             dw_down_t.index_copy_(0, hot, dwd_h.to(dw_down_t.dtype))
-        if R:
-            x_r, dy_r = x[heavy], dy[heavy].float()
-            g_r, u_r, h_r, on = _heavy_dense(x_r, w_gate, w_up, cold_mask)
-            dh_r = (dy_r @ w_down_t.float().t() + scale * torch.sign(h_r)) * on
-            du_r, dg_r = dh_r * g_r, dh_r * u_r
-            dx.index_add_(0, heavy, (du_r @ w_up.float() + dg_r @ w_gate.float()).to(dx.dtype))
-            dw_up += (du_r.t() @ x_r.float()).to(dw_up.dtype)
-            dw_gate += (dg_r.t() @ x_r.float()).to(dw_gate.dtype)
-            dw_down_t += (h_r.t() @ dy_r).to(dw_down_t.dtype)
+        heavy_backward(x, dy, w_gate, w_up, w_down_t, cold_mask, heavy, n_heavy, scale,
+                       dx, dw_gate, dw_up, dw_down_t)
         return dx, dw_gate, dw_up, dw_down_t.t(), None, None
 
 

@@ -3,8 +3,9 @@
 Two small kernels replace ~20 torch ops (a sort and several scatters cost ~1.2 ms at M=16384,
 NOTES.md):
   _split_kernel:   per token, drop hot-neuron entries (and every entry of a heavy token),
-                   compact the rest to the front of a [M, Wc] ELL, and count each neuron's cold
-                   entries with int32 atomics (colcount).
+                   compact the rest to the front of a [M, Wc] ELL, count each neuron's cold
+                   entries with int32 atomics (colcount), and append heavy tokens to a device
+                   list (one atomic on a counter each), so nobody needs their number on the host.
   _csc_fill_kernel: after csc_ptr = exclusive cumsum(colcount), each cold entry takes the next
                    free position of its neuron with an atomic cursor and writes its flat slot.
 The order of tokens inside a neuron's segment follows atomic arrival: sums over a segment are
@@ -21,7 +22,7 @@ from ._common import INTERPRET
 
 @triton.jit
 def _split_kernel(cnt0_ptr, idx0_ptr, val0_ptr, hot_ptr, cnt_ptr, idx_ptr, g_ptr, colcount_ptr,
-                  heavy_ptr, need_ptr, W0, Wc, WP: tl.constexpr):
+                  list_ptr, nheavy_ptr, W0, Wc, WP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n0 = tl.load(cnt0_ptr + row)
     s = tl.arange(0, WP)
@@ -32,16 +33,17 @@ def _split_kernel(cnt0_ptr, idx0_ptr, val0_ptr, hot_ptr, cnt_ptr, idx_ptr, g_ptr
     cold = valid & (hot == 0)
     ci = cold.to(tl.int32)
     total = tl.sum(ci, axis=0)
-    # A token whose cold count exceeds the capacity Wc keeps nothing here either: it is flagged
-    # heavy and takes the dense backup (never truncated). With an exact Wc this never happens.
+    # A token whose cold count exceeds the capacity Wc keeps nothing here either: it is listed
+    # heavy and takes the dense backup (never truncated). With Wc = W0 this never happens.
     fits = total <= Wc
     keep = cold & fits
     pos = tl.cumsum(ci, axis=0) - 1
     tl.store(idx_ptr + row * Wc + pos, j, mask=keep)
     tl.store(g_ptr + row * Wc + pos, v, mask=keep)
     tl.store(cnt_ptr + row, tl.where(fits, total, 0))
-    tl.store(heavy_ptr + row, ((n0 > W0) | (total > Wc)).to(tl.int8))
-    tl.store(need_ptr + row, total)
+    heavy = (n0 > W0) | (total > Wc)
+    at = tl.atomic_add(nheavy_ptr, 1, mask=heavy)
+    tl.store(list_ptr + at, row.to(tl.int32), mask=heavy)
     tl.atomic_add(colcount_ptr + j, ci, mask=keep)
 
 
@@ -57,13 +59,13 @@ def _csc_fill_kernel(cnt_ptr, idx_ptr, ptr_ptr, cursor_ptr, slot_ptr, Wc, WP: tl
     tl.store(slot_ptr + base + k, (row * Wc + s).to(tl.int32), mask=ok)
 
 
-def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, flags: bool = False):
+def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False):
     """(cnt [M] int32, idx [M, Wc] int32, g [M, Wc] fp32, csc_ptr [H+1] int32, csc_slot [M*Wc] int32).
 
     Wc is a capacity: a light token with more than Wc cold entries is stored empty (cnt 0) and
-    flagged heavy. With flags=True also returns heavy [M] int8 (1: the token's cold part is not
-    in the ELL, because cnt0 > W0 or its cold count > Wc) and need [M] int32 (the token's true
-    cold count when cnt0 <= W0, else 0), so the caller can find overflow without a host sync.
+    listed heavy, like a token with cnt0 > W0 (its cold part is then not in the ELL). With
+    heavy_list=True also returns (heavy [M] int32, n_heavy [1] int32): the first n_heavy[0]
+    entries of heavy are those tokens, in no particular order; the count stays on the device.
     Unused slots hold idx 0 and g 0.
     """
     M, W0 = idx0.shape
@@ -73,11 +75,11 @@ def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, flags: bool = False):
     idx = torch.zeros(M, Wc, dtype=torch.int32, device=dev)
     g = torch.zeros(M, Wc, dtype=torch.float32, device=dev)
     colcount = torch.zeros(H, dtype=torch.int32, device=dev)
-    heavy = torch.empty(M, dtype=torch.int8, device=dev)
-    need = torch.empty(M, dtype=torch.int32, device=dev)
+    heavy = torch.empty(M, dtype=torch.int32, device=dev)
+    n_heavy = torch.zeros(1, dtype=torch.int32, device=dev)
     hot_i8 = hot_mask.to(torch.int8)
     if M:
-        _split_kernel[(M,)](cnt0, idx0, val0, hot_i8, cnt, idx, g, colcount, heavy, need, W0, Wc,
+        _split_kernel[(M,)](cnt0, idx0, val0, hot_i8, cnt, idx, g, colcount, heavy, n_heavy, W0, Wc,
                             WP=triton.next_power_of_2(W0))
     csc_ptr = torch.zeros(H + 1, dtype=torch.int32, device=dev)
     torch.cumsum(colcount, 0, out=csc_ptr[1:])
@@ -85,8 +87,8 @@ def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, flags: bool = False):
     cursor = torch.zeros(H, dtype=torch.int32, device=dev)
     if M:
         _csc_fill_kernel[(M,)](cnt, idx, csc_ptr, cursor, csc_slot, Wc, WP=triton.next_power_of_2(Wc))
-    if flags:
-        return cnt, idx, g, csc_ptr, csc_slot, heavy, need
+    if heavy_list:
+        return cnt, idx, g, csc_ptr, csc_slot, heavy, n_heavy
     return cnt, idx, g, csc_ptr, csc_slot
 
 

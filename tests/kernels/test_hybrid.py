@@ -101,43 +101,63 @@ def test_fully_dense_activations_every_path():
     assert int(fire.min()) == 20
 
 
-@pytest.mark.parametrize("caps", [(0, 1), (64, 2), (10_000, 3)])
-def test_capacity_path_misses_stay_exact(caps, monkeypatch):
-    """Sync-free path with deliberately wrong remembered capacities (too few / too many hot
-    neurons, a cold width that most tokens overflow): overflowing tokens are flagged on device
-    and go to the dense backup, so the result is still exact."""
+@pytest.mark.parametrize("case,K", [("hot_panel", 0), ("hot_panel", 64), ("hot_panel", 10_000),
+                                    ("dense_rows_heavy", 7)])
+def test_remembered_hot_count_misses_stay_exact(case, K, monkeypatch):
+    """Sync-free path with a deliberately wrong remembered hot count (none, too few, more than
+    H): the neurons left out stay cold and extra ones are dense, so the result is still exact;
+    with heavy rows too."""
     from kernels.hybrid import format as fmt
 
     class Forced(dict):
         def get(self, key, default=None):
-            return list(caps)
+            return K
 
     monkeypatch.setattr(fmt, "SYNC_FREE", {"enabled": True})
     monkeypatch.setattr(fmt, "_CAPS", Forced())
-    make_kw, kw = CASES["hot_panel" if caps[0] else "dense_rows_heavy"]
+    monkeypatch.setattr(fmt, "_PENDING", {})
+    make_kw, kw = CASES[case]
     _compare(make_ffn_inputs(**make_kw, dtype=torch.float32), torch.float32, 1e-4, **kw)
 
 
-def test_capacity_path_learns_then_skips_the_sync(monkeypatch):
-    """The first call per layer is exact and remembers (K, Wc); the next call uses them."""
+def test_hot_count_is_learned_then_taken_without_a_read(monkeypatch):
+    """The first call per layer reads K; later calls take the remembered K and send the new one
+    back, which a later call picks up (K changes with the data, the result stays exact)."""
     from kernels.hybrid import format as fmt
     monkeypatch.setattr(fmt, "SYNC_FREE", {"enabled": True})
     monkeypatch.setattr(fmt, "_CAPS", {})
+    monkeypatch.setattr(fmt, "_PENDING", {})
     inp = make_ffn_inputs(33, 24, 136, target_nnz=12, seed=2, dtype=torch.float32)
     p = [t.to(DEV) for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
     first = fmt.build_pattern(p[0], p[1], 256, 0.15)
-    assert first._pending is None and len(fmt._CAPS) == 1
-    (K, Wc), = fmt._CAPS.values()
-    again = fmt.build_pattern(p[0], p[1], 256, 0.15)    # same layer again: remembered capacities
-    assert again._pending is not None and again.width == Wc and again.hot.numel() == K
-    assert first.hot.numel() == K
-    x2 = p[0].clone()                                    # another batch: the remembered capacities
-    pat = fmt.build_pattern(x2, p[1], 256, 0.15)
-    assert pat._pending is not None and pat.hot.numel() == K and pat.width == Wc
-    assert pat.resolve().heavy.numel() == 0
+    (key, K), = fmt._CAPS.items()
+    assert first.hot.numel() == K > 0 and key in fmt._PENDING
+    fmt._CAPS[key] = 3                                   # pretend an older, smaller K
+    fmt._PENDING.clear()
+    again = fmt.build_pattern(p[0], p[1], 256, 0.15)     # takes the remembered 3, no read
+    assert again.hot.numel() == 3 and fmt._CAPS[key] == 3 and key in fmt._PENDING
+    later = fmt.build_pattern(p[0], p[1], 256, 0.15)     # picks up what `again` sent back
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        later = fmt.build_pattern(p[0], p[1], 256, 0.15)
+    assert later.hot.numel() == K and fmt.LAST_STATS[key] == (K, 0)
+    assert later.heavy_rows().numel() == 0
     y1, l1a, _ = sparse_gated_mlp(*p, hot_frac=0.15)
-    y2, l1b, _ = sparse_gated_mlp(x2, *p[1:], hot_frac=0.15)
+    fmt._CAPS[key] = 0
+    fmt._PENDING.clear()
+    y2, l1b, _ = sparse_gated_mlp(*p, hot_frac=0.15)     # same batch without the hot panel
     assert torch.allclose(y1, y2, rtol=1e-5, atol=1e-5) and abs(float(l1a) - float(l1b)) < 1e-5
+
+
+def test_heavy_rows_are_listed_on_device():
+    from kernels.hybrid import format as fmt
+    inp = make_ffn_inputs(30, 24, 96, target_nnz=6, dense_rows=3, seed=3, dtype=torch.float32)
+    x, wg = inp.x.to(DEV), inp.w_gate.to(DEV)
+    pat = fmt.build_pattern(x, wg, 16, None)
+    want = ((x @ wg.t() > 0).sum(1) > 16).nonzero().flatten()
+    assert want.numel() >= 3
+    assert torch.equal(pat.heavy_rows().sort().values, want)
+    assert int(pat.cnt[want].abs().sum()) == 0      # their cold part is not in the ELL
 
 
 def test_finite_difference_fp32():
@@ -175,8 +195,8 @@ def test_finite_difference_fp32():
 def test_activation_checkpointing_and_weight_views(sync_free, monkeypatch):
     """Under non-reentrant checkpointing, with W_g/W_u as row slices of one packed [2H, D]
     parameter and W_d as a transposed (non-contiguous) view: same grads as the plain call.
-    sync_free: the capacities change between the forward and its recompute (CI once failed
-    when the recompute sized the ELL differently); backward must still use the forward's pattern."""
+    sync_free: the hot count changes between the forward and its recompute (CI once failed
+    when the recompute sized the pattern differently); backward must still use the forward's."""
     from kernels.hybrid import format as fmt
     monkeypatch.setattr(fmt, "SYNC_FREE", {"enabled": sync_free})
     inp = make_ffn_inputs(21, 16, 80, target_nnz=8, seed=10, dtype=torch.float32)
@@ -188,10 +208,11 @@ def test_activation_checkpointing_and_weight_views(sync_free, monkeypatch):
         w_d_t = inp.w_down.t().contiguous().to(DEV).requires_grad_()    # stored [H, D]
         fn = lambda a, b: sparse_gated_mlp(a, b[:80], b[80:], w_d_t.t(), hot_frac=0.2)  # noqa: E731
         y, l1, _ = checkpoint(fn, x, w_gu, use_reentrant=False) if use_ckpt else fn(x, w_gu)
-        # What resolve() does after a forward, made certain: the remembered capacities move
-        # (here to a tighter ELL and no hot panel), so a recompute would size tensors differently.
+        # What a later call may do, made certain: the remembered hot count moves (here to no
+        # hot panel), so a recompute would size tensors differently.
         for k in list(fmt._CAPS):
-            fmt._CAPS[k] = [0, 8]
+            fmt._CAPS[k] = 0
+        fmt._PENDING.clear()
         ((y * dy).sum() + LAM * l1).backward()
         return x.grad, w_gu.grad, w_d_t.grad
 
@@ -209,11 +230,12 @@ def test_activation_checkpointing_and_weight_views(sync_free, monkeypatch):
 
 
 def test_saves_packed_pattern_not_dense():
-    """What autograd keeps is inputs + packed pattern: no saved tensor is [M, H]-sized."""
+    """What autograd keeps is inputs + packed pattern: no saved tensor is [M, H]-sized (the ELL
+    arrays are [M, ell_width], here H / 16; 256 is 5632 / 22 in the benchmark)."""
     M, D, H = 40, 16, 256
     inp = make_ffn_inputs(M, D, H, target_nnz=6, seed=12, dtype=torch.float32)
     p = [t.to(DEV).requires_grad_() for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
-    y, _, _ = sparse_gated_mlp(*p, hot_frac=None)
+    y, _, _ = sparse_gated_mlp(*p, hot_frac=None, ell_width=H // 16)
     inputs = {t.data_ptr() for t in p}
     kept = list(y.grad_fn.saved_tensors) + list(y.grad_fn.pattern)   # the pattern lives on ctx
     extra = [t for t in kept if t.data_ptr() not in inputs]
@@ -251,3 +273,40 @@ def test_gpu_realistic_bf16_vs_fp32(H, dense_rows):
                           dtype=torch.float32)
     for hot_frac in (0.01, None):
         _compare(inp, torch.bfloat16, 1e-2, hot_frac=hot_frac)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_with_heavy_rows():
+    """After its first call the layer has no host sync: forward+backward capture in a CUDA graph
+    (a sync would abort the capture), and replays give the eager gradients, heavy rows included."""
+    inp = make_ffn_inputs(2048, 256, 1408, target_nnz=8, dense_rows=5, seed=16, dtype=torch.float32)
+    base = [t.to(DEV, torch.bfloat16) for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
+    dy = torch.randn(base[0].shape, device=DEV, dtype=torch.bfloat16)
+    kw = dict(ell_width=64, hot_frac=0.01)
+
+    def step(p):
+        y, l1, _ = sparse_gated_mlp(*p, **kw)
+        return torch.autograd.grad([y, l1], p, [dy, torch.full((), LAM, device=DEV)])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        p = [t.clone().requires_grad_() for t in base]
+        eager = [step(p) for _ in range(3)][-1]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            captured = step(p)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    from kernels.hybrid import format as fmt
+    pat = fmt.build_pattern(base[0], base[1], kw["ell_width"], kw["hot_frac"])
+    assert pat.heavy_rows().numel() >= 5
+    for name, a, b in zip(("dx", "dW_g", "dW_u", "dW_d"), captured, eager):
+        assert _rel(a, b) < 1e-3, f"{name}: graph replay vs eager {_rel(a, b)}"
+    pr = [t.float().requires_grad_() for t in base]
+    y, l1, _ = sparse_gated_mlp_reference(*pr)
+    ref = torch.autograd.grad([y, l1], pr, [dy.float(), torch.full((), LAM, device=DEV)])
+    for name, a, b in zip(("dx", "dW_g", "dW_u", "dW_d"), captured, ref):
+        assert _rel(a, b) < 1e-2, f"{name}: graph replay vs fp32 reference {_rel(a, b)}"
