@@ -153,16 +153,16 @@ SWEEP = {
     "gate_pack": [dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=False),
                   dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=True),
                   dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False)],
-    "row_pack": [dict(TWO_PASS=True, BR=32, BH=128, num_warps=4), dict(TWO_PASS=True, BR=16, BH=128, num_warps=4),
-                 dict(TWO_PASS=True, BR=64, BH=128, num_warps=8), dict(TWO_PASS=True, BR=32, BH=256, num_warps=8),
-                 dict(TWO_PASS=True, BR=16, BH=256, num_warps=4),
-                 dict(BR=64, BH=128, num_warps=8, SCAN=2), dict(BR=64, BH=128, num_warps=4, SCAN=2),
-                 dict(BR=16, BH=128, num_warps=4, SCAN=2), dict(BR=16, BH=128, num_warps=4, SCAN=True),
-                 dict(BR=32, BH=128, num_warps=8, SCAN=True),
-                 dict(BR=16, BH=256, num_warps=4, SCAN=True), dict(BR=16, BH=256, num_warps=4, SCAN=False),
-                 dict(BR=8, BH=512, num_warps=4, SCAN=False), dict(BR=32, BH=256, num_warps=8, SCAN=False),
-                 dict(BR=32, BH=256, num_warps=8, SCAN=True), dict(BR=16, BH=512, num_warps=8, SCAN=True),
-                 dict(BR=64, BH=128, num_warps=8, SCAN=True), dict(BR=8, BH=1024, num_warps=8, SCAN=True)],
+    "row_pack": [dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=32, COUNT_WARPS=4),
+                 dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=64, COUNT_WARPS=4),
+                 dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=64, COUNT_WARPS=8),
+                 dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=128, COUNT_WARPS=8),
+                 dict(TWO_PASS=True, BR=16, BH=128, num_warps=4, COUNT_BR=64, COUNT_WARPS=4),
+                 dict(TWO_PASS=True, BR=64, BH=128, num_warps=8, COUNT_BR=64, COUNT_WARPS=8),
+                 dict(TWO_PASS=True, BR=16, BH=256, num_warps=4, COUNT_BR=32, COUNT_WARPS=4),
+                 dict(TWO_PASS=True, BR=32, BH=256, num_warps=8, COUNT_BR=64, COUNT_WARPS=8),
+                 dict(TWO_PASS=True, BR=8, BH=512, num_warps=4, COUNT_BR=32, COUNT_WARPS=8),
+                 dict(BR=64, BH=128, num_warps=8, SCAN=True)],
     "ell_sddmm": [dict(WALK=True, num_warps=2), dict(WALK=True, num_warps=4), dict(WALK=True, num_warps=1),
                   dict(WALK=True, num_warps=8),
                   dict(SP=32, BD=128, num_warps=4), dict(SP=16, BD=256, num_warps=4),
@@ -219,7 +219,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
 
 
 def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,), syncfrees=(True,), seed=0,
-             graphs=False,
+             graphs=False, hot_from_pack=(True,),
              grads=True,
              do_breakdown=False,
              do_profile=False):
@@ -247,12 +247,14 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
         rec["dense_bf16_grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gd, ref)}
         del gd
     rec["variants"] = []
-    for hf, ov, sf in [(h, o, f) for h in hot_fracs for o in overlaps for f in syncfrees]:
-        def fn(*p, hf=hf, ov=ov, sf=sf):
+    for hf, ov, sf, hp in [(h, o, f, p) for h in hot_fracs for o in overlaps for f in syncfrees
+                           for p in hot_from_pack]:
+        def fn(*p, hf=hf, ov=ov, sf=sf, hp=hp):
             hyb_function.OVERLAP["enabled"] = ov
             hyb_format.SYNC_FREE["enabled"] = sf
+            hyb_format.GATE["hot_from_pack"] = hp
             return sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=hf)
-        v = {"hot_frac": hf, "ell_width": ell_width, "overlap": ov, "sync_free": sf}
+        v = {"hot_frac": hf, "ell_width": ell_width, "overlap": ov, "sync_free": sf, "hot_from_pack": hp}
         with torch.no_grad():
             y_s, l1_s, fire = fn(*params)
         with torch.no_grad():
@@ -273,7 +275,7 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
             v["grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gs, ref)}
             del gs
         rec["variants"].append(v)
-        print(f"H={H} nnz={nnz} hot_frac={hf} overlap={ov} sync_free={sf}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
+        print(f"H={H} nnz={nnz} hot_frac={hf} overlap={ov} sync_free={sf} hot_from_pack={hp}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
               f"x{v['speedup']:.2f} graphs {rec.get('dense_graph_ms')} / {v.get('sparse_graph_ms')} grad {v.get('grad_rel_err')}",
               flush=True)
     best = min(rec["variants"], key=lambda v: v["sparse_ms"])
@@ -284,6 +286,7 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, overlaps=(True,),
     if do_profile:
         hyb_function.OVERLAP["enabled"] = best["overlap"]
         hyb_format.SYNC_FREE["enabled"] = best["sync_free"]
+        hyb_format.GATE["hot_from_pack"] = best["hot_from_pack"]
         fn = lambda *p: sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=best["hot_frac"])  # noqa: E731
         rec["sparse_fwd_ms"] = median_ms(lambda: fn(*params))
         with torch.no_grad():
@@ -339,12 +342,14 @@ def markdown(env, cases):
             v = min((v for v in c["variants"] if "sparse_graph_ms" in v), key=lambda v: v["sparse_graph_ms"])
             lines.append(f"| {c['H']} | {c['nnz_target']}{' +%d dense rows' % c['dense_rows'] if c['dense_rows'] else ''} "
                          f"| {c['dense_graph_ms']:.3f} | {v['sparse_graph_ms']:.3f} | **{v['graph_speedup']:.2f}x** |")
-    lines += ["", "All variants (hot_frac sweep):", "", "| H | nnz | hot_frac | overlap | sync-free | sparse ms | speedup |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "All variants (hot_frac sweep):", "",
+              "| H | nnz | hot_frac | overlap | sync-free | hot g from pack | sparse ms | speedup | sparse graph ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         for v in c["variants"]:
+            gms = f"{v['sparse_graph_ms']:.3f}" if "sparse_graph_ms" in v else "-"
             lines.append(f"| {c['H']} | {c['nnz_target']} | {v['hot_frac']} | {v.get('overlap')} | {v.get('sync_free')} "
-                         f"| {v['sparse_ms']:.3f} "
-                         f"| {v['speedup']:.2f}x |")
+                         f"| {v.get('hot_from_pack')} | {v['sparse_ms']:.3f} | {v['speedup']:.2f}x | {gms} |")
     for c in cases:
         if "breakdown_ms" in c:
             lines += ["", f"Breakdown, H={c['H']} nnz={c['nnz_target']} (pieces timed alone):", ""]
@@ -365,6 +370,8 @@ def main():
                     help="hot-panel GEMMs on a side stream (function.OVERLAP)")
     ap.add_argument("--sync-free", choices=["on", "off", "both"], default="on",
                     help="remembered hot count, no host read in the layer (format.SYNC_FREE)")
+    ap.add_argument("--hot-from-pack", choices=["on", "off", "both"], default="on",
+                    help="hot panel's g copied by the pack pass, or recomputed by its GEMM (format.GATE)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time dense and sparse fwd+bwd replayed from CUDA graphs (no launch overhead)")
     ap.add_argument("--breakdown", action="store_true")
@@ -375,6 +382,7 @@ def main():
     hot_fracs = [None if h == "none" else float(h) for h in a.hot_fracs]
     overlaps = {"on": (True,), "off": (False,), "both": (False, True)}[a.overlap]
     syncfrees = {"on": (True,), "off": (False,), "both": (True, False)}[a.sync_free]
+    hfp = {"on": (True,), "off": (False,), "both": (True, False)}[a.hot_from_pack]
     env = environment()
     print(env, flush=True)
     cases = []
@@ -389,11 +397,12 @@ def main():
         for nnz in nnzs:
             main_case = H == a.hidden[0] and nnz == 29
             cases.append(run_case(a.tokens, a.d_model, H, nnz, hot_fracs, a.ell_width, overlaps=overlaps,
-                                  syncfrees=syncfrees, graphs=a.graphs, do_breakdown=a.breakdown and main_case,
+                                  syncfrees=syncfrees, graphs=a.graphs, hot_from_pack=hfp, do_breakdown=a.breakdown and main_case,
                                   do_profile=a.profile and main_case))
     if a.dense_rows:
         cases.append(run_case(a.tokens, a.d_model, a.hidden[0], 29, hot_fracs[:1], a.ell_width, overlaps=overlaps,
-                              syncfrees=syncfrees, dense_rows=a.dense_rows, graphs=a.graphs))
+                              syncfrees=syncfrees, dense_rows=a.dense_rows, graphs=a.graphs,
+                              hot_from_pack=hfp))
     payload = {"environment": env, "protocol": "BENCHMARKS.md FFN training", "lambda_l1": LAMBDA, "cases": cases,
                "sweep": sweep}
     md = markdown(env, cases)

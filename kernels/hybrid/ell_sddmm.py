@@ -151,11 +151,12 @@ def _slot_mask(idx, cnt):
 
 
 def reference(a, w, idx, cnt):
-    rows = w.float()[idx.long()]                      # [M, width, D]
-    return (rows * a.float()[:, None, :]).sum(-1) * _slot_mask(idx, cnt)
+    used = _slot_mask(idx, cnt)
+    rows = w.float()[torch.where(used, idx, 0).long()]      # [M, width, D]; slots past cnt unspecified
+    return torch.where(used, (rows * a.float()[:, None, :]).sum(-1), 0.0)
 
 
 def reference_bwd(dy, w_t, idx, cnt, g, u, scale):
     dh = reference(dy, w_t, idx, cnt) + scale.float() * torch.sign(u)
     m = _slot_mask(idx, cnt)
-    return dh * g * m, dh * u * m
+    return torch.where(m, dh * g, 0.0), torch.where(m, dh * u, 0.0)

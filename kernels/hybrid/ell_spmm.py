@@ -127,9 +127,10 @@ def ell_spmm(out: torch.Tensor, idx, cnt, c1, w1, c3=None, c2=None, w2=None, acc
 
 
 def reference(idx, cnt, c1, w1, c3=None, c2=None, w2=None):
-    m = (torch.arange(idx.shape[1], device=idx.device)[None, :] < cnt[:, None]).float()
-    c = c1 * m if c3 is None else c1 * c3 * m
-    out = torch.einsum("ms,msd->md", c, w1.float()[idx.long()])
+    used = torch.arange(idx.shape[1], device=idx.device)[None, :] < cnt[:, None]
+    idx = torch.where(used, idx, 0).long()        # slots past cnt are unspecified: never read
+    c = c1 if c3 is None else c1 * c3
+    out = torch.einsum("ms,msd->md", torch.where(used, c, 0.0), w1.float()[idx])
     if c2 is not None:
-        out = out + torch.einsum("ms,msd->md", c2 * m, w2.float()[idx.long()])
+        out = out + torch.einsum("ms,msd->md", torch.where(used, c2, 0.0), w2.float()[idx])
     return out

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from .gate_pack import gate_pack
-from .row_pack import cublas_gate_pack
+from . import row_pack
+from .row_pack import count_pass, cublas_gate_pack, pack_pass
 from .split_pack import reference as split_reference
 from .split_pack import split_pack
 
@@ -48,21 +49,25 @@ LAST_STATS: dict = {}          # layer key -> (K_needed, heavy rows) of the last
 
 # How the gate GEMM is done: the fused Triton GEMM+pack epilogue, or cuBLAS then a pack pass
 # (faster on H100 today, NOTES.md). Both give the same pattern up to fp32-vs-bf16 rounding of g.
-GATE = {"fused_epilogue": False}
+# hot_from_pack: pass 2 of the cuBLAS path copies the hot columns of g for the panel (whose GEMM
+# then computes u only). Off by default: its scattered 2-byte stores cost more than the half GEMM
+# saves (H100, same process: 2.779 vs 2.740 ms per step from a CUDA graph; NOTES.md variant 17).
+GATE = {"fused_epilogue": False, "hot_from_pack": False}
 
 
 @dataclass
 class HybridPattern:
     fire: torch.Tensor      # [H] int32: tokens with g_j > 0 (all parts)
     cnt: torch.Tensor       # [M] int32: cold nonzeros of a light token (0 for heavy tokens)
-    idx: torch.Tensor       # [M, W] int32: neuron of each cold slot (0 in unused slots)
-    g: torch.Tensor         # [M, W] fp32: g at each cold slot (0 in unused slots, > 0 in used ones)
+    idx: torch.Tensor       # [M, W] int32: neuron of each cold slot (slots >= cnt unspecified)
+    g: torch.Tensor         # [M, W] fp32: g (> 0) at each cold slot (slots >= cnt unspecified)
     csc_ptr: torch.Tensor   # [H + 1] int32
     csc_slot: torch.Tensor  # [M * W] int32: flat slots sorted by neuron (tail past csc_ptr[H] unused)
     hot: torch.Tensor       # [K] int64: hot neuron ids
     heavy: torch.Tensor     # [M] int32: heavy token ids in the first n_heavy[0] entries
     n_heavy: torch.Tensor   # [1] int32 (on the device)
     cold_mask: torch.Tensor  # [H] int8: 1 for neurons outside the hot set (used by the heavy backup)
+    g_hot: torch.Tensor | None = None  # [M, K] g of the hot neurons (x's dtype) when the pack made it
 
     @property
     def width(self) -> int:
@@ -119,31 +124,50 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     """
     M = x.shape[0]
     H = w_gate.shape[0]
-    if _packed is None:
-        # (no token has more than H nonzeros: a wider ELL would only cost memory)
-        _packed = (gate_pack if GATE["fused_epilogue"] else cublas_gate_pack)(x, w_gate, min(ell_width, H))
-    fire, cnt0, idx0, val0 = _packed
     dev = x.device
-    W0 = idx0.shape[1]
+    width = min(ell_width, H)    # no token has more than H nonzeros: a wider ELL only costs memory
+    g_dense = ccnt = g_hot = None
+    if _packed is not None:
+        fire = _packed[0]
+    elif GATE["fused_epilogue"]:
+        _packed = gate_pack(x, w_gate, width)
+        fire = _packed[0]
+    elif row_pack.CONFIG.get("TWO_PASS"):   # (the module's current CONFIG: sweeps replace it)
+        # cuBLAS gate, pass 1 (counts, fire), then the hot set, then pass 2 (which can also copy
+        # the hot columns of g for the panel: GATE["hot_from_pack"])
+        g_dense = x @ w_gate.t()
+        fire, ccnt = count_pass(g_dense)
+    else:
+        _packed = cublas_gate_pack(x, w_gate, width)
+        fire = _packed[0]
     # Hot set: neurons firing on > hot_frac * M tokens, rounded up to a multiple of
     # `hot_multiple` with the next most popular neurons (cuBLAS falls back to slow sm75 kernels
-    # for GEMM sizes like 2K = 490; NOTES.md). Chosen by a sort, so the count stays on device.
-    order = torch.argsort(fire, descending=True, stable=True)
+    # for GEMM sizes like 2K = 490; NOTES.md). The count stays on device; the set is the K most
+    # popular neurons (a top-k, not a full sort), K from the host (see the module docstring).
     if hot_frac is None:
         n_hot = torch.zeros((), dtype=torch.int64, device=dev)
     else:
         n_hot = (fire > int(hot_frac * M)).sum()
         n_hot = torch.clamp((n_hot + hot_multiple - 1) // hot_multiple * hot_multiple, max=H)
     key = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
-           W0, hot_frac, hot_multiple)
+           width, hot_frac, hot_multiple)
     K = _remembered_hot_count(key) if SYNC_FREE["enabled"] and not _use_reference else None
     if K is None:
         K = int(n_hot)     # the host read of the first call for a layer (or of every call)
         if not _use_reference:
             _CAPS[key] = K
     K = min(K, H)
+    hot = (torch.topk(fire, K, sorted=False).indices if K
+           else torch.zeros(0, dtype=torch.int64, device=dev))
     hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
-    hot_mask.index_fill_(0, order[:K], True)   # (x[i] = True would copy the scalar host->device)
+    hot_mask.index_fill_(0, hot, True)   # (x[i] = True would copy the scalar host->device)
+    if g_dense is not None:
+        cnt0, idx0, val0, g_hot = pack_pass(g_dense, ccnt, width,
+                                            hot if K and GATE["hot_from_pack"] else None)
+        del g_dense
+    else:
+        _, cnt0, idx0, val0 = _packed
+    W0 = idx0.shape[1]
     if _use_reference:
         cnt, idx, g, csc_ptr, csc_slot = split_reference(cnt0, idx0, val0, hot_mask, W0)
         rows = (cnt0 > W0).nonzero().flatten()
@@ -155,5 +179,5 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
                                                                     heavy_list=True)
     if SYNC_FREE["enabled"] and not _use_reference:
         _send_back(key, n_hot, n_heavy)
-    return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, order[:K], heavy, n_heavy,
-                         (~hot_mask).to(torch.int8))
+    return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy,
+                         (~hot_mask).to(torch.int8), g_hot)

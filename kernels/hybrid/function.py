@@ -3,7 +3,8 @@
 Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
   gate GEMM + pack (cuBLAS + Triton row pack, or the fused Triton epilogue) -> HybridPattern
   (the hot-panel size K is remembered from an earlier call: no host sync, see format.py)
-  hot panel:   [g_h | u_h] = x [W_g[hot]; W_u[hot]]^T (one cuBLAS GEMM), h_h = relu(g_h) u_h
+  hot panel:   g_h = the hot columns of the gate (copied by the pack pass), u_h = x W_u[hot]^T
+               (cuBLAS; [g_h | u_h] in one GEMM when the packer gives no g_h), h_h = relu(g_h) u_h
                y = h_h W_d[:, hot]^T                      (cuBLAS)
   cold ELL:    u = SDDMM(x, W_u) at the pattern            (Triton)
                y += (g u) W_d^T via gathered rows           (Triton, accumulates into y)
@@ -11,7 +12,7 @@ Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
                that read the heavy-row count on the device (heavy_rows.py; usually none)
 Saved for backward: x and W_g, W_u (the caller holds them anyway), W_d^T (a transposed copy,
 cheaper to keep than to redo); kept on ctx (data-dependent shapes, see forward): the cold ELL
-(idx, g, u), the CSC view, the heavy-row list and the hot panel [g_h | u_h] [M, 2K]. Never dense
+(idx, g, u), the CSC view, the heavy-row list and the hot panel g_h, u_h [M, K]. Never dense
 g, u or h [M, H]. No host sync in forward (after a layer's first call) or backward: the L1 scale
 g_l1 / M stays a device tensor read by the kernels.
 """
@@ -28,6 +29,7 @@ from .ell_spmm import ell_spmm
 from .format import HybridPattern, build_pattern
 from .heavy_rows import heavy_backward, heavy_forward
 from .hot_panel import hot_backward, hot_forward
+from .transpose import transpose
 
 DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the dense backup
 DEFAULT_HOT_FRAC = 0.01   # neurons firing on > 1% of the tokens take the dense hot panel (NOTES.md)
@@ -73,15 +75,18 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         pat: HybridPattern = build_pattern(x, w_gate, ell_width, hot_frac)
         hot = pat.hot
         K = hot.numel()
-        w_down_t = w_down.t().contiguous()          # [H, D]: row j of W_d^T is contiguous
+        w_down_t = transpose(w_down)                # [H, D]: row j of W_d^T is contiguous
         side = _side_stream(x) if K else None
+        g_h = u_h = None
         if K:
             with _on(side):
-                gu = x @ torch.cat([w_gate[hot], w_up[hot]]).t()       # [M, 2K] = [g_h | u_h]
-                h_h, l1_h = hot_forward(gu)
+                if pat.g_hot is not None:     # the pack pass copied g's hot columns: u only
+                    g_h, u_h = pat.g_hot, x @ w_up[hot].t()
+                else:
+                    gu = x @ torch.cat([w_gate[hot], w_up[hot]]).t()   # [M, 2K] = [g_h | u_h]
+                    g_h, u_h = gu[:, :K], gu[:, K:]
+                h_h, l1_h = hot_forward(g_h, u_h)
                 y_h = h_h @ w_down_t[hot]
-        else:
-            gu = x.new_zeros(M, 0)
         u, l1_cold = ell_sddmm(x, w_up, pat.idx, pat.cnt, g=pat.g)
         if K and side is None:    # serial: accumulate the cold part straight into the hot result
             y = y_h
@@ -89,7 +94,7 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         else:
             y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
         if K:
-            _join(side, gu, h_h, l1_h, y_h)
+            _join(side, g_h, u_h, h_h, l1_h, y_h)
             if side is not None:
                 y += y_h
         # heavy tokens: y rows and their l1row entries (the SDDMM wrote 0 there); no-op if none
@@ -108,7 +113,7 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         # They are small next to the dense activations checkpointing frees ([M, Wc] and [M, 2K]
         # against [M, H]).
         ctx.pattern = (pat.cnt, pat.idx, pat.g, u, pat.csc_ptr, pat.csc_slot, hot, pat.heavy,
-                       pat.n_heavy, pat.cold_mask, gu)
+                       pat.n_heavy, pat.cold_mask, g_h, u_h)
         ctx.mark_non_differentiable(pat.fire)
         return y, l1, pat.fire
 
@@ -119,7 +124,7 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             raise RuntimeError("backward ran twice through the hybrid sparse MLP; retain_graph=True "
                                "is not supported by this op (its pattern is freed by the first "
                                "backward). Use mlp_backend=torch for double backward.")
-        cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, n_heavy, cold_mask, gu = ctx.pattern
+        cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, n_heavy, cold_mask, g_h, u_h = ctx.pattern
         ctx.pattern = None   # free it now, not when the caller drops the graph (e.g. next step)
         M, D = x.shape
         H = w_gate.shape[0]
@@ -130,10 +135,9 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         side = _side_stream(x) if K else None
         if K:
             with _on(side):
-                dudg_h = hot_backward(gu, dy @ w_down_t[hot].t(), scale)         # [M, 2K]
+                dudg_h, h_h = hot_backward(g_h, u_h, dy @ w_down_t[hot].t(), scale)  # [M, 2K], [M, K]
                 dx_h = dudg_h @ torch.cat([w_up[hot], w_gate[hot]])
                 dwug = dudg_h.t() @ x                                           # [2K, D]
-                h_h, _ = hot_forward(gu)
                 dwd_h = h_h.t() @ dy                                            # [K, D]
         # dh, du, dg on the cold slots (L1 term and gating folded into the kernel epilogue).
         du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)

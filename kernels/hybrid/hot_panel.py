@@ -3,9 +3,11 @@
 The panel's GEMMs are cuBLAS; what is left is elementwise over [M, K]. In torch that is ~10
 kernels per step (relu, mul, sign, scale, add, cat, ...), each a pass over M x K and a launch
 after the layer's host sync. One kernel each way:
-  forward : gu = [g | u] [M, 2K]  ->  h = relu(g) * u [M, K] and l1row[i] = sum_j |h_ij| (fp32)
+  forward : g, u [M, K] (views of one [g | u] GEMM output, or g from the pack pass and u from
+            its own GEMM)  ->  h = relu(g) * u [M, K] and l1row[i] = sum_j |h_ij| (fp32)
   backward: dh [M, K] (= dy W_d[:, hot]), scale = g_l1 / M  ->  [du | dg] [M, 2K] with the L1
-            term folded in: dh' = dh + scale * sign(h), du = dh' relu(g), dg = dh' u 1[g > 0].
+            term folded in: dh' = dh + scale * sign(h), du = dh' relu(g), dg = dh' u 1[g > 0];
+            and h again, for dW_d (cheaper than keeping it from the forward).
 """
 from __future__ import annotations
 
@@ -17,14 +19,14 @@ from ._common import INTERPRET
 
 
 @triton.jit
-def _hot_fwd_kernel(gu_ptr, h_ptr, l1_ptr, K, BK: tl.constexpr):
+def _hot_fwd_kernel(g_ptr, u_ptr, h_ptr, l1_ptr, K, sg, su, BK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BK)
     tot = tl.zeros((BK,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ok = (k0 + c) < K
-        g = tl.load(gu_ptr + row * 2 * K + k0 + c, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * 2 * K + K + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * sg + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * su + k0 + c, mask=ok, other=0.0).to(tl.float32)
         h = tl.maximum(g, 0.0) * u
         hq = h.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * K + k0 + c, hq, mask=ok)
@@ -33,14 +35,14 @@ def _hot_fwd_kernel(gu_ptr, h_ptr, l1_ptr, K, BK: tl.constexpr):
 
 
 @triton.jit
-def _hot_bwd_kernel(gu_ptr, dh_ptr, scale_ptr, out_ptr, K, BK: tl.constexpr):
+def _hot_bwd_kernel(g_ptr, u_ptr, dh_ptr, scale_ptr, out_ptr, h_ptr, K, sg, su, BK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BK)
     s = tl.load(scale_ptr)
     for k0 in range(0, K, BK):
         ok = (k0 + c) < K
-        g = tl.load(gu_ptr + row * 2 * K + k0 + c, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * 2 * K + K + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * sg + k0 + c, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * su + k0 + c, mask=ok, other=0.0).to(tl.float32)
         dh = tl.load(dh_ptr + row * K + k0 + c, mask=ok, other=0.0).to(tl.float32)
         on = g > 0
         sgn = tl.where(on & (u > 0), 1.0, tl.where(on & (u < 0), -1.0, 0.0))
@@ -50,41 +52,49 @@ def _hot_bwd_kernel(gu_ptr, dh_ptr, scale_ptr, out_ptr, K, BK: tl.constexpr):
         ty = out_ptr.dtype.element_ty
         tl.store(out_ptr + row * 2 * K + k0 + c, du.to(ty), mask=ok)
         tl.store(out_ptr + row * 2 * K + K + k0 + c, dg.to(ty), mask=ok)
+        # h again (for dW_d = h^T dy), rounded as the forward rounded it: no separate pass
+        tl.store(h_ptr + row * K + k0 + c, (tl.maximum(g, 0.0) * u).to(h_ptr.dtype.element_ty), mask=ok)
 
 
 def _bk(K):
     return 64 if INTERPRET else min(1024, triton.next_power_of_2(max(K, 16)))
 
 
-def hot_forward(gu: torch.Tensor):
-    """gu [M, 2K] contiguous -> (h [M, K] in gu.dtype, l1row [M] fp32)."""
-    M, K2 = gu.shape
-    K = K2 // 2
-    h = torch.empty(M, K, dtype=gu.dtype, device=gu.device)
-    l1row = torch.empty(M, dtype=torch.float32, device=gu.device)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A [M, K] operand with unit column stride (a column slice of [g | u] is fine)."""
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def hot_forward(g: torch.Tensor, u: torch.Tensor):
+    """g, u [M, K] -> (h [M, K] in g.dtype, l1row [M] fp32)."""
+    g, u = _rows(g), _rows(u)
+    M, K = g.shape
+    h = torch.empty(M, K, dtype=g.dtype, device=g.device)
+    l1row = torch.empty(M, dtype=torch.float32, device=g.device)
     if M and K:
-        _hot_fwd_kernel[(M,)](gu, h, l1row, K, BK=_bk(K))
+        _hot_fwd_kernel[(M,)](g, u, h, l1row, K, g.stride(0), u.stride(0), BK=_bk(K))
     return h, l1row
 
 
-def hot_backward(gu: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor):
-    """-> [du | dg] [M, 2K] in gu.dtype; scale is a 0-dim fp32 device tensor (g_l1 / M)."""
-    M, K2 = gu.shape
-    K = K2 // 2
-    out = torch.empty_like(gu)
+def hot_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor):
+    """-> ([du | dg] [M, 2K], h [M, K]) in g.dtype; scale is a 0-dim fp32 device tensor (g_l1 / M)."""
+    g, u = _rows(g), _rows(u)
+    M, K = g.shape
+    out = torch.empty(M, 2 * K, dtype=g.dtype, device=g.device)
+    h = torch.empty(M, K, dtype=g.dtype, device=g.device)
     if M and K:
-        _hot_bwd_kernel[(M,)](gu, dh.contiguous(), scale, out, K, BK=_bk(K))
-    return out
+        _hot_bwd_kernel[(M,)](g, u, dh.contiguous(), scale, out, h, K, g.stride(0), u.stride(0), BK=_bk(K))
+    return out, h
 
 
-def reference_forward(gu):
-    g, u = gu.float().chunk(2, dim=1)
-    h = (torch.relu(g) * u).to(gu.dtype)
+def reference_forward(g, u):
+    h = (torch.relu(g.float()) * u.float()).to(g.dtype)
     return h, h.float().abs().sum(1)
 
 
-def reference_backward(gu, dh, scale):
-    g, u = gu.float().chunk(2, dim=1)
+def reference_backward(g, u, dh, scale):
+    dt = g.dtype
+    g, u = g.float(), u.float()
     on = g > 0
     dh = dh.float() + scale.float() * torch.sign(u) * on
-    return torch.cat([torch.where(on, dh * g, 0.0), torch.where(on, dh * u, 0.0)], 1).to(gu.dtype)
+    return torch.cat([torch.where(on, dh * g, 0.0), torch.where(on, dh * u, 0.0)], 1).to(dt)

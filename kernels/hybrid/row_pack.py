@@ -7,7 +7,8 @@ is faster until the fused kernel's main loop is fixed. Same output contract as g
 
 Default (CONFIG TWO_PASS): two loop-free kernels over (row block, column chunk) tiles: pass 1
 counts each row's nonzeros per chunk (and the per-column fire counts, one int32 atomic per
-column), pass 2 sums the row's earlier chunks and ranks each nonzero inside its chunk.
+column), a cumsum over the chunks gives each row's chunk offsets, pass 2 ranks each nonzero
+inside its chunk.
 Column-ordered, deterministic ELL.
 One-pass alternative: a program owns whole rows and walks the chunks; with SCAN slots come from
 a running scan in column order, without, from one int32 atomic per nonzero (order may vary).
@@ -84,23 +85,21 @@ def _chunk_count_kernel(g_ptr, fire_ptr, ccnt_ptr, M, H, n_chunks, BR: tl.conste
 
 
 @triton.jit
-def _chunk_pack_kernel(g_ptr, ccnt_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width, n_chunks,
-                       BR: tl.constexpr, BH: tl.constexpr, NC_P: tl.constexpr):
-    # Pass 2: each nonzero's slot = the row's nonzeros in earlier chunks (summed here from pass
-    # 1's counts, so no torch cumsum launches in between) + its rank inside the chunk; column
-    # order, deterministic, like SCAN. Chunk 0's program also writes the row totals.
+def _chunk_pack_kernel(g_ptr, incl_ptr, cnt_ptr, idx_ptr, val_ptr, hot_pos_ptr, g_hot_ptr, M, H, width,
+                       n_chunks, K, BR: tl.constexpr, BH: tl.constexpr, HOT: tl.constexpr):
+    # Pass 2: each nonzero's slot = the row's nonzeros in earlier chunks (the inclusive prefix
+    # over chunks, one int per row) + its rank inside the chunk; column order, deterministic,
+    # like SCAN. Chunk 0's program also writes the row totals. (Summing the earlier chunks'
+    # counts here instead read [BR, n_chunks] per program, 44x the needed bytes at H=5632.)
     pid_c = tl.program_id(1)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     c = pid_c * BH + tl.arange(0, BH)
     r_ok = rows < M
     c_ok = c < H
     rows64 = rows.to(tl.int64)
-    k = tl.arange(0, NC_P)
-    counts = tl.load(ccnt_ptr + rows64[:, None] * n_chunks + k[None, :],
-                     mask=r_ok[:, None] & (k < n_chunks)[None, :], other=0)
-    base = tl.sum(tl.where(k[None, :] < pid_c, counts, 0), axis=1)
+    base = tl.load(incl_ptr + rows64 * n_chunks + pid_c - 1, mask=r_ok & (pid_c > 0), other=0)
     if pid_c == 0:
-        tl.store(cnt_ptr + rows, tl.sum(counts, axis=1), mask=r_ok)
+        tl.store(cnt_ptr + rows, tl.load(incl_ptr + rows64 * n_chunks + n_chunks - 1, mask=r_ok), mask=r_ok)
     v = tl.load(g_ptr + rows64[:, None] * H + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
     on = v > 0
     pos = base[:, None] + tl.cumsum(on.to(tl.int32), axis=1) - 1
@@ -108,37 +107,86 @@ def _chunk_pack_kernel(g_ptr, ccnt_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width, 
     off = rows64[:, None] * width + pos
     tl.store(idx_ptr + off, c[None, :] + tl.zeros((BR, BH), dtype=tl.int32), mask=keep)
     tl.store(val_ptr + off, v.to(tl.float32), mask=keep)
+    if HOT:
+        # the hot panel's g columns (all values, the panel is dense), so its GEMM computes u only
+        hp = tl.load(hot_pos_ptr + c, mask=c_ok, other=-1)
+        tl.store(g_hot_ptr + rows64[:, None] * K + hp[None, :], v,
+                 mask=r_ok[:, None] & (hp >= 0)[None, :])
 
 
 # Launch configuration (one config under the interpreter).
 # BR=64, BH=128, 8 warps: 0.903 ms gate+pack vs 0.994 for BR=16/BH=256/4 warps (H100 sweep, NOTES.md).
 # TWO_PASS, BR=32, BH=128, 4 warps: 0.838 ms gate+pack vs 0.920 for the one-pass BR=64/BH=128/8
 # warps (H100 sweep, bench/results/ffn_train_sweep2_h100.md). SCAN picks the one-pass variant
-# when TWO_PASS is off.
-CONFIG = dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, SCAN=True)
+# when TWO_PASS is off. COUNT_BR / COUNT_WARPS: rows per program and warps of pass 1 alone
+# (taller tiles mean fewer fire atomics per column); BH is shared, both passes use its chunks.
+# COUNT_BR=64: gate+pack 0.789 vs 0.819 ms with 32 (H100 sweep of this round, NOTES.md).
+CONFIG = dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=64, COUNT_WARPS=4, SCAN=True)
+
+
+def _two_pass_config():
+    if INTERPRET:
+        return 16, 64, 16, {}, {}
+    nw = {"num_warps": CONFIG.get("num_warps", 4)}
+    return (CONFIG["BR"], CONFIG["BH"], CONFIG.get("COUNT_BR", CONFIG["BR"]), nw,
+            {"num_warps": CONFIG.get("COUNT_WARPS", nw["num_warps"])})
+
+
+def count_pass(g: torch.Tensor):
+    """Two-pass pack, pass 1: (fire [H] int32, per-(row, chunk) nonzero counts [M, n_chunks])."""
+    M, H = g.shape
+    br, bh, cbr, _, cnw = _two_pass_config()
+    fire = torch.zeros(H, dtype=torch.int32, device=g.device)
+    nc = triton.cdiv(H, bh)
+    ccnt = torch.empty(M, nc, dtype=torch.int32, device=g.device)
+    if M and H:
+        _chunk_count_kernel[(triton.cdiv(M, cbr), nc)](g, fire, ccnt, M, H, nc, BR=cbr, BH=bh, **cnw)
+    return fire, ccnt
+
+
+def pack_pass(g: torch.Tensor, ccnt: torch.Tensor, width: int, hot: torch.Tensor | None = None):
+    """Two-pass pack, pass 2: (cnt [M], idx [M, width], val [M, width], g_hot [M, K] or None).
+
+    With `hot` (K neuron ids) it also copies those columns of g into a dense [M, K] panel
+    (g's dtype), in the same read of g."""
+    M, H = g.shape
+    br, bh, _, nw, _ = _two_pass_config()
+    dev = g.device
+    cnt = torch.zeros(M, dtype=torch.int32, device=dev)
+    idx = torch.empty(M, width, dtype=torch.int32, device=dev)
+    val = torch.empty(M, width, dtype=torch.float32, device=dev)
+    K = 0 if hot is None else hot.numel()
+    g_hot = None if hot is None else torch.empty(M, K, dtype=g.dtype, device=dev)
+    hot_pos = cnt
+    if K:
+        hot_pos = torch.full((H,), -1, dtype=torch.int32, device=dev)
+        hot_pos.index_copy_(0, hot, torch.arange(K, dtype=torch.int32, device=dev))
+    if M and H:
+        nc = ccnt.shape[1]
+        incl = torch.cumsum(ccnt, 1, dtype=torch.int32)
+        _chunk_pack_kernel[(triton.cdiv(M, br), nc)](g, incl, cnt, idx, val, hot_pos,
+                                                     g_hot if K else val, M, H, width, nc, K,
+                                                     BR=br, BH=bh, HOT=K > 0, **nw)
+    return cnt, idx, val, g_hot
 
 
 def row_pack(g: torch.Tensor, width: int):
     """(fire [H] int32, cnt [M] int32, idx [M, width] int32, val [M, width] fp32) from dense g."""
     M, H = g.shape
     g = g.contiguous()
+    if CONFIG.get("TWO_PASS"):
+        fire, ccnt = count_pass(g)
+        cnt, idx, val, _ = pack_pass(g, ccnt, width)
+        return fire, cnt, idx, val
     dev = g.device
     fire = torch.zeros(H, dtype=torch.int32, device=dev)
     cnt = torch.zeros(M, dtype=torch.int32, device=dev)
     idx = torch.empty(M, width, dtype=torch.int32, device=dev)
     val = torch.empty(M, width, dtype=torch.float32, device=dev)
-    if M and H and CONFIG.get("TWO_PASS"):
-        br, bh = (16, 64) if INTERPRET else (CONFIG["BR"], CONFIG["BH"])
-        nw = {} if INTERPRET else {"num_warps": CONFIG.get("num_warps", 4)}
-        nc = triton.cdiv(H, bh)
-        grid = (triton.cdiv(M, br), nc)
-        ccnt = torch.empty(M, nc, dtype=torch.int32, device=dev)
-        _chunk_count_kernel[grid](g, fire, ccnt, M, H, nc, BR=br, BH=bh, **nw)
-        _chunk_pack_kernel[grid](g, ccnt, cnt, idx, val, M, H, width, nc, BR=br, BH=bh,
-                                 NC_P=max(2, triton.next_power_of_2(nc)), **nw)
-    elif M and H:
+    if M and H:
         cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"], INTERP=True) if INTERPRET else dict(CONFIG)
-        cfg.pop("TWO_PASS", None)
+        for k in ("TWO_PASS", "COUNT_BR", "COUNT_WARPS"):
+            cfg.pop(k, None)
         _row_pack_kernel[(triton.cdiv(M, cfg["BR"]),)](g, fire, cnt, idx, val, M, H, width, **cfg)
     return fire, cnt, idx, val
 

@@ -66,14 +66,15 @@ def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False):
     listed heavy, like a token with cnt0 > W0 (its cold part is then not in the ELL). With
     heavy_list=True also returns (heavy [M] int32, n_heavy [1] int32): the first n_heavy[0]
     entries of heavy are those tokens, in no particular order; the count stays on the device.
-    Unused slots hold idx 0 and g 0.
+    Slots past a token's count are unspecified (never read).
     """
     M, W0 = idx0.shape
     H = hot_mask.numel()
     dev = idx0.device
     cnt = torch.empty(M, dtype=torch.int32, device=dev)
-    idx = torch.zeros(M, Wc, dtype=torch.int32, device=dev)
-    g = torch.zeros(M, Wc, dtype=torch.float32, device=dev)
+    # only used slots (s < cnt) are ever read: no memset of the [M, Wc] arrays
+    idx = torch.empty(M, Wc, dtype=torch.int32, device=dev)
+    g = torch.empty(M, Wc, dtype=torch.float32, device=dev)
     colcount = torch.zeros(H, dtype=torch.int32, device=dev)
     heavy = torch.empty(M, dtype=torch.int32, device=dev)
     n_heavy = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -83,7 +84,7 @@ def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False):
                             WP=triton.next_power_of_2(W0))
     csc_ptr = torch.zeros(H + 1, dtype=torch.int32, device=dev)
     torch.cumsum(colcount, 0, out=csc_ptr[1:])
-    csc_slot = torch.zeros(M * Wc, dtype=torch.int32, device=dev)
+    csc_slot = torch.empty(M * Wc, dtype=torch.int32, device=dev)   # tail past csc_ptr[H] unused
     cursor = torch.zeros(H, dtype=torch.int32, device=dev)
     if M:
         _csc_fill_kernel[(M,)](cnt, idx, csc_ptr, cursor, csc_slot, Wc, WP=triton.next_power_of_2(Wc))

@@ -120,6 +120,17 @@ def test_remembered_hot_count_misses_stay_exact(case, K, monkeypatch):
     _compare(make_ffn_inputs(**make_kw, dtype=torch.float32), torch.float32, 1e-4, **kw)
 
 
+def test_hot_gate_values_from_the_pack_pass(monkeypatch):
+    """GATE["hot_from_pack"]: the panel takes g from pass 2 of the pack and computes only u."""
+    from kernels.hybrid import format as fmt
+    monkeypatch.setitem(fmt.GATE, "hot_from_pack", True)
+    make_kw, kw = CASES["hot_panel"]
+    inp = make_ffn_inputs(**make_kw, dtype=torch.float32)
+    pat = fmt.build_pattern(inp.x.to(DEV), inp.w_gate.to(DEV), 256, kw["hot_frac"])
+    assert pat.g_hot is not None and pat.g_hot.shape[1] == pat.hot.numel() > 0
+    _compare(inp, torch.float32, 1e-4, **kw)
+
+
 def test_hot_count_is_learned_then_taken_without_a_read(monkeypatch):
     """The first call per layer reads K; later calls take the remembered K and send the new one
     back, which a later call picks up (K changes with the data, the result stays exact)."""
@@ -237,7 +248,7 @@ def test_saves_packed_pattern_not_dense():
     p = [t.to(DEV).requires_grad_() for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
     y, _, _ = sparse_gated_mlp(*p, hot_frac=None, ell_width=H // 16)
     inputs = {t.data_ptr() for t in p}
-    kept = list(y.grad_fn.saved_tensors) + list(y.grad_fn.pattern)   # the pattern lives on ctx
+    kept = list(y.grad_fn.saved_tensors) + [t for t in y.grad_fn.pattern if t is not None]  # on ctx
     extra = [t for t in kept if t.data_ptr() not in inputs]
     assert all(t.numel() < M * H // 4 for t in extra if t.dim() == 2 and t.shape[1] != D), \
         [tuple(t.shape) for t in extra]

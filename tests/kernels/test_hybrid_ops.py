@@ -56,6 +56,19 @@ def test_gate_packers_match_reference(packer, monkeypatch):
         assert torch.allclose(a[r][1], b[r][1], rtol=1e-5, atol=1e-6), r
 
 
+def test_pack_pass_copies_the_hot_columns():
+    """Pass 2 with a hot set writes the same ELL as without one, plus g[:, hot] exactly."""
+    x, wg, _, _ = _inputs(seed=4)
+    g = x @ wg.t()
+    fire, ccnt = row_mod.count_pass(g)
+    hot = torch.topk(fire, 37, sorted=False).indices
+    cnt, idx, val, g_hot = row_mod.pack_pass(g, ccnt, 12, hot)
+    assert torch.equal(g_hot, g[:, hot])
+    c2, i2, v2, none = row_mod.pack_pass(g, ccnt, 12)
+    used = torch.arange(12, device=DEV)[None, :] < cnt.clamp(max=12)[:, None]
+    assert none is None and torch.equal(cnt, c2) and torch.equal(idx[used], i2[used]) and torch.equal(val[used], v2[used])
+
+
 def test_split_and_csc_match_reference():
     x, wg, _, _ = _inputs(seed=1)
     packed = gate_mod.reference(x, wg, 16)
@@ -64,7 +77,8 @@ def test_split_and_csc_match_reference():
     Wc = int(torch.where(cnt0 <= 16, cnt0, 0).max())
     k = split_mod.split_pack(cnt0, idx0, val0, hot, Wc)
     r = split_mod.reference(cnt0, idx0, val0, hot, Wc)
-    assert torch.equal(k[0], r[0]) and torch.equal(k[1], r[1]) and torch.equal(k[2], r[2])
+    used = torch.arange(Wc, device=DEV)[None, :] < r[0][:, None]   # slots past cnt are unspecified
+    assert torch.equal(k[0], r[0]) and torch.equal(k[1][used], r[1][used]) and torch.equal(k[2][used], r[2][used])
     assert torch.equal(k[3], r[3])                         # csc_ptr
     H = hot.numel()
     for j in range(H):                                     # same slots per neuron, any order
@@ -93,7 +107,8 @@ def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
     used = torch.arange(pat.width, device=DEV)[None, :] < pat.cnt[:, None]
     u = torch.where(used, u, 0.0)             # slots past a token's count are unspecified
     assert torch.allclose(u, sddmm_mod.reference(x, wu, pat.idx, pat.cnt), rtol=1e-5, atol=1e-5)
-    assert torch.allclose(l1row, (pat.g * u).abs().sum(1), rtol=1e-5, atol=1e-6)
+    g = torch.where(used, pat.g, 0.0)
+    assert torch.allclose(l1row, (g * u).abs().sum(1), rtol=1e-5, atol=1e-6)
     dy = torch.randn(M, D, device=DEV)
     scale = torch.tensor(0.3, device=DEV)
     du, dg = sddmm_mod.ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
@@ -114,12 +129,16 @@ def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
     b = csc_mod.csc_wgrad(dy, pat.csc_ptr, pat.csc_slot, pat.width, H, pat.g, c3=u)
     assert torch.allclose(b, csc_mod.reference(dy, pat.idx, pat.cnt, H, pat.g, c3=u), rtol=1e-5, atol=1e-5)
     gu = torch.randn(M, 2 * 5, device=DEV)
-    h, l1row = hot_panel.hot_forward(gu)
-    rh, rl1 = hot_panel.reference_forward(gu)
+    gh, uh = gu[:, :5], gu[:, 5:]              # column views of one [g | u] buffer (row stride 2K)
+    h, l1row = hot_panel.hot_forward(gh, uh)
+    rh, rl1 = hot_panel.reference_forward(gh, uh)
     assert torch.allclose(h, rh, atol=1e-6) and torch.allclose(l1row, rl1, atol=1e-5)
     dh = torch.randn(M, 5, device=DEV)
-    assert torch.allclose(hot_panel.hot_backward(gu, dh, scale), hot_panel.reference_backward(gu, dh, scale),
-                          atol=1e-5)
+    dudg, h2 = hot_panel.hot_backward(gh, uh, dh, scale)
+    assert torch.allclose(dudg, hot_panel.reference_backward(gh, uh, dh, scale), atol=1e-5)
+    dudg2, _ = hot_panel.hot_backward(gh.contiguous(), uh.contiguous(), dh, scale)
+    assert torch.equal(dudg2, dudg)
+    assert torch.equal(h2, h)
 
 
 def test_fused_epilogue_path_end_to_end():
