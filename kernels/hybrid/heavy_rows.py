@@ -176,32 +176,32 @@ def _f32(t):
     return INTERPRET or t.dtype == torch.float32
 
 
-def heavy_forward(x, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, y, l1row):
-    """y[r] += the cold part of heavy row r; l1row[r] = its cold L1 (in place, device count)."""
+def _rows_kernel(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, out, l1row, scale, bwd):
     M, D = x.shape
     H = w_gate.shape[0]
-    if not (M and D and H):
-        return
     c = _config(D)
     grid = (ROW_PROGRAMS, triton.cdiv(D, c["BD"]))
-    _heavy_rows_kernel[grid](x, w_gate, w_up, w_down_t, x, cold_i8, heavy_list, n_heavy, y, l1row,
-                             l1row, D, H, **c, BWD=False, F32=_f32(x))
+    if M and D and H:
+        _heavy_rows_kernel[grid](x, w_gate, w_up, w_down_t, dy, cold_i8, heavy_list, n_heavy, out, l1row,
+                                 scale, D, H, **c, BWD=bwd, F32=_f32(x))
+    return c
+
+
+def heavy_forward(x, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, y, l1row):
+    """y[r] += the cold part of heavy row r; l1row[r] = its cold L1 (in place, device count)."""
+    _rows_kernel(x, x, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, y, l1row, l1row, bwd=False)
 
 
 def heavy_backward(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, scale,
                    dx, dw_gate, dw_up, dw_down_t):
     """Adds the heavy rows' cold part to dx, dW_g, dW_u and dW_d^T in place (device count)."""
+    c = _rows_kernel(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, dx, scale, scale, bwd=True)
     M, D = x.shape
     H = w_gate.shape[0]
-    if not (M and D and H):
-        return
-    c = _config(D)
-    grid = (ROW_PROGRAMS, triton.cdiv(D, c["BD"]))
-    _heavy_rows_kernel[grid](x, w_gate, w_up, w_down_t, dy, cold_i8, heavy_list, n_heavy, dx, scale,
-                             scale, D, H, **c, BWD=True, F32=_f32(x))
-    grid = (triton.cdiv(H, c["BH"]), triton.cdiv(D, c["BD"]))
-    _heavy_wgrad_kernel[grid](x, w_gate, w_up, w_down_t, dy, cold_i8, heavy_list, n_heavy, scale,
-                              dw_gate, dw_up, dw_down_t, D, H, **c, F32=_f32(x))
+    if M and D and H:
+        grid = (triton.cdiv(H, c["BH"]), triton.cdiv(D, c["BD"]))
+        _heavy_wgrad_kernel[grid](x, w_gate, w_up, w_down_t, dy, cold_i8, heavy_list, n_heavy, scale,
+                                  dw_gate, dw_up, dw_down_t, D, H, **c, F32=_f32(x))
 
 
 def reference(x, dy, w_gate, w_up, w_down_t, cold_mask, rows, scale):
