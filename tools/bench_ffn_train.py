@@ -153,8 +153,12 @@ SWEEP = {
     "gate_pack": [dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=False),
                   dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, SCAN=True),
                   dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, SCAN=False)],
-    "row_pack": [dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=32, COUNT_WARPS=4),
-                 dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=64, COUNT_WARPS=4),
+    "row_pack": [dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=64, COUNT_WARPS=4),
+                 dict(ATOMIC=True, BR=32, BH=128, num_warps=4), dict(ATOMIC=True, BR=16, BH=128, num_warps=4),
+                 dict(ATOMIC=True, BR=64, BH=128, num_warps=8), dict(ATOMIC=True, BR=32, BH=256, num_warps=8),
+                 dict(ATOMIC=True, BR=16, BH=256, num_warps=4), dict(ATOMIC=True, BR=64, BH=64, num_warps=4),
+                 dict(ATOMIC=True, BR=128, BH=64, num_warps=8),
+                 dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=32, COUNT_WARPS=4),
                  dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=64, COUNT_WARPS=8),
                  dict(TWO_PASS=True, BR=32, BH=128, num_warps=4, COUNT_BR=128, COUNT_WARPS=8),
                  dict(TWO_PASS=True, BR=16, BH=128, num_warps=4, COUNT_BR=64, COUNT_WARPS=4),
@@ -370,7 +374,7 @@ def main():
                     help="hot-panel GEMMs on a side stream (function.OVERLAP)")
     ap.add_argument("--sync-free", choices=["on", "off", "both"], default="on",
                     help="remembered hot count, no host read in the layer (format.SYNC_FREE)")
-    ap.add_argument("--hot-from-pack", choices=["on", "off", "both"], default="on",
+    ap.add_argument("--hot-from-pack", choices=["on", "off", "both"], default="off",
                     help="hot panel's g copied by the pack pass, or recomputed by its GEMM (format.GATE)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time dense and sparse fwd+bwd replayed from CUDA graphs (no launch overhead)")

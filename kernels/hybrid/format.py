@@ -35,7 +35,7 @@ from .gate_pack import gate_pack
 from . import row_pack
 from .row_pack import count_pass, cublas_gate_pack, pack_pass
 from .split_pack import reference as split_reference
-from .split_pack import split_pack
+from .split_pack import hot_count, split_pack
 
 
 # Remembered hot counts (see the module docstring). On by default: the end-of-forward host read of
@@ -83,6 +83,11 @@ class HybridPattern:
                     self.heavy, self.n_heavy, self.cold_mask))
 
 
+def _panel_size(over_threshold: int, multiple: int, H: int) -> int:
+    """K: the neurons over the threshold, rounded up to a multiple of `multiple` (at most H)."""
+    return min(-(-over_threshold // multiple) * multiple, H)
+
+
 def _remembered_hot_count(key):
     """K from an earlier call of this layer, after picking up any copy that has landed."""
     pending = _PENDING.get(key)
@@ -90,19 +95,20 @@ def _remembered_hot_count(key):
         pending = None     # no event queries inside a graph capture
     if pending is not None and (pending[1] is None or pending[1].query()):
         del _PENDING[key]
-        k_need, heavy = (int(v) for v in pending[0].tolist())
-        _CAPS[key] = k_need
-        LAST_STATS[key] = (k_need, heavy)
+        over, heavy = (int(v) for v in pending[0].tolist())
+        multiple, H = key[-1], key[5]
+        _CAPS[key] = _panel_size(over, multiple, H)
+        LAST_STATS[key] = (_CAPS[key], heavy)
     return _CAPS.get(key)
 
 
-def _send_back(key, n_hot, n_heavy):
-    """Start the copy of this call's (K needed, heavy rows) to the host; nobody waits for it."""
-    stats = torch.stack([n_hot.to(torch.int64), n_heavy[0].to(torch.int64)])
+def _send_back(key, stats):
+    """Start the copy of this call's stats ([neurons over the hot threshold, heavy rows], int32
+    on the device) to the host; nobody waits for it."""
     if stats.is_cuda:
         if torch.cuda.is_current_stream_capturing():
             return    # a replayed graph keeps the K it was captured with
-        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        host = torch.empty(2, dtype=torch.int32, pin_memory=True)
         host.copy_(stats, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -132,7 +138,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     elif GATE["fused_epilogue"]:
         _packed = gate_pack(x, w_gate, width)
         fire = _packed[0]
-    elif row_pack.CONFIG.get("TWO_PASS"):   # (the module's current CONFIG: sweeps replace it)
+    elif row_pack.CONFIG.get("TWO_PASS") and not row_pack.CONFIG.get("ATOMIC"):   # (current CONFIG: sweeps replace it)
         # cuBLAS gate, pass 1 (counts, fire), then the hot set, then pass 2 (which can also copy
         # the hot columns of g for the panel: GATE["hot_from_pack"])
         g_dense = x @ w_gate.t()
@@ -144,23 +150,22 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     # `hot_multiple` with the next most popular neurons (cuBLAS falls back to slow sm75 kernels
     # for GEMM sizes like 2K = 490; NOTES.md). The count stays on device; the set is the K most
     # popular neurons (a top-k, not a full sort), K from the host (see the module docstring).
-    if hot_frac is None:
-        n_hot = torch.zeros((), dtype=torch.int64, device=dev)
-    else:
-        n_hot = (fire > int(hot_frac * M)).sum()
-        n_hot = torch.clamp((n_hot + hot_multiple - 1) // hot_multiple * hot_multiple, max=H)
+    stats = torch.zeros(2, dtype=torch.int32, device=dev)   # [neurons over the threshold, heavy rows]
+    if hot_frac is not None:
+        hot_count(fire, int(hot_frac * M), stats)
     key = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
            width, hot_frac, hot_multiple)
     K = _remembered_hot_count(key) if SYNC_FREE["enabled"] and not _use_reference else None
     if K is None:
-        K = int(n_hot)     # the host read of the first call for a layer (or of every call)
+        K = _panel_size(int(stats[0]), hot_multiple, H)   # the host read of a layer's first call
         if not _use_reference:
             _CAPS[key] = K
     K = min(K, H)
     hot = (torch.topk(fire, K, sorted=False).indices if K
            else torch.zeros(0, dtype=torch.int64, device=dev))
-    hot_mask = torch.zeros(H, dtype=torch.bool, device=dev)
-    hot_mask.index_fill_(0, hot, True)   # (x[i] = True would copy the scalar host->device)
+    cold = torch.ones(H, dtype=torch.int8, device=dev)
+    if K:
+        cold.index_fill_(0, hot, 0)   # (x[i] = 0 would copy the scalar host->device)
     if g_dense is not None:
         cnt0, idx0, val0, g_hot = pack_pass(g_dense, ccnt, width,
                                             hot if K and GATE["hot_from_pack"] else None)
@@ -168,16 +173,16 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     else:
         _, cnt0, idx0, val0 = _packed
     W0 = idx0.shape[1]
+    n_heavy = stats[1:]
     if _use_reference:
-        cnt, idx, g, csc_ptr, csc_slot = split_reference(cnt0, idx0, val0, hot_mask, W0)
+        cnt, idx, g, csc_ptr, csc_slot = split_reference(cnt0, idx0, val0, cold == 0, W0)
         rows = (cnt0 > W0).nonzero().flatten()
         heavy = torch.zeros(M, dtype=torch.int32, device=dev)
         heavy[:rows.numel()] = rows.to(torch.int32)
-        n_heavy = torch.full((1,), rows.numel(), dtype=torch.int32, device=dev)
+        n_heavy.fill_(rows.numel())
     else:
-        cnt, idx, g, csc_ptr, csc_slot, heavy, n_heavy = split_pack(cnt0, idx0, val0, hot_mask, W0,
-                                                                    heavy_list=True)
+        cnt, idx, g, csc_ptr, csc_slot, heavy, _ = split_pack(cnt0, idx0, val0, None, W0, heavy_list=True,
+                                                              cold=cold, n_heavy=n_heavy)
     if SYNC_FREE["enabled"] and not _use_reference:
-        _send_back(key, n_hot, n_heavy)
-    return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy,
-                         (~hot_mask).to(torch.int8), g_hot)
+        _send_back(key, stats)
+    return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy, cold, g_hot)

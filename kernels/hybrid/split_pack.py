@@ -21,7 +21,7 @@ from ._common import INTERPRET
 
 
 @triton.jit
-def _split_kernel(cnt0_ptr, idx0_ptr, val0_ptr, hot_ptr, cnt_ptr, idx_ptr, g_ptr, colcount_ptr,
+def _split_kernel(cnt0_ptr, idx0_ptr, val0_ptr, coldm_ptr, cnt_ptr, idx_ptr, g_ptr, colcount_ptr,
                   list_ptr, nheavy_ptr, W0, Wc, WP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n0 = tl.load(cnt0_ptr + row)
@@ -29,8 +29,7 @@ def _split_kernel(cnt0_ptr, idx0_ptr, val0_ptr, hot_ptr, cnt_ptr, idx_ptr, g_ptr
     valid = (s < n0) & (n0 <= W0)          # heavy tokens (n0 > W0) keep nothing here
     j = tl.load(idx0_ptr + row * W0 + s, mask=valid, other=0)
     v = tl.load(val0_ptr + row * W0 + s, mask=valid, other=0.0)
-    hot = tl.load(hot_ptr + j, mask=valid, other=1)
-    cold = valid & (hot == 0)
+    cold = valid & (tl.load(coldm_ptr + j, mask=valid, other=0) != 0)
     ci = cold.to(tl.int32)
     total = tl.sum(ci, axis=0)
     # A token whose cold count exceeds the capacity Wc keeps nothing here either: it is listed
@@ -59,33 +58,52 @@ def _csc_fill_kernel(cnt_ptr, idx_ptr, ptr_ptr, cursor_ptr, slot_ptr, Wc, WP: tl
     tl.store(slot_ptr + base + k, (row * Wc + s).to(tl.int32), mask=ok)
 
 
-def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False):
+@triton.jit
+def _hot_count_kernel(fire_ptr, H, threshold, out_ptr, BLOCK: tl.constexpr):
+    # neurons firing on more than `threshold` tokens, into out[0] (one program, a few us): one
+    # launch where torch needed a compare and a sum, before the copy back to the host
+    n = tl.zeros((BLOCK,), dtype=tl.int32)
+    for h0 in range(0, H, BLOCK):
+        h = h0 + tl.arange(0, BLOCK)
+        n += (tl.load(fire_ptr + h, mask=h < H, other=0) > threshold).to(tl.int32)
+    tl.store(out_ptr, tl.sum(n, axis=0))
+
+
+def hot_count(fire: torch.Tensor, threshold: int, out: torch.Tensor) -> None:
+    """out[0] = number of neurons with fire > threshold (int32, on the device)."""
+    _hot_count_kernel[(1,)](fire, fire.numel(), threshold, out, BLOCK=256 if INTERPRET else 1024)
+
+
+def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False, cold=None, n_heavy=None):
     """(cnt [M] int32, idx [M, Wc] int32, g [M, Wc] fp32, csc_ptr [H+1] int32, csc_slot [M*Wc] int32).
 
     Wc is a capacity: a light token with more than Wc cold entries is stored empty (cnt 0) and
     listed heavy, like a token with cnt0 > W0 (its cold part is then not in the ELL). With
     heavy_list=True also returns (heavy [M] int32, n_heavy [1] int32): the first n_heavy[0]
     entries of heavy are those tokens, in no particular order; the count stays on the device.
+    `cold` ([H] int8, 1 = not hot) may replace hot_mask; `n_heavy` may be a caller's zeroed
+    int32 [1] view (e.g. a slot of the layer's stats, copied back to the host in one piece).
     Slots past a token's count are unspecified (never read).
     """
     M, W0 = idx0.shape
-    H = hot_mask.numel()
+    H = (cold if cold is not None else hot_mask).numel()
     dev = idx0.device
     cnt = torch.empty(M, dtype=torch.int32, device=dev)
     # only used slots (s < cnt) are ever read: no memset of the [M, Wc] arrays
     idx = torch.empty(M, Wc, dtype=torch.int32, device=dev)
     g = torch.empty(M, Wc, dtype=torch.float32, device=dev)
-    colcount = torch.zeros(H, dtype=torch.int32, device=dev)
+    counters = torch.zeros(3 * H + 1, dtype=torch.int32, device=dev)   # one memset for all three
+    colcount, cursor, csc_ptr = counters[:H], counters[H:2 * H], counters[2 * H:]
     heavy = torch.empty(M, dtype=torch.int32, device=dev)
-    n_heavy = torch.zeros(1, dtype=torch.int32, device=dev)
-    hot_i8 = hot_mask.to(torch.int8)
+    if n_heavy is None:
+        n_heavy = torch.zeros(1, dtype=torch.int32, device=dev)
+    if cold is None:
+        cold = (~hot_mask).to(torch.int8)
     if M:
-        _split_kernel[(M,)](cnt0, idx0, val0, hot_i8, cnt, idx, g, colcount, heavy, n_heavy, W0, Wc,
+        _split_kernel[(M,)](cnt0, idx0, val0, cold, cnt, idx, g, colcount, heavy, n_heavy, W0, Wc,
                             WP=triton.next_power_of_2(W0))
-    csc_ptr = torch.zeros(H + 1, dtype=torch.int32, device=dev)
     torch.cumsum(colcount, 0, out=csc_ptr[1:])
     csc_slot = torch.empty(M * Wc, dtype=torch.int32, device=dev)   # tail past csc_ptr[H] unused
-    cursor = torch.zeros(H, dtype=torch.int32, device=dev)
     if M:
         _csc_fill_kernel[(M,)](cnt, idx, csc_ptr, cursor, csc_slot, Wc, WP=triton.next_power_of_2(Wc))
     if heavy_list:
