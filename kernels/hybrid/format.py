@@ -138,7 +138,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     elif GATE["fused_epilogue"]:
         _packed = gate_pack(x, w_gate, width)
         fire = _packed[0]
-    elif row_pack.CONFIG.get("TWO_PASS") and not row_pack.CONFIG.get("ATOMIC"):   # (current CONFIG: sweeps replace it)
+    elif row_pack.CONFIG.get("TWO_PASS"):   # (the module's current CONFIG: sweeps replace it)
         # cuBLAS gate, pass 1 (counts, fire), then the hot set, then pass 2 (which can also copy
         # the hot columns of g for the panel: GATE["hot_from_pack"])
         g_dense = x @ w_gate.t()

@@ -10,8 +10,8 @@ counts each row's nonzeros per chunk (and the per-column fire counts, one int32 
 column), a cumsum over the chunks gives each row's chunk offsets, pass 2 ranks each nonzero
 inside its chunk.
 Column-ordered, deterministic ELL.
-ATOMIC: the same tiles in one pass, each row's slots claimed with one atomic per (row, chunk);
-slot order then varies between runs.
+(A one-pass version of the same tiles, claiming each row's slots with one atomic per (row,
+chunk), lost to it: 0.86-1.05 vs 0.79 ms gate+pack; commit 2b623a2 has it.)
 One-pass alternative: a program owns whole rows and walks the chunks; with SCAN slots come from
 a running scan in column order, without, from one int32 atomic per nonzero (order may vary).
 """
@@ -116,33 +116,6 @@ def _chunk_pack_kernel(g_ptr, incl_ptr, cnt_ptr, idx_ptr, val_ptr, hot_pos_ptr, 
                  mask=r_ok[:, None] & (hp >= 0)[None, :])
 
 
-@triton.jit
-def _tile_pack_kernel(g_ptr, fire_ptr, cnt_ptr, idx_ptr, val_ptr, M, H, width,
-                      BR: tl.constexpr, BH: tl.constexpr):
-    # One pass over g (CONFIG ATOMIC): a program per (row block, column chunk) claims its rows'
-    # slots with one atomic per row (returning the row's running count), then ranks its
-    # nonzeros inside the chunk. No counting pass and no prefix, at the price of slot order:
-    # chunks of a row land in arrival order, so the ELL (and sums over it) is not bitwise
-    # deterministic between runs. cnt must start at 0; it ends as the true count.
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BH + tl.arange(0, BH)
-    r_ok = rows < M
-    c_ok = c < H
-    rows64 = rows.to(tl.int64)
-    v = tl.load(g_ptr + rows64[:, None] * H + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-    on = v > 0
-    oi = on.to(tl.int32)
-    n_row = tl.sum(oi, axis=1)
-    base = tl.atomic_add(cnt_ptr + rows, n_row, mask=r_ok & (n_row > 0))
-    pos = base[:, None] + tl.cumsum(oi, axis=1) - 1
-    keep = on & (pos < width)
-    off = rows64[:, None] * width + pos
-    tl.store(idx_ptr + off, c[None, :] + tl.zeros((BR, BH), dtype=tl.int32), mask=keep)
-    tl.store(val_ptr + off, v.to(tl.float32), mask=keep)
-    colsum = tl.sum(oi, axis=0)
-    tl.atomic_add(fire_ptr + c, colsum, mask=colsum > 0)
-
-
 # Launch configuration (one config under the interpreter).
 # BR=64, BH=128, 8 warps: 0.903 ms gate+pack vs 0.994 for BR=16/BH=256/4 warps (H100 sweep, NOTES.md).
 # TWO_PASS, BR=32, BH=128, 4 warps: 0.838 ms gate+pack vs 0.920 for the one-pass BR=64/BH=128/8
@@ -203,16 +176,6 @@ def row_pack(g: torch.Tensor, width: int):
     """(fire [H] int32, cnt [M] int32, idx [M, width] int32, val [M, width] fp32) from dense g."""
     M, H = g.shape
     g = g.contiguous()
-    if CONFIG.get("ATOMIC"):
-        br, bh, _, nw, _ = _two_pass_config()
-        fire = torch.zeros(H, dtype=torch.int32, device=g.device)
-        cnt = torch.zeros(M, dtype=torch.int32, device=g.device)
-        idx = torch.empty(M, width, dtype=torch.int32, device=g.device)
-        val = torch.empty(M, width, dtype=torch.float32, device=g.device)
-        if M and H:
-            _tile_pack_kernel[(triton.cdiv(M, br), triton.cdiv(H, bh))](g, fire, cnt, idx, val, M, H, width,
-                                                                        BR=br, BH=bh, **nw)
-        return fire, cnt, idx, val
     if CONFIG.get("TWO_PASS"):
         fire, ccnt = count_pass(g)
         cnt, idx, val, _ = pack_pass(g, ccnt, width)
@@ -224,7 +187,7 @@ def row_pack(g: torch.Tensor, width: int):
     val = torch.empty(M, width, dtype=torch.float32, device=dev)
     if M and H:
         cfg = dict(BR=16, BH=128, SCAN=CONFIG["SCAN"], INTERP=True) if INTERPRET else dict(CONFIG)
-        for k in ("TWO_PASS", "COUNT_BR", "COUNT_WARPS", "ATOMIC"):
+        for k in ("TWO_PASS", "COUNT_BR", "COUNT_WARPS"):
             cfg.pop(k, None)
         _row_pack_kernel[(triton.cdiv(M, cfg["BR"]),)](g, fire, cnt, idx, val, M, H, width, **cfg)
     return fire, cnt, idx, val

@@ -131,16 +131,6 @@ def test_hot_gate_values_from_the_pack_pass(monkeypatch):
     _compare(inp, torch.float32, 1e-4, **kw)
 
 
-def test_one_pass_atomic_pack_end_to_end(monkeypatch):
-    """row_pack CONFIG ATOMIC (one pass, slots claimed per (row, chunk)): same results, heavy rows too."""
-    from kernels.hybrid import row_pack
-    monkeypatch.setitem(row_pack.CONFIG, "ATOMIC", True)
-    make_kw, kw = CASES["dense_rows_heavy"]
-    _compare(make_ffn_inputs(**make_kw, dtype=torch.float32), torch.float32, 1e-4, **kw)
-    make_kw, kw = CASES["hot_panel"]
-    _compare(make_ffn_inputs(**make_kw, dtype=torch.float32), torch.float32, 1e-4, **kw)
-
-
 def test_hot_count_is_learned_then_taken_without_a_read(monkeypatch):
     """The first call per layer reads K; later calls take the remembered K and send the new one
     back, which a later call picks up (K changes with the data, the result stays exact)."""

@@ -38,14 +38,13 @@ def _row_sets(cnt, idx, val, width):
 
 
 @pytest.mark.parametrize("packer", ["fused_epilogue", "row_pack_scan", "row_pack_atomic", "row_pack_dot",
-                                    "row_pack_two_pass", "row_pack_tiles_atomic"])
+                                    "row_pack_two_pass"])
 def test_gate_packers_match_reference(packer, monkeypatch):
     x, wg, _, _ = _inputs()
     width = 12          # small, so the dense rows overflow and must report their true count
     fn = gate_mod.gate_pack if packer == "fused_epilogue" else row_mod.cublas_gate_pack
     monkeypatch.setitem(row_mod.CONFIG, "SCAN", {"row_pack_scan": 1, "row_pack_dot": 2}.get(packer, 0))
     monkeypatch.setitem(row_mod.CONFIG, "TWO_PASS", packer == "row_pack_two_pass")
-    monkeypatch.setitem(row_mod.CONFIG, "ATOMIC", packer == "row_pack_tiles_atomic")
     fire, cnt, idx, val = fn(x, wg, width)
     rf, rc, ri, rv = gate_mod.reference(x, wg, width)
     assert torch.equal(fire, rf) and torch.equal(cnt, rc)
