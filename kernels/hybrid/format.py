@@ -35,7 +35,8 @@ from .gate_pack import gate_pack
 from . import row_pack
 from .row_pack import count_pass, cublas_gate_pack, pack_pass
 from .split_pack import reference as split_reference
-from .split_pack import hot_count, split_pack
+from .hot_select import hot_count, select_hot
+from .split_pack import split_pack
 
 
 # Remembered hot counts (see the module docstring). On by default: the end-of-forward host read of
@@ -149,23 +150,18 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     # Hot set: neurons firing on > hot_frac * M tokens, rounded up to a multiple of
     # `hot_multiple` with the next most popular neurons (cuBLAS falls back to slow sm75 kernels
     # for GEMM sizes like 2K = 490; NOTES.md). The count stays on device; the set is the K most
-    # popular neurons (a top-k, not a full sort), K from the host (see the module docstring).
+    # popular neurons (hot_select.py), K from the host (see the module docstring).
     stats = torch.zeros(2, dtype=torch.int32, device=dev)   # [neurons over the threshold, heavy rows]
-    if hot_frac is not None:
-        hot_count(fire, int(hot_frac * M), stats)
+    threshold = M if hot_frac is None else int(hot_frac * M)   # (no neuron fires on more than M)
     key = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
            width, hot_frac, hot_multiple)
     K = _remembered_hot_count(key) if SYNC_FREE["enabled"] and not _use_reference else None
     if K is None:
+        hot_count(fire, threshold, stats)
         K = _panel_size(int(stats[0]), hot_multiple, H)   # the host read of a layer's first call
         if not _use_reference:
             _CAPS[key] = K
-    K = min(K, H)
-    hot = (torch.topk(fire, K, sorted=False).indices if K
-           else torch.zeros(0, dtype=torch.int64, device=dev))
-    cold = torch.ones(H, dtype=torch.int8, device=dev)
-    if K:
-        cold.index_fill_(0, hot, 0)   # (x[i] = 0 would copy the scalar host->device)
+    hot, cold = select_hot(fire, min(K, H), threshold, stats)
     if g_dense is not None:
         cnt0, idx0, val0, g_hot = pack_pass(g_dense, ccnt, width,
                                             hot if K and GATE["hot_from_pack"] else None)

@@ -6,24 +6,24 @@ Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
   hot panel:   g_h = the hot columns of the gate (copied by the pack pass), u_h = x W_u[hot]^T
                (cuBLAS; [g_h | u_h] in one GEMM when the packer gives no g_h), h_h = relu(g_h) u_h
                y = h_h W_d[:, hot]^T                      (cuBLAS)
-  cold ELL:    u = SDDMM(x, W_u) at the pattern            (Triton)
-               y += (g u) W_d^T via gathered rows           (Triton, accumulates into y)
+  cold ELL:    u = x . W_u[j] at the pattern, y += (g u) W_d^T[j] via gathered rows, in one
+               walk per token (ell_fused.py; for D > MAX_FUSED_D the SDDMM then the SpMM)
   heavy rows:  recomputed densely over cold neurons in forward and backward by Triton kernels
                that read the heavy-row count on the device (heavy_rows.py; usually none)
 Saved for backward: x and W_g, W_u (the caller holds them anyway), W_d^T (a transposed copy,
 cheaper to keep than to redo); kept on ctx (data-dependent shapes, see forward): the cold ELL
-(idx, g, u), the CSC view, the heavy-row list and the hot panel g_h, u_h [M, K]. Never dense
+(idx, g, u), the CSC view, the heavy-row list, the hot panel g_h, u_h [M, K] and the hot rows
+of the weights. Never dense
 g, u or h [M, H]. No host sync in forward (after a layer's first call) or backward: the L1 scale
 g_l1 / M stays a device tensor read by the kernels.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ._common import check_matrix
 from .csc_wgrad import csc_wgrad
+from .ell_fused import fused_backward, fused_forward, fused_ok
 from .ell_sddmm import ell_sddmm, ell_sddmm_bwd
 from .ell_spmm import ell_spmm
 from .format import HybridPattern, build_pattern
@@ -35,74 +35,57 @@ DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the
 DEFAULT_HOT_FRAC = 0.01   # neurons firing on > 1% of the tokens take the dense hot panel (NOTES.md)
 
 
-# Run the hot panel's cuBLAS GEMMs (tensor-core bound) on a side stream while the cold
-# gather kernels (memory bound) run on the current one (BENCHMARKS.md: overlap the two kinds).
-OVERLAP = {"enabled": False}   # measured slower on H100 (NOTES.md): off by default
-_SIDE_STREAMS: dict = {}
+# The cold products of each direction in one fused walk (ell_fused.py) rather than the SDDMM
+# then the SpMM (NOTES.md variant 19); layers wider than ell_fused.MAX_FUSED_D always take the pair.
+FUSED = {"enabled": True}
+# (Running the hot panel's GEMMs on a side stream beside the gathers was measured slower three
+# times, eager and from CUDA graphs, NOTES.md variants 7 and 18, and was removed.)
 
 
-def _side_stream(x: torch.Tensor):
-    """A side stream that has waited for the current one, or None (CPU, or overlap disabled)."""
-    if not (OVERLAP["enabled"] and x.is_cuda):
-        return None
-    side = _SIDE_STREAMS.get(x.device)
-    if side is None:
-        side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(device=x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    return side
+def _use_fused(D: int) -> bool:
+    return FUSED["enabled"] and fused_ok(D)
 
 
-def _on(side):
-    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
-
-
-def _join(side, *tensors):
-    """Current stream waits for the side stream; side-allocated tensors are marked as used by the
-    current stream so the caching allocator does not hand their memory out too early."""
-    if side is None:
-        return
-    main = torch.cuda.current_stream(side.device)
-    main.wait_stream(side)
-    for t in tensors:
-        t.record_stream(main)
+def _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, l1row):
+    """The dense hot panel: (what backward needs, y_h [M, D], l1row with the hot L1 added, or new)."""
+    hot, K = pat.hot, pat.hot.numel()
+    w_gu_h = torch.cat([w_gate[hot], w_up[hot]])                  # [2K, D], kept for backward
+    if pat.g_hot is not None:     # the pack pass copied g's hot columns: u only
+        g_h, u_h = pat.g_hot, x @ w_gu_h[K:].t()
+    else:
+        gu = x @ w_gu_h.t()                                       # [M, 2K] = [g_h | u_h]
+        g_h, u_h = gu[:, :K], gu[:, K:]
+    h_h, l1row = hot_forward(g_h, u_h, l1row)
+    wdt_h = w_down_t[hot]
+    return (g_h, u_h, w_gu_h, wdt_h), h_h @ wdt_h, l1row
 
 
 class SparseGatedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, ell_width=DEFAULT_ELL_WIDTH, hot_frac=DEFAULT_HOT_FRAC):
         M, D = x.shape
-        H = w_gate.shape[0]
         pat: HybridPattern = build_pattern(x, w_gate, ell_width, hot_frac)
-        hot = pat.hot
-        K = hot.numel()
+        K = pat.hot.numel()
         w_down_t = transpose(w_down)                # [H, D]: row j of W_d^T is contiguous
-        side = _side_stream(x) if K else None
-        g_h = u_h = None
-        if K:
-            with _on(side):
-                if pat.g_hot is not None:     # the pack pass copied g's hot columns: u only
-                    g_h, u_h = pat.g_hot, x @ w_up[hot].t()
-                else:
-                    gu = x @ torch.cat([w_gate[hot], w_up[hot]]).t()   # [M, 2K] = [g_h | u_h]
-                    g_h, u_h = gu[:, :K], gu[:, K:]
-                h_h, l1_h = hot_forward(g_h, u_h)
-                y_h = h_h @ w_down_t[hot]
-        u, l1_cold = ell_sddmm(x, w_up, pat.idx, pat.cnt, g=pat.g)
-        if K and side is None:    # serial: accumulate the cold part straight into the hot result
-            y = y_h
-            ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=True)
+        hot_saved = (None,) * 4
+        if _use_fused(D):
+            if K:    # the hot panel first; the cold walk then adds to its y and L1 rows
+                hot_saved, y, l1row = _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, None)
+            else:
+                y = torch.empty_like(x)
+                l1row = torch.empty(M, dtype=torch.float32, device=x.device)
+            u = fused_forward(x, w_up, w_down_t, pat.idx, pat.cnt, pat.g, y, l1row, accumulate=K > 0)
         else:
-            y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
-        if K:
-            _join(side, g_h, u_h, h_h, l1_h, y_h)
-            if side is not None:
-                y += y_h
-        # heavy tokens: y rows and their l1row entries (the SDDMM wrote 0 there); no-op if none
-        heavy_forward(x, w_gate, w_up, w_down_t, pat.cold_mask, pat.heavy, pat.n_heavy, y, l1_cold)
-        l1 = l1_cold.sum()
-        if K:
-            l1 = l1 + l1_h.sum()
-        l1 = l1 / max(M, 1)
+            # cold u and each token's cold L1 first: the hot panel and heavy rows add to that L1 row
+            u, l1row = ell_sddmm(x, w_up, pat.idx, pat.cnt, g=pat.g)
+            if K:    # accumulate the cold part straight into the hot result
+                hot_saved, y, _ = _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, l1row)
+                ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=True)
+            else:
+                y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
+        # heavy tokens: their y rows and l1row entries; no-op if none
+        heavy_forward(x, w_gate, w_up, w_down_t, pat.cold_mask, pat.heavy, pat.n_heavy, y, l1row)
+        l1 = l1row.sum() / max(M, 1)
         # W_d^T is saved (23 MB at H=5632) rather than re-transposed in backward (~50 us).
         ctx.save_for_backward(x, w_gate, w_up, w_down_t)
         # The pattern and the values on it have data-dependent shapes (K follows the remembered
@@ -110,10 +93,10 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         # differently and torch.utils.checkpoint would reject the mismatch. They are kept on
         # ctx instead of going through the saved-tensor hooks: checkpointing then never
         # recomputes them, and backward always uses the exact pattern the forward's y came from.
-        # They are small next to the dense activations checkpointing frees ([M, Wc] and [M, 2K]
-        # against [M, H]).
-        ctx.pattern = (pat.cnt, pat.idx, pat.g, u, pat.csc_ptr, pat.csc_slot, hot, pat.heavy,
-                       pat.n_heavy, pat.cold_mask, g_h, u_h)
+        # They are small next to the dense activations checkpointing frees ([M, width] and
+        # [M, 2K] against [M, H]).
+        ctx.pattern = (pat.cnt, pat.idx, pat.g, u, pat.csc_ptr, pat.csc_slot, pat.hot, pat.heavy,
+                       pat.n_heavy, pat.cold_mask) + hot_saved
         ctx.mark_non_differentiable(pat.fire)
         return y, l1, pat.fire
 
@@ -124,7 +107,7 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             raise RuntimeError("backward ran twice through the hybrid sparse MLP; retain_graph=True "
                                "is not supported by this op (its pattern is freed by the first "
                                "backward). Use mlp_backend=torch for double backward.")
-        cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, n_heavy, cold_mask, g_h, u_h = ctx.pattern
+        cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, n_heavy, cold_mask, g_h, u_h, w_gu_h, wdt_h = ctx.pattern
         ctx.pattern = None   # free it now, not when the caller drops the graph (e.g. next step)
         M, D = x.shape
         H = w_gate.shape[0]
@@ -132,28 +115,24 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         dy = torch.zeros_like(x) if dy is None else dy.contiguous().to(x.dtype)
         scale = (torch.zeros((), device=x.device) if dl1 is None else dl1.float()) / max(M, 1)
         scale = scale.reshape(()).contiguous()
-        side = _side_stream(x) if K else None
         if K:
-            with _on(side):
-                dudg_h, h_h = hot_backward(g_h, u_h, dy @ w_down_t[hot].t(), scale)  # [M, 2K], [M, K]
-                dx_h = dudg_h @ torch.cat([w_up[hot], w_gate[hot]])
-                dwug = dudg_h.t() @ x                                           # [2K, D]
-                dwd_h = h_h.t() @ dy                                            # [K, D]
-        # dh, du, dg on the cold slots (L1 term and gating folded into the kernel epilogue).
-        du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)
-        if K and side is None:
-            dx = dx_h
-            ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=True)
+            dgdu_h, h_h = hot_backward(g_h, u_h, dy @ wdt_h.t(), scale)      # [M, 2K] = [dg | du]
+            dx = dgdu_h @ w_gu_h                                            # w_gu_h = [W_g; W_u][hot]
+            dwgu = dgdu_h.t() @ x                                           # [2K, D]
+            dwd_h = h_h.t() @ dy                                            # [K, D]
         else:
-            dx = ell_spmm(torch.empty_like(x), idx, cnt, du, w_up, c2=dg, w2=w_gate)
+            dx = torch.empty_like(x)
+        # dh, du, dg on the cold slots (L1 term and gating folded in), and their dx
+        if _use_fused(D):
+            du, dg = fused_backward(dy, w_down_t, w_up, w_gate, idx, cnt, g, u, scale, dx, accumulate=K > 0)
+        else:
+            du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)
+            ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=K > 0)
         dw_up, dw_gate = csc_wgrad(x, csc_ptr, csc_slot, Wc, H, du, c2=dg, out_dtype=w_up.dtype)
         dw_down_t = csc_wgrad(dy, csc_ptr, csc_slot, Wc, H, g, c3=u, out_dtype=w_down_t.dtype)
         if K:
-            _join(side, dudg_h, dx_h, dwug, h_h, dwd_h)
-            if side is not None:
-                dx += dx_h
-            dw_up.index_copy_(0, hot, dwug[:K].to(dw_up.dtype))
-            dw_gate.index_copy_(0, hot, dwug[K:].to(dw_gate.dtype))
+            dw_gate.index_copy_(0, hot, dwgu[:K].to(dw_gate.dtype))
+            dw_up.index_copy_(0, hot, dwgu[K:].to(dw_up.dtype))
             dw_down_t.index_copy_(0, hot, dwd_h.to(dw_down_t.dtype))
         heavy_backward(x, dy, w_gate, w_up, w_down_t, cold_mask, heavy, n_heavy, scale,
                        dx, dw_gate, dw_up, dw_down_t)

@@ -7,7 +7,7 @@ entries valid) is written on the device by the split kernel, and every kernel re
 from memory: when there are no heavy rows they exit at once, and the layer never needs the
 count on the host, so the forward+backward stays free of host syncs (CUDA-graph capturable).
 
-  forward : y[r] += sum_{j cold, g_rj > 0} g_rj u_rj W_d^T[j];  l1row[r] = sum_j |h_rj|
+  forward : y[r] += sum_{j cold, g_rj > 0} g_rj u_rj W_d^T[j];  l1row[r] += sum_j |h_rj|
   dx      : dx[r] += sum_j du_rj W_u[j] + dg_rj W_g[j]
   dW      : dW_u[j] += sum_r du_rj x_r,  dW_g[j] += sum_r dg_rj x_r,  dW_d^T[j] += sum_r h_rj dy_r
   with dh = dy_r . W_d^T[j] + scale * sign(h), du = dh g, dg = dh u on active (j, r), as the
@@ -113,8 +113,9 @@ def _heavy_rows_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_pt
         acc += tl.load(o, mask=m, other=0.0).to(tl.float32)
         tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=m)
         if not BWD:
-            # every D slice computes the same l1; slice 0 writes it (the cold SDDMM wrote 0 there)
-            tl.store(l1_ptr + rows, l1, mask=r_ok & (tl.program_id(1) == 0))
+            # every D slice computes the same l1; slice 0 adds it (to the hot panel's part)
+            l1_m = r_ok & (tl.program_id(1) == 0)
+            tl.store(l1_ptr + rows, l1 + tl.load(l1_ptr + rows, mask=l1_m, other=0.0), mask=l1_m)
 
 
 @triton.jit
@@ -188,7 +189,7 @@ def _rows_kernel(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, ou
 
 
 def heavy_forward(x, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, y, l1row):
-    """y[r] += the cold part of heavy row r; l1row[r] = its cold L1 (in place, device count)."""
+    """y[r] += the cold part of heavy row r; l1row[r] += its cold L1 (in place, device count)."""
     _rows_kernel(x, x, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, y, l1row, l1row, bwd=False)
 
 

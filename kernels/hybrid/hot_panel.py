@@ -6,7 +6,8 @@ after the layer's host sync. One kernel each way:
   forward : g, u [M, K] (views of one [g | u] GEMM output, or g from the pack pass and u from
             its own GEMM)  ->  h = relu(g) * u [M, K] and l1row[i] = sum_j |h_ij| (fp32)
   backward: dh [M, K] (= dy W_d[:, hot]), scale = g_l1 / M  ->  [du | dg] [M, 2K] with the L1
-            term folded in: dh' = dh + scale * sign(h), du = dh' relu(g), dg = dh' u 1[g > 0];
+            term folded in: dh' = dh + scale * sign(h), du = dh' relu(g), dg = dh' u 1[g > 0],
+            stored [dg | du] so that one GEMM with the forward's [W_g; W_u][hot] gives dx;
             and h again, for dW_d (cheaper than keeping it from the forward).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ._common import INTERPRET
 
 
 @triton.jit
-def _hot_fwd_kernel(g_ptr, u_ptr, h_ptr, l1_ptr, K, sg, su, BK: tl.constexpr):
+def _hot_fwd_kernel(g_ptr, u_ptr, h_ptr, l1_ptr, K, sg, su, BK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BK)
     tot = tl.zeros((BK,), dtype=tl.float32)
@@ -31,7 +32,10 @@ def _hot_fwd_kernel(g_ptr, u_ptr, h_ptr, l1_ptr, K, sg, su, BK: tl.constexpr):
         hq = h.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * K + k0 + c, hq, mask=ok)
         tot += tl.abs(hq.to(tl.float32))       # L1 of the h that y actually used
-    tl.store(l1_ptr + row, tl.sum(tot, axis=0))
+    l1 = tl.sum(tot, axis=0)
+    if ACC:    # add to the cold L1 the SDDMM wrote for this row
+        l1 += tl.load(l1_ptr + row)
+    tl.store(l1_ptr + row, l1)
 
 
 @triton.jit
@@ -50,8 +54,8 @@ def _hot_bwd_kernel(g_ptr, u_ptr, dh_ptr, scale_ptr, out_ptr, h_ptr, K, sg, su, 
         du = tl.where(on, dh * g, 0.0)
         dg = tl.where(on, dh * u, 0.0)
         ty = out_ptr.dtype.element_ty
-        tl.store(out_ptr + row * 2 * K + k0 + c, du.to(ty), mask=ok)
-        tl.store(out_ptr + row * 2 * K + K + k0 + c, dg.to(ty), mask=ok)
+        tl.store(out_ptr + row * 2 * K + k0 + c, dg.to(ty), mask=ok)       # [dg | du]: pairs
+        tl.store(out_ptr + row * 2 * K + K + k0 + c, du.to(ty), mask=ok)   # with [W_g; W_u][hot]
         # h again (for dW_d = h^T dy), rounded as the forward rounded it: no separate pass
         tl.store(h_ptr + row * K + k0 + c, (tl.maximum(g, 0.0) * u).to(h_ptr.dtype.element_ty), mask=ok)
 
@@ -65,19 +69,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def hot_forward(g: torch.Tensor, u: torch.Tensor):
-    """g, u [M, K] -> (h [M, K] in g.dtype, l1row [M] fp32)."""
+def hot_forward(g: torch.Tensor, u: torch.Tensor, l1row: torch.Tensor | None = None):
+    """g, u [M, K] -> (h [M, K] in g.dtype, l1row [M] fp32); a given l1row is added to in place."""
     g, u = _rows(g), _rows(u)
     M, K = g.shape
     h = torch.empty(M, K, dtype=g.dtype, device=g.device)
-    l1row = torch.empty(M, dtype=torch.float32, device=g.device)
+    acc = l1row is not None
+    if not acc:
+        l1row = torch.empty(M, dtype=torch.float32, device=g.device)
     if M and K:
-        _hot_fwd_kernel[(M,)](g, u, h, l1row, K, g.stride(0), u.stride(0), BK=_bk(K))
+        _hot_fwd_kernel[(M,)](g, u, h, l1row, K, g.stride(0), u.stride(0), BK=_bk(K), ACC=acc)
     return h, l1row
 
 
 def hot_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor):
-    """-> ([du | dg] [M, 2K], h [M, K]) in g.dtype; scale is a 0-dim fp32 device tensor (g_l1 / M)."""
+    """-> ([dg | du] [M, 2K], h [M, K]) in g.dtype; scale is a 0-dim fp32 device tensor (g_l1 / M)."""
     g, u = _rows(g), _rows(u)
     M, K = g.shape
     out = torch.empty(M, 2 * K, dtype=g.dtype, device=g.device)
@@ -97,4 +103,4 @@ def reference_backward(g, u, dh, scale):
     g, u = g.float(), u.float()
     on = g > 0
     dh = dh.float() + scale.float() * torch.sign(u) * on
-    return torch.cat([torch.where(on, dh * g, 0.0), torch.where(on, dh * u, 0.0)], 1).to(dt)
+    return torch.cat([torch.where(on, dh * u, 0.0), torch.where(on, dh * g, 0.0)], 1).to(dt)   # [dg | du]

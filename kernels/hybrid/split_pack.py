@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
 
 
 @triton.jit
@@ -56,22 +55,6 @@ def _csc_fill_kernel(cnt_ptr, idx_ptr, ptr_ptr, cursor_ptr, slot_ptr, Wc, WP: tl
     base = tl.load(ptr_ptr + j, mask=ok, other=0)
     k = tl.atomic_add(cursor_ptr + j, tl.full((WP,), 1, tl.int32), mask=ok)
     tl.store(slot_ptr + base + k, (row * Wc + s).to(tl.int32), mask=ok)
-
-
-@triton.jit
-def _hot_count_kernel(fire_ptr, H, threshold, out_ptr, BLOCK: tl.constexpr):
-    # neurons firing on more than `threshold` tokens, into out[0] (one program, a few us): one
-    # launch where torch needed a compare and a sum, before the copy back to the host
-    n = tl.zeros((BLOCK,), dtype=tl.int32)
-    for h0 in range(0, H, BLOCK):
-        h = h0 + tl.arange(0, BLOCK)
-        n += (tl.load(fire_ptr + h, mask=h < H, other=0) > threshold).to(tl.int32)
-    tl.store(out_ptr, tl.sum(n, axis=0))
-
-
-def hot_count(fire: torch.Tensor, threshold: int, out: torch.Tensor) -> None:
-    """out[0] = number of neurons with fire > threshold (int32, on the device)."""
-    _hot_count_kernel[(1,)](fire, fire.numel(), threshold, out, BLOCK=256 if INTERPRET else 1024)
 
 
 def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False, cold=None, n_heavy=None):

@@ -9,10 +9,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels.hybrid import csc_wgrad as csc_mod  # noqa: E402
+from kernels.hybrid import ell_fused  # noqa: E402
 from kernels.hybrid import ell_sddmm as sddmm_mod  # noqa: E402
 from kernels.hybrid import ell_spmm as spmm_mod  # noqa: E402
 from kernels.hybrid import format as fmt  # noqa: E402
 from kernels.hybrid import gate_pack as gate_mod  # noqa: E402
+from kernels.hybrid import heavy_rows  # noqa: E402
+from kernels.hybrid import hot_select  # noqa: E402
 from kernels.hybrid import hot_panel  # noqa: E402
 from kernels.hybrid import row_pack as row_mod  # noqa: E402
 from kernels.hybrid import split_pack as split_mod  # noqa: E402
@@ -132,6 +135,9 @@ def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
     gh, uh = gu[:, :5], gu[:, 5:]              # column views of one [g | u] buffer (row stride 2K)
     h, l1row = hot_panel.hot_forward(gh, uh)
     rh, rl1 = hot_panel.reference_forward(gh, uh)
+    base_l1 = torch.randn(M, device=DEV)
+    _, acc = hot_panel.hot_forward(gh, uh, base_l1.clone())     # adds to a cold L1 row
+    assert torch.allclose(acc, base_l1 + rl1, atol=1e-5)
     assert torch.allclose(h, rh, atol=1e-6) and torch.allclose(l1row, rl1, atol=1e-5)
     dh = torch.randn(M, 5, device=DEV)
     dudg, h2 = hot_panel.hot_backward(gh, uh, dh, scale)
@@ -157,3 +163,87 @@ def test_fused_epilogue_path_end_to_end():
     assert torch.equal(f, fr) and torch.allclose(y, yr, rtol=1e-4, atol=1e-5)
     for a, b in zip(pk, pr):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_heavy_row_kernels_match_reference():
+    """The device-count dense backup: forward (y, l1) and backward (dx, dW) of the listed rows
+    against the torch reference; rows not listed and the no-heavy-row case are left untouched."""
+    gen = torch.Generator().manual_seed(5)
+    M, D, H = 23, 40, 70
+    x, dy = torch.randn(M, D, generator=gen).to(DEV), torch.randn(M, D, generator=gen).to(DEV)
+    wg = (torch.randn(H, D, generator=gen) * 0.3).to(DEV)
+    wu, wdt = torch.randn(H, D, generator=gen).to(DEV), torch.randn(H, D, generator=gen).to(DEV)
+    cold = (torch.rand(H, generator=gen) > 0.3).to(DEV)
+    rows = torch.tensor([3, 17, 5, 22, 0], device=DEV)
+    lst = torch.zeros(M, dtype=torch.int32, device=DEV)
+    lst[:5] = rows.int()
+    n = torch.tensor([5], dtype=torch.int32, device=DEV)
+    scale = torch.tensor(0.37, device=DEV)
+    ref = heavy_rows.reference(x, dy, wg, wu, wdt, cold, rows, scale)
+    y0, l10 = torch.randn(M, D, device=DEV), torch.randn(M, device=DEV)
+    y, l1 = y0.clone(), l10.clone()
+    heavy_rows.heavy_forward(x, wg, wu, wdt, cold.to(torch.int8), lst, n, y, l1)
+    want_y, want_l1 = y0.clone(), l10.clone()
+    want_y[rows] += ref[0]
+    want_l1[rows] += ref[1]
+    assert torch.allclose(y, want_y, rtol=1e-5, atol=1e-4) and torch.allclose(l1, want_l1, rtol=1e-5, atol=1e-4)
+    dx0 = torch.randn(M, D, device=DEV)
+    dws0 = [torch.randn(H, D, device=DEV) for _ in range(3)]
+    dx, dws = dx0.clone(), [t.clone() for t in dws0]
+    heavy_rows.heavy_backward(x, dy, wg, wu, wdt, cold.to(torch.int8), lst, n, scale, dx, *dws)
+    want_dx = dx0.clone()
+    want_dx[rows] += ref[2]
+    assert torch.allclose(dx, want_dx, rtol=1e-5, atol=1e-4)
+    for got, before, add in zip(dws, dws0, ref[3:]):
+        assert torch.allclose(got, before + add, rtol=1e-5, atol=1e-4)
+    n.zero_()                                   # no heavy rows: nothing is touched
+    y2, dx2, dws2 = y0.clone(), dx0.clone(), [t.clone() for t in dws0]
+    heavy_rows.heavy_forward(x, wg, wu, wdt, cold.to(torch.int8), lst, n, y2, l1)
+    heavy_rows.heavy_backward(x, dy, wg, wu, wdt, cold.to(torch.int8), lst, n, scale, dx2, *dws2)
+    assert torch.equal(y2, y0) and torch.equal(dx2, dx0) and all(torch.equal(a, b) for a, b in zip(dws2, dws0))
+
+
+@pytest.mark.parametrize("H,K", [(5632, 832), (200, 7), (64, 64), (137, 1)])
+def test_select_hot_matches_reference(H, K):
+    """Exactly the K most-firing neurons, ties by index (many ties here), the cold mask, and the
+    count over the threshold."""
+    fire = torch.randint(0, 30, (H,), generator=torch.Generator().manual_seed(H), dtype=torch.int32).to(DEV)
+    count = torch.zeros(2, dtype=torch.int32, device=DEV)
+    hot, cold = hot_select.select_hot(fire, K, 12, count)
+    want = hot_select.reference(fire, K)
+    assert torch.equal(hot, want)
+    assert torch.equal(cold, torch.ones(H, dtype=torch.int8, device=DEV).index_fill_(0, want, 0))
+    assert int(count[0]) == int((fire > 12).sum())
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_fused_walks_match_reference(accumulate):
+    """One walk per token and direction: u, y, l1row (forward) and du, dg, dx (backward) equal
+    the SDDMM and SpMM references; with accumulate the outputs are added to."""
+    x, wg, wu, wd = _inputs(nnz=24, seed=6)
+    pat = fmt.build_pattern(x, wg, 64, None)
+    assert int(pat.cnt.max()) > 16 and int((pat.cnt == 0).sum()) >= 2   # rows with many slots, and none
+    M, D = x.shape
+    wdt = wd.t().contiguous()
+    used = torch.arange(pat.width, device=DEV)[None, :] < pat.cnt[:, None]
+    y0, l10 = torch.randn(M, D, device=DEV), torch.randn(M, device=DEV)
+    y, l1 = (y0.clone(), l10.clone()) if accumulate else (torch.full((M, D), float("nan"), device=DEV),
+                                                          torch.full((M,), float("nan"), device=DEV))
+    u = ell_fused.fused_forward(x, wu, wdt, pat.idx, pat.cnt, pat.g, y, l1, accumulate)
+    u = torch.where(used, u, 0.0)
+    ru = sddmm_mod.reference(x, wu, pat.idx, pat.cnt)
+    g = torch.where(used, pat.g, 0.0)
+    assert torch.allclose(u, ru, rtol=1e-5, atol=1e-5)
+    ry = spmm_mod.reference(pat.idx, pat.cnt, pat.g, wdt, c3=u) + (y0 if accumulate else 0)
+    rl1 = (g * ru).abs().sum(1) + (l10 if accumulate else 0)
+    assert torch.allclose(y, ry, rtol=1e-5, atol=1e-4) and torch.allclose(l1, rl1, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(M, D, device=DEV)
+    scale = torch.tensor(0.3, device=DEV)
+    dx0 = torch.randn(M, D, device=DEV)
+    dx = dx0.clone() if accumulate else torch.full((M, D), float("nan"), device=DEV)
+    du, dg = ell_fused.fused_backward(dy, wdt, wu, wg, pat.idx, pat.cnt, pat.g, u, scale, dx, accumulate)
+    du, dg = torch.where(used, du, 0.0), torch.where(used, dg, 0.0)
+    rdu, rdg = sddmm_mod.reference_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
+    assert torch.allclose(du, rdu, rtol=1e-5, atol=1e-5) and torch.allclose(dg, rdg, rtol=1e-5, atol=1e-5)
+    rdx = spmm_mod.reference(pat.idx, pat.cnt, rdu, wu, c2=rdg, w2=wg) + (dx0 if accumulate else 0)
+    assert torch.allclose(dx, rdx, rtol=1e-5, atol=1e-4)
