@@ -172,7 +172,6 @@ SWEEP = {
                  dict(WALK=True, num_warps=8),
                  dict(SP=8, BD=512, num_warps=4), dict(SP=16, BD=512, num_warps=4),
                  dict(SP=8, BD=256, num_warps=4), dict(SP=16, BD=256, num_warps=4)],
-    "ell_fused": [dict(num_warps=4), dict(num_warps=8), dict(num_warps=2), dict(num_warps=16)],
     "csc_wgrad": [dict(WALK=True, num_warps=4), dict(WALK=True, num_warps=2), dict(WALK=True, num_warps=8),
                   dict(NB=1, KT=16, BD=512, num_warps=4), dict(NB=2, KT=16, BD=256, num_warps=4),
                   dict(NB=1, KT=32, BD=256, num_warps=4), dict(NB=4, KT=8, BD=256, num_warps=4)],
@@ -182,7 +181,6 @@ SWEEP = {
 def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     """Time each kernel under each candidate launch config; install the fastest in the modules."""
     import kernels.hybrid.csc_wgrad as m_csc
-    import kernels.hybrid.ell_fused as m_fused
     import kernels.hybrid.ell_sddmm as m_sddmm
     import kernels.hybrid.ell_spmm as m_spmm
     import kernels.hybrid.gate_pack as m_gate
@@ -192,8 +190,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     u = ell_sddmm(x, wu, pat.idx, pat.cnt)
     scale = torch.tensor(LAMBDA / x.shape[0], device=x.device)
     du, dg = ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
-    y = torch.zeros_like(x)
-    l1row = torch.zeros(x.shape[0], device=x.device)
+    y = torch.empty_like(x)
     H = wg.shape[0]
     jobs = {
         "gate_pack": (m_gate, lambda: gate_pack(x, wg, ell_width)),
@@ -202,9 +199,6 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
                                         ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale))),
         "ell_spmm": (m_spmm, lambda: (ell_spmm(y, pat.idx, pat.cnt, pat.g, wdt, c3=u),
                                       ell_spmm(y, pat.idx, pat.cnt, du, wu, c2=dg, w2=wg))),
-        "ell_fused": (m_fused, lambda: (m_fused.fused_forward(x, wu, wdt, pat.idx, pat.cnt, pat.g, y, l1row, True),
-                                        m_fused.fused_backward(dy, wdt, wu, wg, pat.idx, pat.cnt, pat.g, u,
-                                                               scale, y, True))),
         "csc_wgrad": (m_csc, lambda: (csc_wgrad(x, pat.csc_ptr, pat.csc_slot, pat.width, H, du, c2=dg),
                                       csc_wgrad(dy, pat.csc_ptr, pat.csc_slot, pat.width, H, pat.g, c3=u))),
     }
@@ -224,7 +218,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     return out
 
 
-def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, fuseds=(True,), syncfrees=(True,), seed=0,
+def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,), seed=0,
              graphs=False, hot_from_pack=(True,),
              grads=True,
              do_breakdown=False,
@@ -253,14 +247,12 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, fuseds=(True,), s
         rec["dense_bf16_grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gd, ref)}
         del gd
     rec["variants"] = []
-    for hf, ov, sf, hp in [(h, o, f, p) for h in hot_fracs for o in fuseds for f in syncfrees
-                           for p in hot_from_pack]:
-        def fn(*p, hf=hf, ov=ov, sf=sf, hp=hp):
-            hyb_function.FUSED["enabled"] = ov
+    for hf, sf, hp in [(h, f, p) for h in hot_fracs for f in syncfrees for p in hot_from_pack]:
+        def fn(*p, hf=hf, sf=sf, hp=hp):
             hyb_format.SYNC_FREE["enabled"] = sf
             hyb_format.GATE["hot_from_pack"] = hp
             return sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=hf)
-        v = {"hot_frac": hf, "ell_width": ell_width, "fused": ov, "sync_free": sf, "hot_from_pack": hp}
+        v = {"hot_frac": hf, "ell_width": ell_width, "sync_free": sf, "hot_from_pack": hp}
         with torch.no_grad():
             y_s, l1_s, fire = fn(*params)
         with torch.no_grad():
@@ -281,7 +273,7 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, fuseds=(True,), s
             v["grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gs, ref)}
             del gs
         rec["variants"].append(v)
-        print(f"H={H} nnz={nnz} hot_frac={hf} fused={ov} sync_free={sf} hot_from_pack={hp}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
+        print(f"H={H} nnz={nnz} hot_frac={hf} sync_free={sf} hot_from_pack={hp}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
               f"x{v['speedup']:.2f} graphs {rec.get('dense_graph_ms')} / {v.get('sparse_graph_ms')} grad {v.get('grad_rel_err')}",
               flush=True)
     best = min(rec["variants"], key=lambda v: v["sparse_ms"])
@@ -290,7 +282,6 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, fuseds=(True,), s
         rec["breakdown_ms"] = breakdown(*params, dy, best["hot_frac"], ell_width)
         print("breakdown", rec["breakdown_ms"], flush=True)
     if do_profile:
-        hyb_function.FUSED["enabled"] = best["fused"]
         hyb_format.SYNC_FREE["enabled"] = best["sync_free"]
         hyb_format.GATE["hot_from_pack"] = best["hot_from_pack"]
         fn = lambda *p: sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=best["hot_frac"])  # noqa: E731
@@ -349,12 +340,12 @@ def markdown(env, cases):
             lines.append(f"| {c['H']} | {c['nnz_target']}{' +%d dense rows' % c['dense_rows'] if c['dense_rows'] else ''} "
                          f"| {c['dense_graph_ms']:.3f} | {v['sparse_graph_ms']:.3f} | **{v['graph_speedup']:.2f}x** |")
     lines += ["", "All variants (hot_frac sweep):", "",
-              "| H | nnz | hot_frac | fused walks | sync-free | hot g from pack | sparse ms | speedup | sparse graph ms |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| H | nnz | hot_frac | sync-free | hot g from pack | sparse ms | speedup | sparse graph ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in cases:
         for v in c["variants"]:
             gms = f"{v['sparse_graph_ms']:.3f}" if "sparse_graph_ms" in v else "-"
-            lines.append(f"| {c['H']} | {c['nnz_target']} | {v['hot_frac']} | {v.get('fused')} | {v.get('sync_free')} "
+            lines.append(f"| {c['H']} | {c['nnz_target']} | {v['hot_frac']} | {v.get('sync_free')} "
                          f"| {v.get('hot_from_pack')} | {v['sparse_ms']:.3f} | {v['speedup']:.2f}x | {gms} |")
     for c in cases:
         if "breakdown_ms" in c:
@@ -372,8 +363,6 @@ def main():
     ap.add_argument("--hot-fracs", nargs="+", default=["0.01", "0.02", "0.05"])
     ap.add_argument("--ell-width", type=int, default=256)
     ap.add_argument("--dense-rows", type=int, default=4, help="extra case at nnz 29 with this many dense rows")
-    ap.add_argument("--fused", choices=["on", "off", "both"], default="on",
-                    help="cold products of each direction in one walk, or the SDDMM then the SpMM (function.FUSED)")
     ap.add_argument("--sync-free", choices=["on", "off", "both"], default="on",
                     help="remembered hot count, no host read in the layer (format.SYNC_FREE)")
     ap.add_argument("--hot-from-pack", choices=["on", "off", "both"], default="off",
@@ -386,7 +375,6 @@ def main():
     ap.add_argument("--stem", default=None)
     a = ap.parse_args()
     hot_fracs = [None if h == "none" else float(h) for h in a.hot_fracs]
-    fuseds = {"on": (True,), "off": (False,), "both": (True, False)}[a.fused]
     syncfrees = {"on": (True,), "off": (False,), "both": (True, False)}[a.sync_free]
     hfp = {"on": (True,), "off": (False,), "both": (True, False)}[a.hot_from_pack]
     env = environment()
@@ -402,11 +390,11 @@ def main():
         nnzs = a.nnz if H == a.hidden[0] else [n * H / a.hidden[0] for n in a.nnz if n == 29] or a.nnz[:1]
         for nnz in nnzs:
             main_case = H == a.hidden[0] and nnz == 29
-            cases.append(run_case(a.tokens, a.d_model, H, nnz, hot_fracs, a.ell_width, fuseds=fuseds,
+            cases.append(run_case(a.tokens, a.d_model, H, nnz, hot_fracs, a.ell_width,
                                   syncfrees=syncfrees, graphs=a.graphs, hot_from_pack=hfp, do_breakdown=a.breakdown and main_case,
                                   do_profile=a.profile and main_case))
     if a.dense_rows:
-        cases.append(run_case(a.tokens, a.d_model, a.hidden[0], 29, hot_fracs[:1], a.ell_width, fuseds=fuseds,
+        cases.append(run_case(a.tokens, a.d_model, a.hidden[0], 29, hot_fracs[:1], a.ell_width,
                               syncfrees=syncfrees, dense_rows=a.dense_rows, graphs=a.graphs,
                               hot_from_pack=hfp))
     payload = {"environment": env, "protocol": "BENCHMARKS.md FFN training", "lambda_l1": LAMBDA, "cases": cases,

@@ -6,8 +6,8 @@ Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
   hot panel:   g_h = the hot columns of the gate (copied by the pack pass), u_h = x W_u[hot]^T
                (cuBLAS; [g_h | u_h] in one GEMM when the packer gives no g_h), h_h = relu(g_h) u_h
                y = h_h W_d[:, hot]^T                      (cuBLAS)
-  cold ELL:    u = x . W_u[j] at the pattern, y += (g u) W_d^T[j] via gathered rows, in one
-               walk per token (ell_fused.py; for D > MAX_FUSED_D the SDDMM then the SpMM)
+  cold ELL:    u = SDDMM(x, W_u) at the pattern            (Triton)
+               y += (g u) W_d^T via gathered rows           (Triton, accumulates into y)
   heavy rows:  recomputed densely over cold neurons in forward and backward by Triton kernels
                that read the heavy-row count on the device (heavy_rows.py; usually none)
 Saved for backward: x and W_g, W_u (the caller holds them anyway), W_d^T (a transposed copy,
@@ -23,7 +23,6 @@ import torch
 
 from ._common import check_matrix
 from .csc_wgrad import csc_wgrad
-from .ell_fused import fused_backward, fused_forward, fused_ok
 from .ell_sddmm import ell_sddmm, ell_sddmm_bwd
 from .ell_spmm import ell_spmm
 from .format import HybridPattern, build_pattern
@@ -35,15 +34,8 @@ DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the
 DEFAULT_HOT_FRAC = 0.01   # neurons firing on > 1% of the tokens take the dense hot panel (NOTES.md)
 
 
-# The cold products of each direction in one fused walk (ell_fused.py) rather than the SDDMM
-# then the SpMM (NOTES.md variant 19); layers wider than ell_fused.MAX_FUSED_D always take the pair.
-FUSED = {"enabled": True}
-# (Running the hot panel's GEMMs on a side stream beside the gathers was measured slower three
-# times, eager and from CUDA graphs, NOTES.md variants 7 and 18, and was removed.)
-
-
-def _use_fused(D: int) -> bool:
-    return FUSED["enabled"] and fused_ok(D)
+# (Tried and removed, NOTES.md: the hot panel's GEMMs on a side stream beside the gathers,
+# variants 7 and 18; the SDDMM and SpMM of each direction fused into one walk, variant 19.)
 
 
 def _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, l1row):
@@ -68,21 +60,13 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         K = pat.hot.numel()
         w_down_t = transpose(w_down)                # [H, D]: row j of W_d^T is contiguous
         hot_saved = (None,) * 4
-        if _use_fused(D):
-            if K:    # the hot panel first; the cold walk then adds to its y and L1 rows
-                hot_saved, y, l1row = _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, None)
-            else:
-                y = torch.empty_like(x)
-                l1row = torch.empty(M, dtype=torch.float32, device=x.device)
-            u = fused_forward(x, w_up, w_down_t, pat.idx, pat.cnt, pat.g, y, l1row, accumulate=K > 0)
+        # cold u and each token's cold L1 first: the hot panel and heavy rows add to that L1 row
+        u, l1row = ell_sddmm(x, w_up, pat.idx, pat.cnt, g=pat.g)
+        if K:    # accumulate the cold part straight into the hot result
+            hot_saved, y, _ = _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, l1row)
+            ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=True)
         else:
-            # cold u and each token's cold L1 first: the hot panel and heavy rows add to that L1 row
-            u, l1row = ell_sddmm(x, w_up, pat.idx, pat.cnt, g=pat.g)
-            if K:    # accumulate the cold part straight into the hot result
-                hot_saved, y, _ = _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, l1row)
-                ell_spmm(y, pat.idx, pat.cnt, pat.g, w_down_t, c3=u, accumulate=True)
-            else:
-                y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
+            y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
         # heavy tokens: their y rows and l1row entries; no-op if none
         heavy_forward(x, w_gate, w_up, w_down_t, pat.cold_mask, pat.heavy, pat.n_heavy, y, l1row)
         l1 = l1row.sum() / max(M, 1)
@@ -123,11 +107,8 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         else:
             dx = torch.empty_like(x)
         # dh, du, dg on the cold slots (L1 term and gating folded in), and their dx
-        if _use_fused(D):
-            du, dg = fused_backward(dy, w_down_t, w_up, w_gate, idx, cnt, g, u, scale, dx, accumulate=K > 0)
-        else:
-            du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)
-            ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=K > 0)
+        du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)
+        ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=K > 0)
         dw_up, dw_gate = csc_wgrad(x, csc_ptr, csc_slot, Wc, H, du, c2=dg, out_dtype=w_up.dtype)
         dw_down_t = csc_wgrad(dy, csc_ptr, csc_slot, Wc, H, g, c3=u, out_dtype=w_down_t.dtype)
         if K:

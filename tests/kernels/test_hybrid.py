@@ -74,15 +74,6 @@ def test_matches_reference_fp32(case):
     assert int(fire.sum()) > 0
 
 
-@pytest.mark.parametrize("case", ["hot_panel", "dense_rows_heavy"])
-def test_separate_sddmm_spmm_path(case, monkeypatch):
-    """function.FUSED off (as for D > ell_fused.MAX_FUSED_D): the SDDMM then the SpMM, same results."""
-    from kernels.hybrid import function as fn_mod
-    monkeypatch.setitem(fn_mod.FUSED, "enabled", False)
-    make_kw, kw = CASES[case]
-    _compare(make_ffn_inputs(**make_kw, dtype=torch.float32), torch.float32, 1e-4, **kw)
-
-
 @pytest.mark.parametrize("case", ["odd_shapes_cold_only", "hot_panel"])
 def test_matches_reference_bf16(case):
     # bf16 operands, fp32 accumulation; the hot panel's cuBLAS/torch GEMMs round to bf16.

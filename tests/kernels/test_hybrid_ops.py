@@ -9,7 +9,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels.hybrid import csc_wgrad as csc_mod  # noqa: E402
-from kernels.hybrid import ell_fused  # noqa: E402
 from kernels.hybrid import ell_sddmm as sddmm_mod  # noqa: E402
 from kernels.hybrid import ell_spmm as spmm_mod  # noqa: E402
 from kernels.hybrid import format as fmt  # noqa: E402
@@ -214,36 +213,3 @@ def test_select_hot_matches_reference(H, K):
     assert torch.equal(hot, want)
     assert torch.equal(cold, torch.ones(H, dtype=torch.int8, device=DEV).index_fill_(0, want, 0))
     assert int(count[0]) == int((fire > 12).sum())
-
-
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_fused_walks_match_reference(accumulate):
-    """One walk per token and direction: u, y, l1row (forward) and du, dg, dx (backward) equal
-    the SDDMM and SpMM references; with accumulate the outputs are added to."""
-    x, wg, wu, wd = _inputs(nnz=24, seed=6)
-    pat = fmt.build_pattern(x, wg, 64, None)
-    assert int(pat.cnt.max()) > 16 and int((pat.cnt == 0).sum()) >= 2   # rows with many slots, and none
-    M, D = x.shape
-    wdt = wd.t().contiguous()
-    used = torch.arange(pat.width, device=DEV)[None, :] < pat.cnt[:, None]
-    y0, l10 = torch.randn(M, D, device=DEV), torch.randn(M, device=DEV)
-    y, l1 = (y0.clone(), l10.clone()) if accumulate else (torch.full((M, D), float("nan"), device=DEV),
-                                                          torch.full((M,), float("nan"), device=DEV))
-    u = ell_fused.fused_forward(x, wu, wdt, pat.idx, pat.cnt, pat.g, y, l1, accumulate)
-    u = torch.where(used, u, 0.0)
-    ru = sddmm_mod.reference(x, wu, pat.idx, pat.cnt)
-    g = torch.where(used, pat.g, 0.0)
-    assert torch.allclose(u, ru, rtol=1e-5, atol=1e-5)
-    ry = spmm_mod.reference(pat.idx, pat.cnt, pat.g, wdt, c3=u) + (y0 if accumulate else 0)
-    rl1 = (g * ru).abs().sum(1) + (l10 if accumulate else 0)
-    assert torch.allclose(y, ry, rtol=1e-5, atol=1e-4) and torch.allclose(l1, rl1, rtol=1e-5, atol=1e-5)
-    dy = torch.randn(M, D, device=DEV)
-    scale = torch.tensor(0.3, device=DEV)
-    dx0 = torch.randn(M, D, device=DEV)
-    dx = dx0.clone() if accumulate else torch.full((M, D), float("nan"), device=DEV)
-    du, dg = ell_fused.fused_backward(dy, wdt, wu, wg, pat.idx, pat.cnt, pat.g, u, scale, dx, accumulate)
-    du, dg = torch.where(used, du, 0.0), torch.where(used, dg, 0.0)
-    rdu, rdg = sddmm_mod.reference_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
-    assert torch.allclose(du, rdu, rtol=1e-5, atol=1e-5) and torch.allclose(dg, rdg, rtol=1e-5, atol=1e-5)
-    rdx = spmm_mod.reference(pat.idx, pat.cnt, rdu, wu, c2=rdg, w2=wg) + (dx0 if accumulate else 0)
-    assert torch.allclose(dx, rdx, rtol=1e-5, atol=1e-4)
