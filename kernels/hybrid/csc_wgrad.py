@@ -3,8 +3,8 @@
 out1[j] = sum over cold slots p of neuron j of c1[p] * a[token(p)]  (and out2 with c2, DUAL).
   dW_u, dW_g: a = x, c1 = du, c2 = dg   (one gather of each x row feeds both gradients);
   dW_d^T:     a = dy, c1 = g * u = h    (PRODUCT forms h on the fly).
-Rows of neurons with no cold slot (dead or hot) are written as 0; the caller then overwrites
-hot rows with the dense panel's GEMM. Neuron-major order makes each output row a private
+Rows of neurons with no cold slot are written as 0, except hot neurons' rows, which are
+copied from the dense panel's GEMM results when the caller passes them (`hot`). Neuron-major order makes each output row a private
 accumulator: no atomics, no race, deterministic up to the fixed slot order.
 Grid (neuron block, D chunk); the segment length is bounded by hot_frac * M (hot neurons are dense).
 """
@@ -58,7 +58,9 @@ def _csc_wgrad_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out1_ptr
 
 @triton.jit
 def _csc_wgrad_walk_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out1_ptr, out2_ptr,
-                           D, width, BLOCK_D: tl.constexpr, PRODUCT: tl.constexpr, DUAL: tl.constexpr):
+                           hotpos_ptr, s1_ptr, s2_ptr,
+                           D, width, BLOCK_D: tl.constexpr, PRODUCT: tl.constexpr, DUAL: tl.constexpr,
+                           HOT: tl.constexpr):
     # One program per neuron with its whole output row(s) in registers, one token per step,
     # pipelined by hand: the row a[token] and coefficients of step i+1 and the slot of step i+2
     # are in flight while step i accumulates (the walk of ell_spmm._ell_spmm_walk_kernel).
@@ -89,6 +91,14 @@ def _csc_wgrad_walk_kernel(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c3_ptr, c2_ptr, out
         if DUAL:
             acc2 += c2c * av
         ac, c1c, c2c = an, c1n, c2n
+    if HOT:
+        # a hot neuron has no cold slot: its row is the dense panel's, copied here instead of by
+        # an index_copy per gradient afterwards
+        hp = tl.load(hotpos_ptr + j)
+        if hp >= 0:
+            acc1 = tl.load(s1_ptr + hp * D + rd, mask=d_ok, other=0.0).to(tl.float32)
+            if DUAL:
+                acc2 = tl.load(s2_ptr + hp * D + rd, mask=d_ok, other=0.0).to(tl.float32)
     o = j * D + rd
     tl.store(out1_ptr + o, acc1.to(out1_ptr.dtype.element_ty), mask=d_ok)
     if DUAL:
@@ -102,8 +112,11 @@ INTERPRET_CONFIG = dict(WALK=False, NB=32, KT=16, BD=64)
 
 
 def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=None, c2=None,
-              out_dtype=None):
-    """Returns out1 [H, D] (and out2 when c2 is given) in out_dtype (default a.dtype)."""
+              out_dtype=None, hot=None):
+    """Returns out1 [H, D] (and out2 when c2 is given) in out_dtype (default a.dtype).
+
+    hot = (ids [K] int64, pos [H] int32: row in the sources or -1, src1 [K, D], src2 [K, D] or
+    None): the rows of the hot neurons are taken from the sources (the dense panel's gradients)."""
     M, D = a.shape
     if csc_ptr.shape != (H + 1,):
         raise ValueError(f"csc_ptr has shape {tuple(csc_ptr.shape)}, expected ({H + 1},)")
@@ -114,12 +127,17 @@ def csc_wgrad(a: torch.Tensor, csc_ptr, csc_slot, width: int, H: int, c1, c3=Non
     args = (a, csc_ptr, csc_slot, c1, c1 if c3 is None else c3, c1 if c2 is None else c2, out1, out2)
     flags = dict(PRODUCT=c3 is not None, DUAL=c2 is not None)
     if H and D and cfg.pop("WALK", False) and D <= MAX_WALK_D:
-        _csc_wgrad_walk_kernel[(H,)](*args, D, width, BLOCK_D=triton.next_power_of_2(D), **flags,
-                                     num_warps=cfg.get("num_warps", 4))
+        hot_args = (hot[1], hot[2], hot[2] if hot[3] is None else hot[3]) if hot is not None else (csc_ptr,) * 3
+        _csc_wgrad_walk_kernel[(H,)](*args, *hot_args, D, width, BLOCK_D=triton.next_power_of_2(D), **flags,
+                                     HOT=hot is not None, num_warps=cfg.get("num_warps", 4))
     elif H and D:
         cfg = {"NB": 1, "KT": 16, "BD": 512, **cfg}
         grid = (ceil_div(H, cfg["NB"]), ceil_div(D, cfg["BD"]))
         _csc_wgrad_kernel[grid](*args, H, D, width, **flags, **cfg)
+        if hot is not None:
+            out1.index_copy_(0, hot[0], hot[2].to(dt))
+            if c2 is not None:
+                out2.index_copy_(0, hot[0], hot[3].to(dt))
     return (out1, out2) if c2 is not None else out1
 
 

@@ -68,6 +68,7 @@ class HybridPattern:
     heavy: torch.Tensor     # [M] int32: heavy token ids in the first n_heavy[0] entries
     n_heavy: torch.Tensor   # [1] int32 (on the device)
     cold_mask: torch.Tensor  # [H] int8: 1 for neurons outside the hot set (used by the heavy backup)
+    hot_pos: torch.Tensor   # [H] int32: index of a hot neuron in `hot`, -1 for cold ones
     g_hot: torch.Tensor | None = None  # [M, K] g of the hot neurons (x's dtype) when the pack made it
 
     @property
@@ -81,7 +82,7 @@ class HybridPattern:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
                    (self.fire, self.cnt, self.idx, self.g, self.csc_ptr, self.csc_slot, self.hot,
-                    self.heavy, self.n_heavy, self.cold_mask))
+                    self.heavy, self.n_heavy, self.cold_mask, self.hot_pos))
 
 
 def _panel_size(over_threshold: int, multiple: int, H: int) -> int:
@@ -161,7 +162,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
         K = _panel_size(int(stats[0]), hot_multiple, H)   # the host read of a layer's first call
         if not _use_reference:
             _CAPS[key] = K
-    hot, cold = select_hot(fire, min(K, H), threshold, stats)
+    hot, cold, hot_pos = select_hot(fire, min(K, H), threshold, stats)
     if g_dense is not None:
         cnt0, idx0, val0, g_hot = pack_pass(g_dense, ccnt, width,
                                             hot if K and GATE["hot_from_pack"] else None)
@@ -181,4 +182,4 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
                                                               cold=cold, n_heavy=n_heavy)
     if SYNC_FREE["enabled"] and not _use_reference:
         _send_back(key, stats)
-    return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy, cold, g_hot)
+    return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy, cold, hot_pos, g_hot)

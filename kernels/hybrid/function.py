@@ -80,7 +80,7 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         # They are small next to the dense activations checkpointing frees ([M, width] and
         # [M, 2K] against [M, H]).
         ctx.pattern = (pat.cnt, pat.idx, pat.g, u, pat.csc_ptr, pat.csc_slot, pat.hot, pat.heavy,
-                       pat.n_heavy, pat.cold_mask) + hot_saved
+                       pat.n_heavy, pat.cold_mask, pat.hot_pos) + hot_saved
         ctx.mark_non_differentiable(pat.fire)
         return y, l1, pat.fire
 
@@ -91,7 +91,8 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             raise RuntimeError("backward ran twice through the hybrid sparse MLP; retain_graph=True "
                                "is not supported by this op (its pattern is freed by the first "
                                "backward). Use mlp_backend=torch for double backward.")
-        cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, n_heavy, cold_mask, g_h, u_h, w_gu_h, wdt_h = ctx.pattern
+        (cnt, idx, g, u, csc_ptr, csc_slot, hot, heavy, n_heavy, cold_mask, hot_pos,
+         g_h, u_h, w_gu_h, wdt_h) = ctx.pattern
         ctx.pattern = None   # free it now, not when the caller drops the graph (e.g. next step)
         M, D = x.shape
         H = w_gate.shape[0]
@@ -109,12 +110,11 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         # dh, du, dg on the cold slots (L1 term and gating folded in), and their dx
         du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)
         ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=K > 0)
-        dw_up, dw_gate = csc_wgrad(x, csc_ptr, csc_slot, Wc, H, du, c2=dg, out_dtype=w_up.dtype)
-        dw_down_t = csc_wgrad(dy, csc_ptr, csc_slot, Wc, H, g, c3=u, out_dtype=w_down_t.dtype)
-        if K:
-            dw_gate.index_copy_(0, hot, dwgu[:K].to(dw_gate.dtype))
-            dw_up.index_copy_(0, hot, dwgu[K:].to(dw_up.dtype))
-            dw_down_t.index_copy_(0, hot, dwd_h.to(dw_down_t.dtype))
+        # the cold rows through the CSC view; the hot rows copied from the panel's GEMMs
+        dw_up, dw_gate = csc_wgrad(x, csc_ptr, csc_slot, Wc, H, du, c2=dg, out_dtype=w_up.dtype,
+                                   hot=(hot, hot_pos, dwgu[K:], dwgu[:K]) if K else None)
+        dw_down_t = csc_wgrad(dy, csc_ptr, csc_slot, Wc, H, g, c3=u, out_dtype=w_down_t.dtype,
+                              hot=(hot, hot_pos, dwd_h, None) if K else None)
         heavy_backward(x, dy, w_gate, w_up, w_down_t, cold_mask, heavy, n_heavy, scale,
                        dx, dw_gate, dw_up, dw_down_t)
         return dx, dw_gate, dw_up, dw_down_t.t(), None, None

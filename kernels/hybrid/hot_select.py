@@ -28,7 +28,7 @@ def _hot_count_kernel(fire_ptr, H, threshold, out_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select_hot_kernel(fire_ptr, H, K, threshold, hot_ptr, cold_ptr, count_ptr,
+def _select_hot_kernel(fire_ptr, H, K, threshold, hot_ptr, cold_ptr, pos_ptr, count_ptr,
                        BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
     h = tl.arange(0, BLOCK)
     ok = h < H
@@ -49,6 +49,7 @@ def _select_hot_kernel(fire_ptr, H, K, threshold, hot_ptr, cold_ptr, count_ptr,
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
     tl.store(hot_ptr + pos, h.to(tl.int64), mask=take)
     tl.store(cold_ptr + h, (~take).to(tl.int8), mask=ok)
+    tl.store(pos_ptr + h, tl.where(take, pos, -1), mask=ok)
 
 
 def hot_count(fire: torch.Tensor, threshold: int, out: torch.Tensor) -> None:
@@ -57,8 +58,8 @@ def hot_count(fire: torch.Tensor, threshold: int, out: torch.Tensor) -> None:
 
 
 def select_hot(fire: torch.Tensor, K: int, threshold: int, count_out: torch.Tensor):
-    """(hot [K] int64, cold [H] int8 = 1 outside the hot set): the K most-firing neurons, ties by
-    index; also count_out[0] = number of neurons with fire > threshold."""
+    """(hot [K] int64, cold [H] int8 = 1 outside the hot set, pos [H] int32 = index in hot or -1):
+    the K most-firing neurons, ties by index; also count_out[0] = neurons with fire > threshold."""
     H = fire.numel()
     dev = fire.device
     if K == 0 or H > MAX_H:
@@ -66,15 +67,18 @@ def select_hot(fire: torch.Tensor, K: int, threshold: int, count_out: torch.Tens
         hot = (torch.topk(fire, K, sorted=False).indices if K
                else torch.zeros(0, dtype=torch.int64, device=dev))
         cold = torch.ones(H, dtype=torch.int8, device=dev)
+        pos = torch.full((H,), -1, dtype=torch.int32, device=dev)
         if K:
             cold.index_fill_(0, hot, 0)   # (x[i] = 0 would copy the scalar host->device)
-        return hot, cold
+            pos.index_copy_(0, hot, torch.arange(K, dtype=torch.int32, device=dev))
+        return hot, cold, pos
     hot = torch.empty(K, dtype=torch.int64, device=dev)
     cold = torch.empty(H, dtype=torch.int8, device=dev)
+    pos = torch.empty(H, dtype=torch.int32, device=dev)
     block = triton.next_power_of_2(H)
-    _select_hot_kernel[(1,)](fire, H, K, threshold, hot, cold, count_out, BLOCK=block,
+    _select_hot_kernel[(1,)](fire, H, K, threshold, hot, cold, pos, count_out, BLOCK=block,
                              ROUNDS=32, num_warps=1 if INTERPRET else min(16, max(4, block // 1024)))
-    return hot, cold
+    return hot, cold, pos
 
 
 def reference(fire: torch.Tensor, K: int):

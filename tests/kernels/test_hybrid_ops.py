@@ -130,6 +130,16 @@ def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
     assert torch.allclose(a2, csc_mod.reference(x, pat.idx, pat.cnt, H, dg), rtol=1e-5, atol=1e-5)
     b = csc_mod.csc_wgrad(dy, pat.csc_ptr, pat.csc_slot, pat.width, H, pat.g, c3=u)
     assert torch.allclose(b, csc_mod.reference(dy, pat.idx, pat.cnt, H, pat.g, c3=u), rtol=1e-5, atol=1e-5)
+    # rows of neurons without cold slots taken from given sources (the hot panel's gradients)
+    empty = (pat.csc_ptr[1:] == pat.csc_ptr[:-1]).nonzero().flatten()[:5]
+    assert empty.numel() >= 2
+    pos = torch.full((H,), -1, dtype=torch.int32, device=DEV)
+    pos[empty] = torch.arange(empty.numel(), dtype=torch.int32, device=DEV)
+    s1, s2 = torch.randn(empty.numel(), D, device=DEV), torch.randn(empty.numel(), D, device=DEV)
+    h1, h2 = csc_mod.csc_wgrad(x, pat.csc_ptr, pat.csc_slot, pat.width, H, du, c2=dg, hot=(empty, pos, s1, s2))
+    w1, w2 = a1.clone(), a2.clone()
+    w1[empty], w2[empty] = s1, s2
+    assert torch.allclose(h1, w1, rtol=1e-5, atol=1e-5) and torch.allclose(h2, w2, rtol=1e-5, atol=1e-5)
     gu = torch.randn(M, 2 * 5, device=DEV)
     gh, uh = gu[:, :5], gu[:, 5:]              # column views of one [g | u] buffer (row stride 2K)
     h, l1row = hot_panel.hot_forward(gh, uh)
@@ -208,8 +218,9 @@ def test_select_hot_matches_reference(H, K):
     count over the threshold."""
     fire = torch.randint(0, 30, (H,), generator=torch.Generator().manual_seed(H), dtype=torch.int32).to(DEV)
     count = torch.zeros(2, dtype=torch.int32, device=DEV)
-    hot, cold = hot_select.select_hot(fire, K, 12, count)
+    hot, cold, pos = hot_select.select_hot(fire, K, 12, count)
     want = hot_select.reference(fire, K)
     assert torch.equal(hot, want)
+    assert torch.equal(pos[hot].long(), torch.arange(K, device=DEV)) and int((pos >= 0).sum()) == K
     assert torch.equal(cold, torch.ones(H, dtype=torch.int8, device=DEV).index_fill_(0, want, 0))
     assert int(count[0]) == int((fire > 12).sum())
