@@ -90,7 +90,7 @@ def _panel_size(over_threshold: int, multiple: int, H: int) -> int:
     return min(-(-over_threshold // multiple) * multiple, H)
 
 
-def _remembered_hot_count(key):
+def _remembered_hot_count(key, multiple: int, H: int):
     """K from an earlier call of this layer, after picking up any copy that has landed."""
     pending = _PENDING.get(key)
     if pending is not None and pending[1] is not None and torch.cuda.is_current_stream_capturing():
@@ -98,7 +98,6 @@ def _remembered_hot_count(key):
     if pending is not None and (pending[1] is None or pending[1].query()):
         del _PENDING[key]
         over, heavy = (int(v) for v in pending[0].tolist())
-        multiple, H = key[-1], key[5]
         _CAPS[key] = _panel_size(over, multiple, H)
         LAST_STATS[key] = (_CAPS[key], heavy)
     return _CAPS.get(key)
@@ -156,7 +155,8 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     threshold = M if hot_frac is None else int(hot_frac * M)   # (no neuron fires on more than M)
     key = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
            width, hot_frac, hot_multiple)
-    K = _remembered_hot_count(key) if SYNC_FREE["enabled"] and not _use_reference else None
+    K = (_remembered_hot_count(key, hot_multiple, H) if SYNC_FREE["enabled"] and not _use_reference
+         else None)
     if K is None:
         hot_count(fire, threshold, stats)
         K = _panel_size(int(stats[0]), hot_multiple, H)   # the host read of a layer's first call
@@ -165,7 +165,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     hot, cold, hot_pos = select_hot(fire, min(K, H), threshold, stats)
     if g_dense is not None:
         cnt0, idx0, val0, g_hot = pack_pass(g_dense, ccnt, width,
-                                            hot if K and GATE["hot_from_pack"] else None)
+                                            (hot_pos, K) if K and GATE["hot_from_pack"] else None)
         del g_dense
     else:
         _, cnt0, idx0, val0 = _packed
@@ -178,8 +178,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
         heavy[:rows.numel()] = rows.to(torch.int32)
         n_heavy.fill_(rows.numel())
     else:
-        cnt, idx, g, csc_ptr, csc_slot, heavy, _ = split_pack(cnt0, idx0, val0, None, W0, heavy_list=True,
-                                                              cold=cold, n_heavy=n_heavy)
+        cnt, idx, g, csc_ptr, csc_slot, heavy, _ = split_pack(cnt0, idx0, val0, cold, W0, n_heavy=n_heavy)
     if SYNC_FREE["enabled"] and not _use_reference:
         _send_back(key, stats)
     return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy, cold, hot_pos, g_hot)

@@ -15,8 +15,9 @@ count on the host, so the forward+backward stays free of host syncs (CUDA-graph 
 
 Nothing is stored per heavy row, so there is no capacity to overflow: a program owns a block of
 BR heavy rows and a slice of D, and recomputes g and u over all of H for them (the work is
-repeated once per D slice). That costs ~0.3-0.6 ms per kernel on an H100 whenever heavy rows
-exist (one program streams all of W_g and W_u), against nothing when there are none; the
+repeated once per D slice). That costs about 1 ms per kernel on an H100 whenever heavy rows
+exist (one program streams all of W_g and W_u; 4 dense rows in 16384 tokens take the training
+step from 2.7 to 5.6 ms), against one empty launch when there are none; the
 weight-gradient kernel instead owns a (neuron block, D slice) tile and loops over the heavy
 rows, so its tiles are private (no atomics) and only touched when heavy rows exist.
 """
@@ -162,7 +163,7 @@ def _add_tile(ptrs, acc, mask):
     tl.store(ptrs, (cur + acc).to(ptrs.dtype.element_ty), mask=mask)
 
 
-def _config(D):
+def _config():
     if INTERPRET:
         return dict(BR=16, BH=16, BK=16, BD=16)
     return dict(BR=16, BH=64, BK=64, BD=128)
@@ -180,7 +181,7 @@ def _f32(t):
 def _rows_kernel(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, out, l1row, scale, bwd):
     M, D = x.shape
     H = w_gate.shape[0]
-    c = _config(D)
+    c = _config()
     grid = (ROW_PROGRAMS, triton.cdiv(D, c["BD"]))
     if M and D and H:
         _heavy_rows_kernel[grid](x, w_gate, w_up, w_down_t, dy, cold_i8, heavy_list, n_heavy, out, l1row,

@@ -8,7 +8,7 @@ after the layer's host sync. One kernel each way:
   backward: dh [M, K] (= dy W_d[:, hot]), scale = g_l1 / M  ->  [du | dg] [M, 2K] with the L1
             term folded in: dh' = dh + scale * sign(h), du = dh' relu(g), dg = dh' u 1[g > 0],
             stored [dg | du] so that one GEMM with the forward's [W_g; W_u][hot] gives dx;
-            and h again, for dW_d (cheaper than keeping it from the forward).
+            and h again, for dW_d (so the forward's h need not be kept for backward).
 """
 from __future__ import annotations
 

@@ -146,23 +146,20 @@ def count_pass(g: torch.Tensor):
     return fire, ccnt
 
 
-def pack_pass(g: torch.Tensor, ccnt: torch.Tensor, width: int, hot: torch.Tensor | None = None):
+def pack_pass(g: torch.Tensor, ccnt: torch.Tensor, width: int, hot: tuple | None = None):
     """Two-pass pack, pass 2: (cnt [M], idx [M, width], val [M, width], g_hot [M, K] or None).
 
-    With `hot` (K neuron ids) it also copies those columns of g into a dense [M, K] panel
-    (g's dtype), in the same read of g."""
+    With hot = (pos [H] int32: a hot neuron's column in the panel or -1, K) it also copies
+    those columns of g into a dense [M, K] panel (g's dtype), in the same read of g."""
     M, H = g.shape
     br, bh, _, nw, _ = _two_pass_config()
     dev = g.device
-    cnt = torch.zeros(M, dtype=torch.int32, device=dev)
+    # chunk 0's programs write every row's total (only an empty g leaves cnt to this fill)
+    cnt = (torch.empty if M and H else torch.zeros)(M, dtype=torch.int32, device=dev)
     idx = torch.empty(M, width, dtype=torch.int32, device=dev)
     val = torch.empty(M, width, dtype=torch.float32, device=dev)
-    K = 0 if hot is None else hot.numel()
+    hot_pos, K = (cnt, 0) if hot is None else hot
     g_hot = None if hot is None else torch.empty(M, K, dtype=g.dtype, device=dev)
-    hot_pos = cnt
-    if K:
-        hot_pos = torch.full((H,), -1, dtype=torch.int32, device=dev)
-        hot_pos.index_copy_(0, hot, torch.arange(K, dtype=torch.int32, device=dev))
     if M and H:
         nc = ccnt.shape[1]
         incl = torch.cumsum(ccnt, 1, dtype=torch.int32)

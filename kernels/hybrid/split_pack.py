@@ -57,19 +57,18 @@ def _csc_fill_kernel(cnt_ptr, idx_ptr, ptr_ptr, cursor_ptr, slot_ptr, Wc, WP: tl
     tl.store(slot_ptr + base + k, (row * Wc + s).to(tl.int32), mask=ok)
 
 
-def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False, cold=None, n_heavy=None):
-    """(cnt [M] int32, idx [M, Wc] int32, g [M, Wc] fp32, csc_ptr [H+1] int32, csc_slot [M*Wc] int32).
+def split_pack(cnt0, idx0, val0, cold, Wc: int, n_heavy=None):
+    """(cnt [M] int32, idx [M, Wc] int32, g [M, Wc] fp32, csc_ptr [H+1] int32, csc_slot [M*Wc] int32,
+    heavy [M] int32, n_heavy [1] int32); cold [H] int8 is 1 for neurons outside the hot set.
 
     Wc is a capacity: a light token with more than Wc cold entries is stored empty (cnt 0) and
-    listed heavy, like a token with cnt0 > W0 (its cold part is then not in the ELL). With
-    heavy_list=True also returns (heavy [M] int32, n_heavy [1] int32): the first n_heavy[0]
-    entries of heavy are those tokens, in no particular order; the count stays on the device.
-    `cold` ([H] int8, 1 = not hot) may replace hot_mask; `n_heavy` may be a caller's zeroed
-    int32 [1] view (e.g. a slot of the layer's stats, copied back to the host in one piece).
-    Slots past a token's count are unspecified (never read).
+    listed heavy, like a token with cnt0 > W0 (its cold part is then not in the ELL). The first
+    n_heavy[0] entries of heavy are those tokens, in no particular order; the count stays on the
+    device. `n_heavy` may be a caller's zeroed int32 [1] view (e.g. a slot of the layer's stats,
+    copied back to the host in one piece). Slots past a token's count are unspecified (never read).
     """
     M, W0 = idx0.shape
-    H = (cold if cold is not None else hot_mask).numel()
+    H = cold.numel()
     dev = idx0.device
     cnt = torch.empty(M, dtype=torch.int32, device=dev)
     # only used slots (s < cnt) are ever read: no memset of the [M, Wc] arrays
@@ -80,8 +79,6 @@ def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False, co
     heavy = torch.empty(M, dtype=torch.int32, device=dev)
     if n_heavy is None:
         n_heavy = torch.zeros(1, dtype=torch.int32, device=dev)
-    if cold is None:
-        cold = (~hot_mask).to(torch.int8)
     if M:
         _split_kernel[(M,)](cnt0, idx0, val0, cold, cnt, idx, g, colcount, heavy, n_heavy, W0, Wc,
                             WP=triton.next_power_of_2(W0))
@@ -89,9 +86,7 @@ def split_pack(cnt0, idx0, val0, hot_mask, Wc: int, heavy_list: bool = False, co
     csc_slot = torch.empty(M * Wc, dtype=torch.int32, device=dev)   # tail past csc_ptr[H] unused
     if M:
         _csc_fill_kernel[(M,)](cnt, idx, csc_ptr, cursor, csc_slot, Wc, WP=triton.next_power_of_2(Wc))
-    if heavy_list:
-        return cnt, idx, g, csc_ptr, csc_slot, heavy, n_heavy
-    return cnt, idx, g, csc_ptr, csc_slot
+    return cnt, idx, g, csc_ptr, csc_slot, heavy, n_heavy
 
 
 def reference(cnt0, idx0, val0, hot_mask, Wc: int):

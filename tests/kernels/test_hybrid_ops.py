@@ -64,7 +64,9 @@ def test_pack_pass_copies_the_hot_columns():
     g = x @ wg.t()
     fire, ccnt = row_mod.count_pass(g)
     hot = torch.topk(fire, 37, sorted=False).indices
-    cnt, idx, val, g_hot = row_mod.pack_pass(g, ccnt, 12, hot)
+    pos = torch.full((g.shape[1],), -1, dtype=torch.int32, device=DEV)
+    pos[hot] = torch.arange(hot.numel(), dtype=torch.int32, device=DEV)
+    cnt, idx, val, g_hot = row_mod.pack_pass(g, ccnt, 12, (pos, hot.numel()))
     assert torch.equal(g_hot, g[:, hot])
     c2, i2, v2, none = row_mod.pack_pass(g, ccnt, 12)
     used = torch.arange(12, device=DEV)[None, :] < cnt.clamp(max=12)[:, None]
@@ -77,7 +79,7 @@ def test_split_and_csc_match_reference():
     fire, cnt0, idx0, val0 = packed
     hot = fire > 3
     Wc = int(torch.where(cnt0 <= 16, cnt0, 0).max())
-    k = split_mod.split_pack(cnt0, idx0, val0, hot, Wc)
+    k = split_mod.split_pack(cnt0, idx0, val0, (~hot).to(torch.int8), Wc)
     r = split_mod.reference(cnt0, idx0, val0, hot, Wc)
     used = torch.arange(Wc, device=DEV)[None, :] < r[0][:, None]   # slots past cnt are unspecified
     assert torch.equal(k[0], r[0]) and torch.equal(k[1][used], r[1][used]) and torch.equal(k[2][used], r[2][used])
