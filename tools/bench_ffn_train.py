@@ -29,8 +29,7 @@ from kernels.hybrid.ell_spmm import ell_spmm  # noqa: E402
 from kernels.hybrid.format import build_pattern  # noqa: E402
 from kernels.hybrid.gate_pack import gate_pack  # noqa: E402
 from kernels.hybrid.heavy_rows import heavy_backward, heavy_forward  # noqa: E402
-from kernels.hybrid.gate_count import gate_count  # noqa: E402
-from kernels.hybrid.row_pack import chunk_width, count_pass, cublas_gate_pack  # noqa: E402
+from kernels.hybrid.row_pack import cublas_gate_pack  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from bench_common import (activation_stats, environment, gpu_slug, median_ms, rel_err,  # noqa: E402
                                 write_results)
@@ -128,8 +127,6 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
         "gate cuBLAS + row_pack": lambda: cublas_gate_pack(x, wg, ell_width),
         "build_pattern(incl gate)": lambda: build_pattern(x, wg, ell_width, hot_frac),
         "cuBLAS relu(x Wg^T)": lambda: torch.relu(x @ wg.t()),
-        "cuBLAS x Wg^T + count pass": lambda: count_pass(x @ wg.t()),
-        "Triton gate GEMM + counts (gate_count)": lambda: gate_count(x, wg, chunk_width()),
         "fwd sddmm u": lambda: ell_sddmm(x, wu, pat.idx, pat.cnt),
         "fwd spmm y": lambda: ell_spmm(y, pat.idx, pat.cnt, pat.g, wdt, c3=u),
         "bwd sddmm dh": lambda: ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale),
@@ -222,7 +219,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
 
 
 def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,), seed=0,
-             graphs=False, hot_from_pack=(True,), gate_count=(False,),
+             graphs=False, hot_from_pack=(True,),
              grads=True,
              do_breakdown=False,
              do_profile=False):
@@ -250,14 +247,12 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,)
         rec["dense_bf16_grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gd, ref)}
         del gd
     rec["variants"] = []
-    for hf, sf, hp, gc in [(h, f, p, c) for h in hot_fracs for f in syncfrees for p in hot_from_pack
-                           for c in gate_count]:
-        def fn(*p, hf=hf, sf=sf, hp=hp, gc=gc):
+    for hf, sf, hp in [(h, f, p) for h in hot_fracs for f in syncfrees for p in hot_from_pack]:
+        def fn(*p, hf=hf, sf=sf, hp=hp):
             hyb_format.SYNC_FREE["enabled"] = sf
             hyb_format.GATE["hot_from_pack"] = hp
-            hyb_format.GATE["gate_count"] = gc
             return sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=hf)
-        v = {"hot_frac": hf, "ell_width": ell_width, "sync_free": sf, "hot_from_pack": hp, "gate_count": gc}
+        v = {"hot_frac": hf, "ell_width": ell_width, "sync_free": sf, "hot_from_pack": hp}
         with torch.no_grad():
             y_s, l1_s, fire = fn(*params)
         with torch.no_grad():
@@ -278,7 +273,7 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,)
             v["grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gs, ref)}
             del gs
         rec["variants"].append(v)
-        print(f"H={H} nnz={nnz} hot_frac={hf} sync_free={sf} hot_from_pack={hp} gate_count={gc}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
+        print(f"H={H} nnz={nnz} hot_frac={hf} sync_free={sf} hot_from_pack={hp}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
               f"x{v['speedup']:.2f} graphs {rec.get('dense_graph_ms')} / {v.get('sparse_graph_ms')} grad {v.get('grad_rel_err')}",
               flush=True)
     best = min(rec["variants"], key=lambda v: v["sparse_ms"])
@@ -289,7 +284,6 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,)
     if do_profile:
         hyb_format.SYNC_FREE["enabled"] = best["sync_free"]
         hyb_format.GATE["hot_from_pack"] = best["hot_from_pack"]
-        hyb_format.GATE["gate_count"] = best["gate_count"]
         fn = lambda *p: sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=best["hot_frac"])  # noqa: E731
         rec["sparse_fwd_ms"] = median_ms(lambda: fn(*params))
         with torch.no_grad():
@@ -346,14 +340,13 @@ def markdown(env, cases):
             lines.append(f"| {c['H']} | {c['nnz_target']}{' +%d dense rows' % c['dense_rows'] if c['dense_rows'] else ''} "
                          f"| {c['dense_graph_ms']:.3f} | {v['sparse_graph_ms']:.3f} | **{v['graph_speedup']:.2f}x** |")
     lines += ["", "All variants (hot_frac sweep):", "",
-              "| H | nnz | hot_frac | sync-free | hot g from pack | gate GEMM counts (Triton) | sparse ms | speedup "
-              "| sparse graph ms |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| H | nnz | hot_frac | sync-free | hot g from pack | sparse ms | speedup | sparse graph ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in cases:
         for v in c["variants"]:
             gms = f"{v['sparse_graph_ms']:.3f}" if "sparse_graph_ms" in v else "-"
             lines.append(f"| {c['H']} | {c['nnz_target']} | {v['hot_frac']} | {v.get('sync_free')} "
-                         f"| {v.get('hot_from_pack')} | {v.get('gate_count', False)} | {v['sparse_ms']:.3f} | {v['speedup']:.2f}x | {gms} |")
+                         f"| {v.get('hot_from_pack')} | {v['sparse_ms']:.3f} | {v['speedup']:.2f}x | {gms} |")
     for c in cases:
         if "breakdown_ms" in c:
             lines += ["", f"Breakdown, H={c['H']} nnz={c['nnz_target']} (pieces timed alone):", ""]
@@ -374,8 +367,6 @@ def main():
                     help="remembered hot count, no host read in the layer (format.SYNC_FREE)")
     ap.add_argument("--hot-from-pack", choices=["on", "off", "both"], default="off",
                     help="hot panel's g copied by the pack pass, or recomputed by its GEMM (format.GATE)")
-    ap.add_argument("--gate-count", choices=["on", "off", "both"], default="off",
-                    help="gate GEMM + pass 1 of the pack in one Triton kernel, or cuBLAS + count pass (format.GATE)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time dense and sparse fwd+bwd replayed from CUDA graphs (no launch overhead)")
     ap.add_argument("--breakdown", action="store_true")
@@ -386,7 +377,6 @@ def main():
     hot_fracs = [None if h == "none" else float(h) for h in a.hot_fracs]
     syncfrees = {"on": (True,), "off": (False,), "both": (True, False)}[a.sync_free]
     hfp = {"on": (True,), "off": (False,), "both": (True, False)}[a.hot_from_pack]
-    gcs = {"on": (True,), "off": (False,), "both": (True, False)}[a.gate_count]
     env = environment()
     print(env, flush=True)
     cases = []
@@ -401,12 +391,12 @@ def main():
         for nnz in nnzs:
             main_case = H == a.hidden[0] and nnz == 29
             cases.append(run_case(a.tokens, a.d_model, H, nnz, hot_fracs, a.ell_width,
-                                  syncfrees=syncfrees, graphs=a.graphs, hot_from_pack=hfp, gate_count=gcs, do_breakdown=a.breakdown and main_case,
+                                  syncfrees=syncfrees, graphs=a.graphs, hot_from_pack=hfp, do_breakdown=a.breakdown and main_case,
                                   do_profile=a.profile and main_case))
     if a.dense_rows:
         cases.append(run_case(a.tokens, a.d_model, a.hidden[0], 29, hot_fracs[:1], a.ell_width,
                               syncfrees=syncfrees, dense_rows=a.dense_rows, graphs=a.graphs,
-                              hot_from_pack=hfp, gate_count=gcs))
+                              hot_from_pack=hfp))
     payload = {"environment": env, "protocol": "BENCHMARKS.md FFN training", "lambda_l1": LAMBDA, "cases": cases,
                "sweep": sweep}
     md = markdown(env, cases)

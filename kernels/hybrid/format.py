@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .gate_count import gate_count, gate_count_applies
 from .gate_pack import gate_pack
 from . import row_pack
 from .row_pack import count_pass, cublas_gate_pack, pack_pass
@@ -54,9 +53,7 @@ LAST_STATS: dict = {}          # layer key -> (K_needed, heavy rows) of the last
 # hot_from_pack: pass 2 of the cuBLAS path copies the hot columns of g for the panel (whose GEMM
 # then computes u only). Off by default: its scattered 2-byte stores cost more than the half GEMM
 # saves (H100, same process: 2.779 vs 2.740 ms per step from a CUDA graph; NOTES.md variant 17).
-# gate_count: the Triton TMA GEMM that also does pass 1 of the pack (gate_count.py) instead of
-# cuBLAS + count_pass, where it applies (16-bit, TMA-aligned).
-GATE = {"fused_epilogue": False, "hot_from_pack": False, "gate_count": False}
+GATE = {"fused_epilogue": False, "hot_from_pack": False}
 
 
 @dataclass
@@ -145,11 +142,8 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     elif row_pack.CONFIG.get("TWO_PASS"):   # (the module's current CONFIG: sweeps replace it)
         # cuBLAS gate, pass 1 (counts, fire), then the hot set, then pass 2 (which can also copy
         # the hot columns of g for the panel: GATE["hot_from_pack"])
-        if GATE["gate_count"] and gate_count_applies(x, w_gate):
-            g_dense, fire, ccnt = gate_count(x, w_gate, row_pack.chunk_width())
-        else:
-            g_dense = x @ w_gate.t()
-            fire, ccnt = count_pass(g_dense)
+        g_dense = x @ w_gate.t()
+        fire, ccnt = count_pass(g_dense)
     else:
         _packed = cublas_gate_pack(x, w_gate, width)
         fire = _packed[0]

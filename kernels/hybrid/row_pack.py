@@ -134,11 +134,6 @@ def _two_pass_config():
             {"num_warps": CONFIG.get("COUNT_WARPS", nw["num_warps"])})
 
 
-def chunk_width() -> int:
-    """The column chunk of the two passes (pass 1 may come from the gate GEMM, gate_count.py)."""
-    return _two_pass_config()[1]
-
-
 def count_pass(g: torch.Tensor):
     """Two-pass pack, pass 1: (fire [H] int32, per-(row, chunk) nonzero counts [M, n_chunks])."""
     M, H = g.shape
