@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels.hybrid import format as hyb_format  # noqa: E402
 from kernels.hybrid import function as hyb_function  # noqa: E402
 from kernels.hybrid import sparse_gated_mlp  # noqa: E402
-from kernels.hybrid.csc_wgrad import csc_wgrad  # noqa: E402
+from kernels.hybrid.csc_wgrad import csc_order, csc_wgrad  # noqa: E402
 from kernels.hybrid.ell_sddmm import ell_sddmm, ell_sddmm_bwd  # noqa: E402
 from kernels.hybrid.ell_spmm import ell_spmm  # noqa: E402
 from kernels.hybrid.format import build_pattern  # noqa: E402
@@ -118,6 +118,7 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
     u = ell_sddmm(x, wu, pat.idx, pat.cnt)
     scale = torch.tensor(LAMBDA / x.shape[0], device=x.device)
     du, dg = ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
+    tok, h_c, du_c, dg_c = csc_order(pat.csc_ptr, pat.csc_slot, pat.width, (pat.g, u), du, dg)
     y = torch.empty_like(x)
     hw = torch.cat([wg[pat.hot], wu[pat.hot]])
     gu = x @ hw.t()
@@ -131,8 +132,9 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
         "fwd spmm y": lambda: ell_spmm(y, pat.idx, pat.cnt, pat.g, wdt, c3=u),
         "bwd sddmm dh": lambda: ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale),
         "bwd spmm dx": lambda: ell_spmm(y, pat.idx, pat.cnt, du, wu, c2=dg, w2=wg),
-        "bwd csc dWu+dWg": lambda: csc_wgrad(x, pat.csc_ptr, pat.csc_slot, pat.width, wg.shape[0], du, c2=dg),
-        "bwd csc dWd": lambda: csc_wgrad(dy, pat.csc_ptr, pat.csc_slot, pat.width, wg.shape[0], pat.g, c3=u),
+        "bwd csc order (tok, h, du, dg)": lambda: csc_order(pat.csc_ptr, pat.csc_slot, pat.width, (pat.g, u), du, dg),
+        "bwd csc dWu+dWg": lambda: csc_wgrad(x, pat.csc_ptr, tok, wg.shape[0], du_c, dg_c),
+        "bwd csc dWd": lambda: csc_wgrad(dy, pat.csc_ptr, tok, wg.shape[0], h_c),
         f"hot gemm [M,D]x[D,2K] (K={K})": lambda: x @ hw.t(),
         f"hot gemm [2K,M]x[M,D] (K={K})": lambda: gu.t() @ x,
         "heavy rows fwd": lambda: heavy_forward(x, wg, wu, wdt, pat.cold_mask, pat.heavy, pat.n_heavy,
@@ -190,6 +192,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     u = ell_sddmm(x, wu, pat.idx, pat.cnt)
     scale = torch.tensor(LAMBDA / x.shape[0], device=x.device)
     du, dg = ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
+    tok, h_c, du_c, dg_c = csc_order(pat.csc_ptr, pat.csc_slot, pat.width, (pat.g, u), du, dg)
     y = torch.empty_like(x)
     H = wg.shape[0]
     jobs = {
@@ -199,8 +202,8 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
                                         ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale))),
         "ell_spmm": (m_spmm, lambda: (ell_spmm(y, pat.idx, pat.cnt, pat.g, wdt, c3=u),
                                       ell_spmm(y, pat.idx, pat.cnt, du, wu, c2=dg, w2=wg))),
-        "csc_wgrad": (m_csc, lambda: (csc_wgrad(x, pat.csc_ptr, pat.csc_slot, pat.width, H, du, c2=dg),
-                                      csc_wgrad(dy, pat.csc_ptr, pat.csc_slot, pat.width, H, pat.g, c3=u))),
+        "csc_wgrad": (m_csc, lambda: (csc_wgrad(x, pat.csc_ptr, tok, H, du_c, dg_c),
+                                      csc_wgrad(dy, pat.csc_ptr, tok, H, h_c))),
     }
     out = {}
     for name, (mod, fn) in jobs.items():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_matrix
-from .csc_wgrad import csc_wgrad
+from .csc_wgrad import csc_order, csc_wgrad
 from .ell_sddmm import ell_sddmm, ell_sddmm_bwd
 from .ell_spmm import ell_spmm
 from .format import HybridPattern, build_pattern
@@ -110,10 +110,13 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         # dh, du, dg on the cold slots (L1 term and gating folded in), and their dx
         du, dg = ell_sddmm_bwd(dy, w_down_t, idx, cnt, g, u, scale)
         ell_spmm(dx, idx, cnt, du, w_up, c2=dg, w2=w_gate, accumulate=K > 0)
-        # the cold rows through the CSC view; the hot rows copied from the panel's GEMMs
-        dw_up, dw_gate = csc_wgrad(x, csc_ptr, csc_slot, Wc, H, du, c2=dg, out_dtype=w_up.dtype,
+        # the cold rows through the CSC view (coefficients reordered once, h = g u formed
+        # there); the hot rows copied from the panel's GEMMs
+        tok, h_c, du_c, dg_c = csc_order(csc_ptr, csc_slot, Wc, (g, u), du, dg)
+        del du, dg
+        dw_up, dw_gate = csc_wgrad(x, csc_ptr, tok, H, du_c, dg_c, out_dtype=w_up.dtype,
                                    hot=(hot, hot_pos, dwgu[K:], dwgu[:K]) if K else None)
-        dw_down_t = csc_wgrad(dy, csc_ptr, csc_slot, Wc, H, g, c3=u, out_dtype=w_down_t.dtype,
+        dw_down_t = csc_wgrad(dy, csc_ptr, tok, H, h_c, out_dtype=w_down_t.dtype,
                               hot=(hot, hot_pos, dwd_h, None) if K else None)
         heavy_backward(x, dy, w_gate, w_up, w_down_t, cold_mask, heavy, n_heavy, scale,
                        dx, dw_gate, dw_up, dw_down_t)

@@ -127,10 +127,16 @@ def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
     spmm_mod.ell_spmm(dx, pat.idx, pat.cnt, du, wu, c2=dg, w2=wg, accumulate=True)
     assert torch.allclose(dx, base + spmm_mod.reference(pat.idx, pat.cnt, du, wu, c2=dg, w2=wg),
                           rtol=1e-5, atol=1e-5)
-    a1, a2 = csc_mod.csc_wgrad(x, pat.csc_ptr, pat.csc_slot, pat.width, H, du, c2=dg)
+    tok, h_c, du_c, dg_c = csc_mod.csc_order(pat.csc_ptr, pat.csc_slot, pat.width, (pat.g, u), du, dg)
+    nnz = int(pat.csc_ptr[-1])
+    slots = pat.csc_slot[:nnz].long()
+    assert torch.equal(tok[:nnz].long(), slots // pat.width)
+    assert torch.equal(du_c[:nnz], du.flatten()[slots]) and torch.equal(dg_c[:nnz], dg.flatten()[slots])
+    assert torch.equal(h_c[:nnz], (pat.g * u).flatten()[slots])
+    a1, a2 = csc_mod.csc_wgrad(x, pat.csc_ptr, tok, H, du_c, dg_c)
     assert torch.allclose(a1, csc_mod.reference(x, pat.idx, pat.cnt, H, du), rtol=1e-5, atol=1e-5)
     assert torch.allclose(a2, csc_mod.reference(x, pat.idx, pat.cnt, H, dg), rtol=1e-5, atol=1e-5)
-    b = csc_mod.csc_wgrad(dy, pat.csc_ptr, pat.csc_slot, pat.width, H, pat.g, c3=u)
+    b = csc_mod.csc_wgrad(dy, pat.csc_ptr, tok, H, h_c)
     assert torch.allclose(b, csc_mod.reference(dy, pat.idx, pat.cnt, H, pat.g, c3=u), rtol=1e-5, atol=1e-5)
     # rows of neurons without cold slots taken from given sources (the hot panel's gradients)
     empty = (pat.csc_ptr[1:] == pat.csc_ptr[:-1]).nonzero().flatten()[:5]
@@ -138,7 +144,7 @@ def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
     pos = torch.full((H,), -1, dtype=torch.int32, device=DEV)
     pos[empty] = torch.arange(empty.numel(), dtype=torch.int32, device=DEV)
     s1, s2 = torch.randn(empty.numel(), D, device=DEV), torch.randn(empty.numel(), D, device=DEV)
-    h1, h2 = csc_mod.csc_wgrad(x, pat.csc_ptr, pat.csc_slot, pat.width, H, du, c2=dg, hot=(empty, pos, s1, s2))
+    h1, h2 = csc_mod.csc_wgrad(x, pat.csc_ptr, tok, H, du_c, dg_c, hot=(empty, pos, s1, s2))
     w1, w2 = a1.clone(), a2.clone()
     w1[empty], w2[empty] = s1, s2
     assert torch.allclose(h1, w1, rtol=1e-5, atol=1e-5) and torch.allclose(h2, w2, rtol=1e-5, atol=1e-5)
