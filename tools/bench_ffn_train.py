@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels.hybrid import format as hyb_format  # noqa: E402
 from kernels.hybrid import function as hyb_function  # noqa: E402
-from kernels.hybrid import hot_gemm as hyb_hot_gemm  # noqa: E402
 from kernels.hybrid import sparse_gated_mlp  # noqa: E402
 from kernels.hybrid.csc_wgrad import csc_order, csc_wgrad  # noqa: E402
 from kernels.hybrid.ell_sddmm import ell_sddmm, ell_sddmm_bwd  # noqa: E402
@@ -30,7 +29,6 @@ from kernels.hybrid.ell_spmm import ell_spmm  # noqa: E402
 from kernels.hybrid.format import build_pattern  # noqa: E402
 from kernels.hybrid.gate_pack import gate_pack  # noqa: E402
 from kernels.hybrid.heavy_rows import heavy_backward, heavy_forward  # noqa: E402
-from kernels.hybrid.hot_panel import hot_backward, hot_forward  # noqa: E402
 from kernels.hybrid.row_pack import cublas_gate_pack  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from bench_common import (activation_stats, environment, gpu_slug, median_ms, rel_err,  # noqa: E402
@@ -124,8 +122,6 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
     y = torch.empty_like(x)
     hw = torch.cat([wg[pat.hot], wu[pat.hot]])
     gu = x @ hw.t()
-    hwd = wdt[pat.hot]
-    l1_scratch = torch.zeros(x.shape[0], device=x.device)
     hw_grads = [torch.zeros_like(wg), torch.zeros_like(wu), torch.zeros_like(wdt)]
     pieces = {
         "gate_pack (fused Triton epilogue)": lambda: gate_pack(x, wg, ell_width),
@@ -141,10 +137,6 @@ def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
         "bwd csc dWd": lambda: csc_wgrad(dy, pat.csc_ptr, tok, wg.shape[0], h_c),
         f"hot gemm [M,D]x[D,2K] (K={K})": lambda: x @ hw.t(),
         f"hot gemm [2K,M]x[M,D] (K={K})": lambda: gu.t() @ x,
-        f"hot fwd: cuBLAS [g|u] + hot_forward (K={K})": lambda: hot_forward(*(x @ hw.t()).split(K, 1)),
-        f"hot fwd: fused hot_gemm (K={K})": lambda: hyb_hot_gemm.hot_forward_gemm(x, hw, l1_scratch),
-        f"hot bwd: cuBLAS dh + hot_backward (K={K})": lambda: hot_backward(gu[:, :K], gu[:, K:], dy @ hwd.t(), scale),
-        f"hot bwd: fused hot_gemm (K={K})": lambda: hyb_hot_gemm.hot_backward_gemm(dy, hwd, gu[:, :K], gu[:, K:], scale),
         "heavy rows fwd": lambda: heavy_forward(x, wg, wu, wdt, pat.cold_mask, pat.heavy, pat.n_heavy,
                                                 y, torch.empty(x.shape[0], device=x.device)),
         "heavy rows bwd (dx, dW)": lambda: heavy_backward(x, dy, wg, wu, wdt, pat.cold_mask, pat.heavy,
@@ -230,7 +222,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
 
 
 def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,), seed=0,
-             graphs=False, hot_from_pack=(True,), hot_gemm=(True,),
+             graphs=False, hot_from_pack=(True,),
              grads=True,
              do_breakdown=False,
              do_profile=False):
@@ -258,14 +250,12 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,)
         rec["dense_bf16_grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gd, ref)}
         del gd
     rec["variants"] = []
-    for hf, sf, hp, hg in [(h, f, p, c) for h in hot_fracs for f in syncfrees for p in hot_from_pack
-                           for c in hot_gemm]:
-        def fn(*p, hf=hf, sf=sf, hp=hp, hg=hg):
+    for hf, sf, hp in [(h, f, p) for h in hot_fracs for f in syncfrees for p in hot_from_pack]:
+        def fn(*p, hf=hf, sf=sf, hp=hp):
             hyb_format.SYNC_FREE["enabled"] = sf
             hyb_format.GATE["hot_from_pack"] = hp
-            hyb_hot_gemm.CONFIG["fused"] = hg
             return sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=hf)
-        v = {"hot_frac": hf, "ell_width": ell_width, "sync_free": sf, "hot_from_pack": hp, "hot_gemm": hg}
+        v = {"hot_frac": hf, "ell_width": ell_width, "sync_free": sf, "hot_from_pack": hp}
         with torch.no_grad():
             y_s, l1_s, fire = fn(*params)
         with torch.no_grad():
@@ -286,7 +276,7 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,)
             v["grad_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(("dx", "dWg", "dWu", "dWd"), gs, ref)}
             del gs
         rec["variants"].append(v)
-        print(f"H={H} nnz={nnz} hot_frac={hf} sync_free={sf} hot_from_pack={hp} hot_gemm={hg}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
+        print(f"H={H} nnz={nnz} hot_frac={hf} sync_free={sf} hot_from_pack={hp}: dense {rec['dense_ms']:.3f} ms sparse {v['sparse_ms']:.3f} ms "
               f"x{v['speedup']:.2f} graphs {rec.get('dense_graph_ms')} / {v.get('sparse_graph_ms')} grad {v.get('grad_rel_err')}",
               flush=True)
     best = min(rec["variants"], key=lambda v: v["sparse_ms"])
@@ -297,7 +287,6 @@ def run_case(M, D, H, nnz, hot_fracs, ell_width, dense_rows=0, syncfrees=(True,)
     if do_profile:
         hyb_format.SYNC_FREE["enabled"] = best["sync_free"]
         hyb_format.GATE["hot_from_pack"] = best["hot_from_pack"]
-        hyb_hot_gemm.CONFIG["fused"] = best["hot_gemm"]
         fn = lambda *p: sparse_gated_mlp(*p, ell_width=ell_width, hot_frac=best["hot_frac"])  # noqa: E731
         rec["sparse_fwd_ms"] = median_ms(lambda: fn(*params))
         with torch.no_grad():
@@ -354,14 +343,13 @@ def markdown(env, cases):
             lines.append(f"| {c['H']} | {c['nnz_target']}{' +%d dense rows' % c['dense_rows'] if c['dense_rows'] else ''} "
                          f"| {c['dense_graph_ms']:.3f} | {v['sparse_graph_ms']:.3f} | **{v['graph_speedup']:.2f}x** |")
     lines += ["", "All variants (hot_frac sweep):", "",
-              "| H | nnz | hot_frac | sync-free | hot g from pack | hot GEMMs fused (hot_gemm) | sparse ms "
-              "| speedup | sparse graph ms |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| H | nnz | hot_frac | sync-free | hot g from pack | sparse ms | speedup | sparse graph ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in cases:
         for v in c["variants"]:
             gms = f"{v['sparse_graph_ms']:.3f}" if "sparse_graph_ms" in v else "-"
             lines.append(f"| {c['H']} | {c['nnz_target']} | {v['hot_frac']} | {v.get('sync_free')} "
-                         f"| {v.get('hot_from_pack')} | {v.get('hot_gemm', False)} | {v['sparse_ms']:.3f} | {v['speedup']:.2f}x | {gms} |")
+                         f"| {v.get('hot_from_pack')} | {v['sparse_ms']:.3f} | {v['speedup']:.2f}x | {gms} |")
     for c in cases:
         if "breakdown_ms" in c:
             lines += ["", f"Breakdown, H={c['H']} nnz={c['nnz_target']} (pieces timed alone):", ""]
@@ -382,9 +370,6 @@ def main():
                     help="remembered hot count, no host read in the layer (format.SYNC_FREE)")
     ap.add_argument("--hot-from-pack", choices=["on", "off", "both"], default="off",
                     help="hot panel's g copied by the pack pass, or recomputed by its GEMM (format.GATE)")
-    ap.add_argument("--hot-gemm", choices=["on", "off", "both"], default="on",
-                    help="hot panel GEMMs with the elementwise work in a Triton epilogue, or cuBLAS + "
-                         "hot_panel kernels (hot_gemm.CONFIG)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time dense and sparse fwd+bwd replayed from CUDA graphs (no launch overhead)")
     ap.add_argument("--breakdown", action="store_true")
@@ -395,7 +380,6 @@ def main():
     hot_fracs = [None if h == "none" else float(h) for h in a.hot_fracs]
     syncfrees = {"on": (True,), "off": (False,), "both": (True, False)}[a.sync_free]
     hfp = {"on": (True,), "off": (False,), "both": (True, False)}[a.hot_from_pack]
-    hgs = {"on": (True,), "off": (False,), "both": (True, False)}[a.hot_gemm]
     env = environment()
     print(env, flush=True)
     cases = []
@@ -410,12 +394,12 @@ def main():
         for nnz in nnzs:
             main_case = H == a.hidden[0] and nnz == 29
             cases.append(run_case(a.tokens, a.d_model, H, nnz, hot_fracs, a.ell_width,
-                                  syncfrees=syncfrees, graphs=a.graphs, hot_from_pack=hfp, hot_gemm=hgs, do_breakdown=a.breakdown and main_case,
+                                  syncfrees=syncfrees, graphs=a.graphs, hot_from_pack=hfp, do_breakdown=a.breakdown and main_case,
                                   do_profile=a.profile and main_case))
     if a.dense_rows:
         cases.append(run_case(a.tokens, a.d_model, a.hidden[0], 29, hot_fracs[:1], a.ell_width,
                               syncfrees=syncfrees, dense_rows=a.dense_rows, graphs=a.graphs,
-                              hot_from_pack=hfp, hot_gemm=hgs))
+                              hot_from_pack=hfp))
     payload = {"environment": env, "protocol": "BENCHMARKS.md FFN training", "lambda_l1": LAMBDA, "cases": cases,
                "sweep": sweep}
     md = markdown(env, cases)

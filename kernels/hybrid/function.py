@@ -27,7 +27,6 @@ from .ell_sddmm import ell_sddmm, ell_sddmm_bwd
 from .ell_spmm import ell_spmm
 from .format import HybridPattern, build_pattern
 from .heavy_rows import heavy_backward, heavy_forward
-from . import hot_gemm
 from .hot_panel import hot_backward, hot_forward
 from .transpose import transpose
 
@@ -43,15 +42,12 @@ def _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, l1row):
     """The dense hot panel: (what backward needs, y_h [M, D], l1row with the hot L1 added, or new)."""
     hot, K = pat.hot, pat.hot.numel()
     w_gu_h = torch.cat([w_gate[hot], w_up[hot]])                  # [2K, D], kept for backward
-    if pat.g_hot is None and hot_gemm.applies(x, K, w_gu_h):
-        g_h, u_h, h_h = hot_gemm.hot_forward_gemm(x, w_gu_h, l1row)   # h and L1 in the epilogue
+    if pat.g_hot is not None:     # the pack pass copied g's hot columns: u only
+        g_h, u_h = pat.g_hot, x @ w_gu_h[K:].t()
     else:
-        if pat.g_hot is not None:     # the pack pass copied g's hot columns: u only
-            g_h, u_h = pat.g_hot, x @ w_gu_h[K:].t()
-        else:
-            gu = x @ w_gu_h.t()                                   # [M, 2K] = [g_h | u_h]
-            g_h, u_h = gu[:, :K], gu[:, K:]
-        h_h, l1row = hot_forward(g_h, u_h, l1row)
+        gu = x @ w_gu_h.t()                                       # [M, 2K] = [g_h | u_h]
+        g_h, u_h = gu[:, :K], gu[:, K:]
+    h_h, l1row = hot_forward(g_h, u_h, l1row)
     wdt_h = w_down_t[hot]
     return (g_h, u_h, w_gu_h, wdt_h), h_h @ wdt_h, l1row
 
@@ -105,10 +101,7 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         scale = (torch.zeros((), device=x.device) if dl1 is None else dl1.float()) / max(M, 1)
         scale = scale.reshape(()).contiguous()
         if K:
-            if hot_gemm.applies(dy, K, wdt_h, g_h, u_h):   # the elementwise part in the epilogue
-                dgdu_h, h_h = hot_gemm.hot_backward_gemm(dy, wdt_h, g_h, u_h, scale)
-            else:
-                dgdu_h, h_h = hot_backward(g_h, u_h, dy @ wdt_h.t(), scale)  # [M, 2K] = [dg | du]
+            dgdu_h, h_h = hot_backward(g_h, u_h, dy @ wdt_h.t(), scale)      # [M, 2K] = [dg | du]
             dx = dgdu_h @ w_gu_h                                            # w_gu_h = [W_g; W_u][hot]
             dwgu = dgdu_h.t() @ x                                           # [2K, D]
             dwd_h = h_h.t() @ dy                                            # [K, D]
