@@ -134,6 +134,10 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     dev = x.device
     width = min(ell_width, H)    # no token has more than H nonzeros: a wider ELL only costs memory
     g_dense = ccnt = g_hot = None
+    # One memset for every counter of the call: [neurons over the hot threshold, heavy rows]
+    # (copied back to the host in one piece), the fire counts, the split's three [H] counters.
+    zeroed = torch.zeros(2 + H + 3 * H + 1, dtype=torch.int32, device=dev)
+    stats, fire_buf, split_counters = zeroed[:2], zeroed[2:2 + H], zeroed[2 + H:]
     if _packed is not None:
         fire = _packed[0]
     elif GATE["fused_epilogue"]:
@@ -143,7 +147,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
         # cuBLAS gate, pass 1 (counts, fire), then the hot set, then pass 2 (which can also copy
         # the hot columns of g for the panel: GATE["hot_from_pack"])
         g_dense = x @ w_gate.t()
-        fire, ccnt = count_pass(g_dense)
+        fire, ccnt = count_pass(g_dense, fire_buf)
     else:
         _packed = cublas_gate_pack(x, w_gate, width)
         fire = _packed[0]
@@ -151,7 +155,6 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     # `hot_multiple` with the next most popular neurons (cuBLAS falls back to slow sm75 kernels
     # for GEMM sizes like 2K = 490; NOTES.md). The count stays on device; the set is the K most
     # popular neurons (hot_select.py), K from the host (see the module docstring).
-    stats = torch.zeros(2, dtype=torch.int32, device=dev)   # [neurons over the threshold, heavy rows]
     threshold = M if hot_frac is None else int(hot_frac * M)   # (no neuron fires on more than M)
     key = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
            width, hot_frac, hot_multiple)
@@ -178,7 +181,8 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
         heavy[:rows.numel()] = rows.to(torch.int32)
         n_heavy.fill_(rows.numel())
     else:
-        cnt, idx, g, csc_ptr, csc_slot, heavy, _ = split_pack(cnt0, idx0, val0, cold, W0, n_heavy=n_heavy)
+        cnt, idx, g, csc_ptr, csc_slot, heavy, _ = split_pack(cnt0, idx0, val0, cold, W0, n_heavy=n_heavy,
+                                                             counters=split_counters)
     if SYNC_FREE["enabled"] and not _use_reference:
         _send_back(key, stats)
     return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy, cold, hot_pos, g_hot)

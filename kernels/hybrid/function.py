@@ -27,7 +27,7 @@ from .ell_sddmm import ell_sddmm, ell_sddmm_bwd
 from .ell_spmm import ell_spmm
 from .format import HybridPattern, build_pattern
 from .heavy_rows import heavy_backward, heavy_forward
-from .hot_panel import hot_backward, hot_forward
+from .hot_panel import gather_hot_rows, hot_backward, hot_forward
 from .transpose import transpose
 
 DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the dense backup
@@ -41,14 +41,13 @@ DEFAULT_HOT_FRAC = 0.01   # neurons firing on > 1% of the tokens take the dense 
 def _hot_panel_forward(x, w_gate, w_up, w_down_t, pat, l1row):
     """The dense hot panel: (what backward needs, y_h [M, D], l1row with the hot L1 added, or new)."""
     hot, K = pat.hot, pat.hot.numel()
-    w_gu_h = torch.cat([w_gate[hot], w_up[hot]])                  # [2K, D], kept for backward
+    w_gu_h, wdt_h = gather_hot_rows(hot, w_gate, w_up, w_down_t)  # [2K, D] and [K, D], kept for backward
     if pat.g_hot is not None:     # the pack pass copied g's hot columns: u only
         g_h, u_h = pat.g_hot, x @ w_gu_h[K:].t()
     else:
         gu = x @ w_gu_h.t()                                       # [M, 2K] = [g_h | u_h]
         g_h, u_h = gu[:, :K], gu[:, K:]
     h_h, l1row = hot_forward(g_h, u_h, l1row)
-    wdt_h = w_down_t[hot]
     return (g_h, u_h, w_gu_h, wdt_h), h_h @ wdt_h, l1row
 
 
@@ -69,7 +68,7 @@ class SparseGatedMLPFunction(torch.autograd.Function):
             y = ell_spmm(torch.empty_like(x), pat.idx, pat.cnt, pat.g, w_down_t, c3=u)
         # heavy tokens: their y rows and l1row entries; no-op if none
         heavy_forward(x, w_gate, w_up, w_down_t, pat.cold_mask, pat.heavy, pat.n_heavy, y, l1row)
-        l1 = l1row.sum() / max(M, 1)
+        l1 = l1row.mean() if M else l1row.sum()     # (one reduction kernel, not a sum and a divide)
         # W_d^T is saved (23 MB at H=5632) rather than re-transposed in backward (~50 us).
         ctx.save_for_backward(x, w_gate, w_up, w_down_t)
         # The pattern and the values on it have data-dependent shapes (K follows the remembered

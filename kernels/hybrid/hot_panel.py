@@ -60,6 +60,29 @@ def _hot_bwd_kernel(g_ptr, u_ptr, dh_ptr, scale_ptr, out_ptr, h_ptr, K, sg, su, 
         tl.store(h_ptr + row * K + k0 + c, (tl.maximum(g, 0.0) * u).to(h_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _gather_hot_rows_kernel(hot_ptr, wg_ptr, wu_ptr, wdt_ptr, gu_ptr, dt_ptr, K, D, BD: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    j = tl.load(hot_ptr + i).to(tl.int64)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    ok = rd < D
+    tl.store(gu_ptr + i * D + rd, tl.load(wg_ptr + j * D + rd, mask=ok), mask=ok)
+    tl.store(gu_ptr + (i + K) * D + rd, tl.load(wu_ptr + j * D + rd, mask=ok), mask=ok)
+    tl.store(dt_ptr + i * D + rd, tl.load(wdt_ptr + j * D + rd, mask=ok), mask=ok)
+
+
+def gather_hot_rows(hot: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor):
+    """([W_g; W_u][hot] [2K, D], W_d^T[hot] [K, D]) in one launch (it was three index kernels
+    and a cat); the weights contiguous [H, D]."""
+    K, D = hot.numel(), w_gate.shape[1]
+    w_gu_h = torch.empty(2 * K, D, dtype=w_gate.dtype, device=w_gate.device)
+    wdt_h = torch.empty(K, D, dtype=w_down_t.dtype, device=w_down_t.device)
+    if K and D:
+        bd = 64 if INTERPRET else min(triton.next_power_of_2(D), 2048)
+        _gather_hot_rows_kernel[(K, triton.cdiv(D, bd))](hot, w_gate, w_up, w_down_t, w_gu_h, wdt_h, K, D, BD=bd)
+    return w_gu_h, wdt_h
+
+
 def _bk(K):
     return 64 if INTERPRET else min(1024, triton.next_power_of_2(max(K, 16)))
 

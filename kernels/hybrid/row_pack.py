@@ -134,11 +134,13 @@ def _two_pass_config():
             {"num_warps": CONFIG.get("COUNT_WARPS", nw["num_warps"])})
 
 
-def count_pass(g: torch.Tensor):
-    """Two-pass pack, pass 1: (fire [H] int32, per-(row, chunk) nonzero counts [M, n_chunks])."""
+def count_pass(g: torch.Tensor, fire: torch.Tensor | None = None):
+    """Two-pass pack, pass 1: (fire [H] int32, per-(row, chunk) nonzero counts [M, n_chunks]).
+    `fire` may be a caller's zeroed int32 [H] (a slice of one memset for several counters)."""
     M, H = g.shape
     br, bh, cbr, _, cnw = _two_pass_config()
-    fire = torch.zeros(H, dtype=torch.int32, device=g.device)
+    if fire is None:
+        fire = torch.zeros(H, dtype=torch.int32, device=g.device)
     nc = triton.cdiv(H, bh)
     ccnt = torch.empty(M, nc, dtype=torch.int32, device=g.device)
     if M and H:

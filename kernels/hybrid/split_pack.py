@@ -57,7 +57,7 @@ def _csc_fill_kernel(cnt_ptr, idx_ptr, ptr_ptr, cursor_ptr, slot_ptr, Wc, WP: tl
     tl.store(slot_ptr + base + k, (row * Wc + s).to(tl.int32), mask=ok)
 
 
-def split_pack(cnt0, idx0, val0, cold, Wc: int, n_heavy=None):
+def split_pack(cnt0, idx0, val0, cold, Wc: int, n_heavy=None, counters=None):
     """(cnt [M] int32, idx [M, Wc] int32, g [M, Wc] fp32, csc_ptr [H+1] int32, csc_slot [M*Wc] int32,
     heavy [M] int32, n_heavy [1] int32); cold [H] int8 is 1 for neurons outside the hot set.
 
@@ -65,7 +65,8 @@ def split_pack(cnt0, idx0, val0, cold, Wc: int, n_heavy=None):
     listed heavy, like a token with cnt0 > W0 (its cold part is then not in the ELL). The first
     n_heavy[0] entries of heavy are those tokens, in no particular order; the count stays on the
     device. `n_heavy` may be a caller's zeroed int32 [1] view (e.g. a slot of the layer's stats,
-    copied back to the host in one piece). Slots past a token's count are unspecified (never read).
+    copied back to the host in one piece), and `counters` a zeroed int32 [3H + 1] one. Slots past
+    a token's count are unspecified (never read).
     """
     M, W0 = idx0.shape
     H = cold.numel()
@@ -74,7 +75,8 @@ def split_pack(cnt0, idx0, val0, cold, Wc: int, n_heavy=None):
     # only used slots (s < cnt) are ever read: no memset of the [M, Wc] arrays
     idx = torch.empty(M, Wc, dtype=torch.int32, device=dev)
     g = torch.empty(M, Wc, dtype=torch.float32, device=dev)
-    counters = torch.zeros(3 * H + 1, dtype=torch.int32, device=dev)   # one memset for all three
+    if counters is None:   # (or a caller's zeroed int32 [3H + 1]): one memset for all three
+        counters = torch.zeros(3 * H + 1, dtype=torch.int32, device=dev)
     colcount, cursor, csc_ptr = counters[:H], counters[H:2 * H], counters[2 * H:]
     heavy = torch.empty(M, dtype=torch.int32, device=dev)
     if n_heavy is None:

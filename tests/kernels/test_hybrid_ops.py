@@ -182,6 +182,16 @@ def test_fused_epilogue_path_end_to_end():
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_gather_hot_rows_matches_indexing():
+    x, wg, wu, wd = _inputs(seed=7)
+    wdt = wd.t().contiguous()
+    hot = torch.tensor([5, 0, 149, 77, 76], device=DEV)          # any order, ends of the range
+    w_gu_h, wdt_h = hot_panel.gather_hot_rows(hot, wg, wu, wdt)
+    assert torch.equal(w_gu_h, torch.cat([wg[hot], wu[hot]])) and torch.equal(wdt_h, wdt[hot])
+    none = hot_panel.gather_hot_rows(hot[:0], wg, wu, wdt)
+    assert none[0].shape == (0, wg.shape[1]) and none[1].shape == (0, wg.shape[1])
+
+
 def test_heavy_row_kernels_match_reference():
     """The device-count dense backup: forward (y, l1) and backward (dx, dW) of the listed rows
     against the torch reference; rows not listed and the no-heavy-row case are left untouched."""
