@@ -10,6 +10,9 @@ Forward (x [M, D], W_g/W_u [H, D], W_d [D, H]):
                y += (g u) W_d^T via gathered rows           (Triton, accumulates into y)
   heavy rows:  recomputed densely over cold neurons in forward and backward by Triton kernels
                that read the heavy-row count on the device (heavy_rows.py; usually none)
+Backward: the hot panel's four GEMMs (cuBLAS, its elementwise part in one kernel), du/dg at the
+cold slots (SDDMM), dx (SpMM), then the coefficients and tokens put in CSC order once and the
+three weight gradients walked per neuron (csc_wgrad.py).
 Saved for backward: x and W_g, W_u (the caller holds them anyway), W_d^T (a transposed copy,
 cheaper to keep than to redo); kept on ctx (data-dependent shapes, see forward): the cold ELL
 (idx, g, u), the CSC view, the heavy-row list, the hot panel g_h, u_h [M, K] and the hot rows
