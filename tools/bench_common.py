@@ -9,6 +9,7 @@ about TwELL or the hybrid format. Stable API (other benchmarks import it):
     median_ms(fn) -> float           energy_joules_per_call(fn, seconds=3.0) -> dict | None
     activation_stats(x, w_gate, tile=128) -> dict
     rel_err(out, ref) -> float       write_results(stem, payload, markdown) -> (json_path, md_path)
+    add_ffn_case_args(parser, steps) ffn_training_case(args) -> (params, dy)   (the probes' case)
 """
 from __future__ import annotations
 
@@ -172,3 +173,20 @@ def write_results(stem: str, payload: dict, markdown: str, results_dir: str | Pa
     jp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     mp.write_text(markdown.rstrip() + "\n")
     return jp, mp
+
+
+def add_ffn_case_args(ap, steps: int) -> None:
+    """--M --D --H --nnz --steps: one FFN case of BENCHMARKS.md (default: the main training case)."""
+    ap.add_argument("--M", type=int, default=16384)
+    ap.add_argument("--D", type=int, default=2048)
+    ap.add_argument("--H", type=int, default=5632)
+    ap.add_argument("--nnz", type=float, default=29.0)
+    ap.add_argument("--steps", type=int, default=steps)
+
+
+def ffn_training_case(args):
+    """(params [x, W_g, W_u, W_d] bf16 CUDA with requires_grad, dy) from BENCHMARKS.md's generator."""
+    from kernels.synthetic import make_ffn_inputs
+    inp = make_ffn_inputs(args.M, args.D, args.H, target_nnz=args.nnz, device="cuda", dtype=torch.bfloat16)
+    params = [t.requires_grad_() for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
+    return params, torch.randn(args.M, args.D, device="cuda", dtype=torch.bfloat16)

@@ -2,11 +2,13 @@
 """What bounds the CSC weight-gradient walk (kernels/hybrid/csc_wgrad.py) on the GPU?
 
 The walk moves the same bytes per step as the row walks (ell_sddmm/ell_spmm: one 4 KB row per
-activation) but runs at about half their rate. This probe times, in one process, the production
-walk (DUAL, dW_u + dW_g) against copies with one ingredient removed:
+activation) but ran at about half their rate. This probe times, in one process, the walk as it
+was before commit c6eda80 ("copy": DUAL, dW_u + dW_g, reading each step's slot, its token as
+slot // width and du, dg at the ELL slot) against copies of it with one ingredient removed:
   no_coef : coefficients are the constant 1 (no random 4-byte loads of du/dg at the slot);
   no_row  : the gathered row is always row 0 (no random 4 KB gathers: L1/L2-resident);
-  csc_order: token ids and coefficients stored in CSC order (contiguous per neuron);
+  csc_order: the production walk, on token ids and coefficients put in CSC order first
+             (csc_order, contiguous per neuron; its own time is listed apart);
   sorted  : slots sorted by token within each neuron (locality of the gathers across programs);
   capped  : segments cut to at most 48 tokens (a shorter dependent chain per program);
 and the row walk (ell_spmm with two weight streams, the backward dx) on the same pattern.
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.hybrid.csc_wgrad import csc_wgrad  # noqa: E402
+from kernels.hybrid.csc_wgrad import csc_order, csc_wgrad  # noqa: E402
 from kernels.hybrid.ell_sddmm import ell_sddmm, ell_sddmm_bwd  # noqa: E402
 from kernels.hybrid.ell_spmm import ell_spmm  # noqa: E402
 from kernels.hybrid.format import build_pattern  # noqa: E402
@@ -75,37 +77,6 @@ def _walk(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c2_ptr, out1_ptr, out2_ptr, D, width
     tl.store(out2_ptr + o, acc2.to(out2_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
-def _walk_csc_order(a_ptr, ptr_ptr, tok_ptr, c1_ptr, c2_ptr, out1_ptr, out2_ptr, D,
-                    BLOCK_D: tl.constexpr):
-    # the same walk, but token ids and coefficients stored in CSC order (contiguous per neuron)
-    j = tl.program_id(0).to(tl.int64)
-    rd = tl.arange(0, BLOCK_D)
-    d_ok = rd < D
-    start = tl.load(ptr_ptr + j)
-    n = tl.load(ptr_ptr + j + 1) - start
-    acc1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    tok = tl.load(tok_ptr + start, mask=n > 0, other=0).to(tl.int64)
-    ac = tl.load(a_ptr + tok * D + rd, mask=d_ok & (n > 0), other=0.0)
-    c1c = tl.load(c1_ptr + start, mask=n > 0, other=0.0)
-    c2c = tl.load(c2_ptr + start, mask=n > 0, other=0.0)
-    tok_n = tl.load(tok_ptr + start + 1, mask=n > 1, other=0).to(tl.int64)
-    for i in range(0, n):
-        ok_n = i + 1 < n
-        an = tl.load(a_ptr + tok_n * D + rd, mask=d_ok & ok_n, other=0.0)
-        c1n = tl.load(c1_ptr + start + i + 1, mask=ok_n, other=0.0)
-        c2n = tl.load(c2_ptr + start + i + 1, mask=ok_n, other=0.0)
-        tok_n = tl.load(tok_ptr + start + i + 2, mask=i + 2 < n, other=0).to(tl.int64)
-        av = ac.to(tl.float32)
-        acc1 += c1c * av
-        acc2 += c2c * av
-        ac, c1c, c2c = an, c1n, c2n
-    o = j * D + rd
-    tl.store(out1_ptr + o, acc1.to(out1_ptr.dtype.element_ty), mask=d_ok)
-    tl.store(out2_ptr + o, acc2.to(out2_ptr.dtype.element_ty), mask=d_ok)
-
-
 def main():
     M, D, H = 16384, 2048, 5632
     inp = make_ffn_inputs(M, D, H, target_nnz=29, device="cuda", dtype=torch.bfloat16)
@@ -140,14 +111,11 @@ def main():
         return lambda: _walk[(H,)](x, p, sl, du, dg, out1, out2, D, W, BLOCK_D=2048, NO_COEF=no_coef,
                                    NO_ROW=no_row, num_warps=4)
 
-    used = slot[:nnz].long()          # (the tail past csc_ptr[H] is unspecified)
-    tok_csc = (used // W).to(torch.int32)
-    du_csc, dg_csc = du.flatten()[used], dg.flatten()[used]
+    tok_csc, du_csc, dg_csc = csc_order(ptr, slot, W, du, dg)
     y = torch.empty_like(x)
     t = {
-        "csc_order": lambda: _walk_csc_order[(H,)](x, ptr, tok_csc, du_csc, dg_csc, out1, out2, D,
-                                                   BLOCK_D=2048, num_warps=4),
-        "production csc_wgrad dWu+dWg": lambda: csc_wgrad(x, ptr, slot, W, H, du, c2=dg),
+        "csc_order": lambda: csc_wgrad(x, ptr, tok_csc, H, du_csc, dg_csc),
+        "csc_order's reordering alone": lambda: csc_order(ptr, slot, W, du, dg),
         "copy": walk(ptr, slot),
         "no_coef": walk(ptr, slot, no_coef=True),
         "no_row": walk(ptr, slot, no_row=True),
@@ -162,10 +130,10 @@ def main():
     for k, f in t.items():
         out["ms"][k] = triton.testing.do_bench(f, return_mode="median")
         print(k, round(out["ms"][k], 4), flush=True)
-    ref1, ref2 = csc_wgrad(x, ptr, slot, W, H, du, c2=dg)
-    t["csc_order"]()
-    out["csc_order_max_abs_diff"] = max(float((ref1.float() - out1.float()).abs().max()),
-                                        float((ref2.float() - out2.float()).abs().max()))
+    ref1, ref2 = csc_wgrad(x, ptr, tok_csc, H, du_csc, dg_csc)
+    t["copy"]()
+    out["csc_order_vs_copy_max_abs_diff"] = max(float((ref1.float() - out1.float()).abs().max()),
+                                                float((ref2.float() - out2.float()).abs().max()))
     print(json.dumps(out, indent=1))
     if os.environ.get("BENCH_RESULTS_DIR"):
         Path(os.environ["BENCH_RESULTS_DIR"], "probe_csc_walk.json").write_text(json.dumps(out, indent=1))

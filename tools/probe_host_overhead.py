@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels.hybrid import format as hyb_format  # noqa: E402
 from kernels.hybrid import function as hyb_function  # noqa: E402
 from kernels.hybrid import sparse_gated_mlp  # noqa: E402
-from kernels.synthetic import make_ffn_inputs  # noqa: E402
+from bench_common import add_ffn_case_args, ffn_training_case  # noqa: E402
 from bench_ffn_train import dense_ffn, fwd_bwd, graph_ms  # noqa: E402
 
 CPU_TIMES: dict = collections.defaultdict(float)
@@ -46,16 +46,10 @@ def _timed(mod, name):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--M", type=int, default=16384)
-    ap.add_argument("--D", type=int, default=2048)
-    ap.add_argument("--H", type=int, default=5632)
-    ap.add_argument("--nnz", type=float, default=29.0)
-    ap.add_argument("--steps", type=int, default=20)
+    add_ffn_case_args(ap, steps=20)
     args = ap.parse_args()
-    inp = make_ffn_inputs(args.M, args.D, args.H, target_nnz=args.nnz, device="cuda", dtype=torch.bfloat16)
-    x, wg = inp.x, inp.w_gate
-    params = [t.requires_grad_() for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
-    dy = torch.randn(args.M, args.D, device="cuda", dtype=torch.bfloat16)
+    params, dy = ffn_training_case(args)
+    x, wg = params[0], params[1]
     out = {"case": vars(args), "gpu": torch.cuda.get_device_name()}
 
     def dense():

@@ -25,7 +25,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels.hybrid import sparse_gated_mlp  # noqa: E402
-from kernels.synthetic import make_ffn_inputs  # noqa: E402
+from bench_common import add_ffn_case_args, ffn_training_case  # noqa: E402
 from bench_ffn_train import dense_ffn, fwd_bwd  # noqa: E402
 
 
@@ -62,11 +62,7 @@ def _busy_issue_ms(fn, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--M", type=int, default=16384)
-    ap.add_argument("--D", type=int, default=2048)
-    ap.add_argument("--H", type=int, default=5632)
-    ap.add_argument("--nnz", type=float, default=29.0)
-    ap.add_argument("--steps", type=int, default=30)
+    add_ffn_case_args(ap, steps=30)
     ap.add_argument("--top", type=int, default=45)
     args = ap.parse_args()
     a = torch.randn(4096, device="cuda")
@@ -81,9 +77,7 @@ def main():
     out["busy_pinned_alloc_and_copy_ms"] = _busy_issue_ms(
         lambda: torch.empty(2, dtype=torch.int32, pin_memory=True).copy_(dev2, non_blocking=True), 4)
     print(json.dumps(out), flush=True)
-    inp = make_ffn_inputs(args.M, args.D, args.H, target_nnz=args.nnz, device="cuda", dtype=torch.bfloat16)
-    params = [t.requires_grad_() for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
-    dy = torch.randn(args.M, args.D, device="cuda", dtype=torch.bfloat16)
+    params, dy = ffn_training_case(args)
     for _ in range(5):
         fwd_bwd(sparse_gated_mlp, params, dy)
     out["busy_step_issue_ms"] = _busy_issue_ms(lambda: fwd_bwd(sparse_gated_mlp, params, dy), 6)
