@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels.hybrid import format as hyb_format  # noqa: E402
-from kernels.hybrid import function as hyb_function  # noqa: E402
 from kernels.hybrid import sparse_gated_mlp  # noqa: E402
 from kernels.hybrid.csc_wgrad import csc_order, csc_wgrad  # noqa: E402
 from kernels.hybrid.ell_sddmm import ell_sddmm, ell_sddmm_bwd  # noqa: E402

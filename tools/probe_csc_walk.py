@@ -16,6 +16,7 @@ Prints JSON; writes $BENCH_RESULTS_DIR/probe_csc_walk.json if set.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -26,11 +27,12 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels.hybrid.csc_wgrad import csc_order, csc_wgrad  # noqa: E402
 from kernels.hybrid.ell_sddmm import ell_sddmm, ell_sddmm_bwd  # noqa: E402
 from kernels.hybrid.ell_spmm import ell_spmm  # noqa: E402
 from kernels.hybrid.format import build_pattern  # noqa: E402
-from kernels.synthetic import make_ffn_inputs  # noqa: E402
+from bench_common import add_ffn_case_args, ffn_training_case  # noqa: E402
 
 
 @triton.jit
@@ -78,13 +80,15 @@ def _walk(a_ptr, ptr_ptr, slot_ptr, c1_ptr, c2_ptr, out1_ptr, out2_ptr, D, width
 
 
 def main():
-    M, D, H = 16384, 2048, 5632
-    inp = make_ffn_inputs(M, D, H, target_nnz=29, device="cuda", dtype=torch.bfloat16)
-    x, wg, wu, wd = inp.x, inp.w_gate, inp.w_up, inp.w_down
+    ap = argparse.ArgumentParser()
+    add_ffn_case_args(ap, steps=0)     # (--steps unused here)
+    args = ap.parse_args()
+    M, D, H = args.M, args.D, args.H
+    params, dy = ffn_training_case(args)
+    x, wg, wu, wd = (t.detach() for t in params)
     pat = build_pattern(x, wg, 256, 0.01)
     wdt = wd.t().contiguous()
     u, _ = ell_sddmm(x, wu, pat.idx, pat.cnt, g=pat.g)
-    dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
     scale = torch.tensor(1e-6, device="cuda")
     du, dg = ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
     W = pat.width
@@ -108,7 +112,7 @@ def main():
     slot_c[:int(ptr_c[-1])] = slot[:nnz][keep]
 
     def walk(p, sl, no_coef=False, no_row=False):
-        return lambda: _walk[(H,)](x, p, sl, du, dg, out1, out2, D, W, BLOCK_D=2048, NO_COEF=no_coef,
+        return lambda: _walk[(H,)](x, p, sl, du, dg, out1, out2, D, W, BLOCK_D=triton.next_power_of_2(D), NO_COEF=no_coef,
                                    NO_ROW=no_row, num_warps=4)
 
     tok_csc, du_csc, dg_csc = csc_order(ptr, slot, W, du, dg)

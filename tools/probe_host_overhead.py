@@ -63,10 +63,10 @@ def main():
     pat = hyb_format.build_pattern(x, wg, hyb_function.DEFAULT_ELL_WIDTH, hyb_function.DEFAULT_HOT_FRAC)
     out["heavy_rows"] = pat.heavy_rows().numel()
 
-    for name in ("build_pattern", "ell_sddmm", "ell_sddmm_bwd", "ell_spmm", "csc_wgrad", "hot_forward",
-                 "hot_backward", "heavy_forward", "heavy_backward"):
+    for name in ("build_pattern", "ell_sddmm", "ell_sddmm_bwd", "ell_spmm", "csc_order", "csc_wgrad",
+                 "gather_hot_rows", "hot_forward", "hot_backward", "heavy_forward", "heavy_backward"):
         _timed(hyb_function, name)
-    for name in ("cublas_gate_pack", "split_pack"):
+    for name in ("count_pass", "pack_pass", "cublas_gate_pack", "split_pack"):
         _timed(hyb_format, name)
     sparse()
     torch.cuda.synchronize()

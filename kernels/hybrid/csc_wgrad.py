@@ -8,8 +8,8 @@ Two steps:
              once from the ELL-ordered arrays by a flat, fully parallel kernel;
   csc_wgrad: the walks, which then read their coefficients contiguously like the row walks do.
 Reading du/dg at each ELL slot inside the walk (a random 4-byte load per step on the walk's
-dependent chain) made it 12% slower on an H100 (0.232 vs 0.204 ms for dW_u+dW_g,
-tools/probe_csc_walk.py, NOTES.md).
+dependent chain) took 0.232 ms for dW_u+dW_g on an H100 against 0.204 ms in CSC order, plus
+0.017 ms for the reordering (tools/probe_csc_walk.py, NOTES.md).
 Rows of neurons with no cold activation are written as 0, except hot neurons' rows, which are
 copied from the dense panel's GEMM results when the caller passes them (`hot`). Neuron-major
 order makes each output row a private accumulator: no atomics, no race, deterministic up to
@@ -29,9 +29,12 @@ def _csc_order_kernel(ptr_ptr, slot_ptr, tok_ptr, x1_ptr, y1_ptr, o1_ptr, x2_ptr
                       H, width, BLOCK: tl.constexpr, N: tl.constexpr, PROD1: tl.constexpr):
     # position p of the CSC view -> its token and coefficients; the grid covers the capacity
     # (M * width positions) and the programs past the real count (csc_ptr[H], read here, so
-    # the host never needs it) exit at once
+    # the host never needs it) return after that one load
+    n = tl.load(ptr_ptr + H)
+    if tl.program_id(0) * BLOCK >= n:
+        return
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = p < tl.load(ptr_ptr + H)
+    ok = p < n
     slot = tl.load(slot_ptr + p, mask=ok, other=0)
     tl.store(tok_ptr + p, slot // width, mask=ok)
     v = tl.load(x1_ptr + slot, mask=ok, other=0.0)
@@ -137,6 +140,12 @@ def csc_order(csc_ptr, csc_slot, width: int, *coefs):
         raise ValueError("csc_order takes 1-3 coefficients, only the first may be a (a, b) product pair")
     H = csc_ptr.numel() - 1
     n = csc_slot.numel()
+    for c in (t for x in coefs for t in (x if isinstance(x, tuple) else (x,))):
+        # the kernel reads each coefficient as a flat array indexed by ELL slot
+        if not c.is_contiguous() or c.numel() != n:
+            raise ValueError(f"csc_order: a coefficient has shape {tuple(c.shape)} (contiguous: "
+                             f"{c.is_contiguous()}); expected a contiguous ELL array of {n} slots "
+                             "([M, width], as csc_slot)")
     dev = csc_slot.device
     tok = torch.empty(n, dtype=torch.int32, device=dev)
     outs = [torch.empty(n, dtype=torch.float32, device=dev) for _ in coefs]

@@ -115,7 +115,7 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         # the cold rows through the CSC view (coefficients reordered once, h = g u formed
         # there); the hot rows copied from the panel's GEMMs
         tok, h_c, du_c, dg_c = csc_order(csc_ptr, csc_slot, Wc, (g, u), du, dg)
-        del du, dg
+        del du, dg, g, u, idx, cnt, csc_slot     # the ELL side is done: free it before the [H, D] grads
         dw_up, dw_gate = csc_wgrad(x, csc_ptr, tok, H, du_c, dg_c, out_dtype=w_up.dtype,
                                    hot=(hot, hot_pos, dwgu[K:], dwgu[:K]) if K else None)
         dw_down_t = csc_wgrad(dy, csc_ptr, tok, H, h_c, out_dtype=w_down_t.dtype,
@@ -132,6 +132,8 @@ def sparse_gated_mlp(x, w_gate, w_up, w_down, *, ell_width: int = DEFAULT_ELL_WI
     ell_width: per-token capacity of the gate epilogue; tokens with more nonzeros go to the dense
     backup (never truncated). hot_frac: neurons firing on more than this fraction of the tokens
     go to the dense hot panel (None: none). Both change speed only, never the result.
+    fire_counts may be a view into a larger int32 buffer of the layer's counters: copy it
+    (e.g. torch.stack, .clone()) before keeping or saving it on its own.
     """
     M, D = x.shape if x.dim() == 2 else (None, None)
     x = check_matrix("x", x)

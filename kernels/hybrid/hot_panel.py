@@ -9,6 +9,7 @@ after the layer's host sync. One kernel each way:
             term folded in: dh' = dh + scale * sign(h), du = dh' relu(g), dg = dh' u 1[g > 0],
             stored [dg | du] so that one GEMM with the forward's [W_g; W_u][hot] gives dx;
             and h again, for dW_d (so the forward's h need not be kept for backward).
+And `gather_hot_rows`: the panel's weight rows [W_g; W_u][hot] and W_d^T[hot] in one launch.
 """
 from __future__ import annotations
 

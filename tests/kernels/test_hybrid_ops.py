@@ -92,14 +92,15 @@ def test_split_and_csc_match_reference():
     assert not hot[k[1][:, :][torch.arange(Wc, device=DEV)[None] < k[0][:, None]].long()].any()
 
 
-@pytest.mark.parametrize("walk", [False, True])
-def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
-    # walk: the pipelined one-slot-per-step kernels (the GPU default), else the chunked ones
+@pytest.mark.parametrize("walk,csc_bd", [(False, 64), (False, 16), (True, 64)])
+def test_sddmm_spmm_wgrad_hot_match_reference(walk, csc_bd, monkeypatch):
+    # walk: the pipelined one-slot-per-step kernels (the GPU default), else the chunked ones;
+    # csc_bd 16: the chunked CSC kernel over three D chunks of D=40 (the GPU's D > MAX_WALK_D path)
     for mod in (sddmm_mod, spmm_mod):
         monkeypatch.setattr(mod, "INTERPRET_CONFIG", dict(WALK=walk, SP=16, BD=64))
         monkeypatch.setattr(mod, "CONFIG", dict(WALK=walk, SP=16, BD=64, num_warps=4))
-    monkeypatch.setattr(csc_mod, "INTERPRET_CONFIG", dict(WALK=walk, NB=32, KT=16, BD=64))
-    monkeypatch.setattr(csc_mod, "CONFIG", dict(WALK=walk, NB=1, KT=16, BD=64, num_warps=4))
+    monkeypatch.setattr(csc_mod, "INTERPRET_CONFIG", dict(WALK=walk, NB=32, KT=16, BD=csc_bd))
+    monkeypatch.setattr(csc_mod, "CONFIG", dict(WALK=walk, NB=1, KT=16, BD=csc_bd, num_warps=4))
     x, wg, wu, wd = _inputs(nnz=24, seed=2)
     pat = fmt.build_pattern(x, wg, 64, None)
     # rows longer than one slot chunk (16 under the interpreter) and rows with no slot at all
@@ -133,6 +134,12 @@ def test_sddmm_spmm_wgrad_hot_match_reference(walk, monkeypatch):
     assert torch.equal(tok[:nnz].long(), slots // pat.width)
     assert torch.equal(du_c[:nnz], du.flatten()[slots]) and torch.equal(dg_c[:nnz], dg.flatten()[slots])
     assert torch.equal(h_c[:nnz], (pat.g * u).flatten()[slots])
+    one = csc_mod.csc_order(pat.csc_ptr, pat.csc_slot, pat.width, u)             # the other forms
+    two = csc_mod.csc_order(pat.csc_ptr, pat.csc_slot, pat.width, u, pat.g)
+    assert torch.equal(one[1][:nnz], u.flatten()[slots]) and torch.equal(two[0][:nnz], tok[:nnz])
+    assert torch.equal(two[1][:nnz], u.flatten()[slots]) and torch.equal(two[2][:nnz], pat.g.flatten()[slots])
+    with pytest.raises(ValueError, match="contiguous ELL array"):
+        csc_mod.csc_order(pat.csc_ptr, pat.csc_slot, pat.width, u.t())
     a1, a2 = csc_mod.csc_wgrad(x, pat.csc_ptr, tok, H, du_c, dg_c)
     assert torch.allclose(a1, csc_mod.reference(x, pat.idx, pat.cnt, H, du), rtol=1e-5, atol=1e-5)
     assert torch.allclose(a2, csc_mod.reference(x, pat.idx, pat.cnt, H, dg), rtol=1e-5, atol=1e-5)
