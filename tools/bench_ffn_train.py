@@ -28,6 +28,7 @@ from kernels.hybrid.ell_spmm import ell_spmm  # noqa: E402
 from kernels.hybrid.format import build_pattern  # noqa: E402
 from kernels.hybrid.gate_pack import gate_pack  # noqa: E402
 from kernels.hybrid.heavy_rows import heavy_backward, heavy_forward  # noqa: E402
+from kernels.hybrid.hot_panel import gather_hot_rows  # noqa: E402
 from kernels.hybrid.row_pack import cublas_gate_pack  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from bench_common import (activation_stats, environment, gpu_slug, median_ms, rel_err,  # noqa: E402
@@ -109,17 +110,23 @@ def saved_mem_mib(fn, params):
     return held / 2**20
 
 
-def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
-    """Median ms of each piece of the sparse step (pieces run alone, so the sum is indicative)."""
+def _step_operands(x, wg, wu, wd, dy, hot_frac, ell_width):
+    """The inputs the pieces of one sparse step take, built once (breakdown and the sweep):
+    (pattern, W_d^T, u, the L1 scale, du, dg, csc_order's (tok, h, du, dg))."""
     pat = build_pattern(x, wg, ell_width, hot_frac)
-    K = pat.hot.numel()
     wdt = wd.t().contiguous()
     u = ell_sddmm(x, wu, pat.idx, pat.cnt)
     scale = torch.tensor(LAMBDA / x.shape[0], device=x.device)
     du, dg = ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
-    tok, h_c, du_c, dg_c = csc_order(pat.csc_ptr, pat.csc_slot, pat.width, (pat.g, u), du, dg)
+    return pat, wdt, u, scale, du, dg, csc_order(pat.csc_ptr, pat.csc_slot, pat.width, (pat.g, u), du, dg)
+
+
+def breakdown(x, wg, wu, wd, dy, hot_frac, ell_width):
+    """Median ms of each piece of the sparse step (pieces run alone, so the sum is indicative)."""
+    pat, wdt, u, scale, du, dg, (tok, h_c, du_c, dg_c) = _step_operands(x, wg, wu, wd, dy, hot_frac, ell_width)
+    K = pat.hot.numel()
     y = torch.empty_like(x)
-    hw = torch.cat([wg[pat.hot], wu[pat.hot]])
+    hw, _ = gather_hot_rows(pat.hot, wg, wu, wdt)
     gu = x @ hw.t()
     hw_grads = [torch.zeros_like(wg), torch.zeros_like(wu), torch.zeros_like(wdt)]
     pieces = {
@@ -186,12 +193,7 @@ def sweep_configs(x, wg, wu, wd, dy, hot_frac, ell_width):
     import kernels.hybrid.ell_spmm as m_spmm
     import kernels.hybrid.gate_pack as m_gate
     import kernels.hybrid.row_pack as m_row
-    pat = build_pattern(x, wg, ell_width, hot_frac)
-    wdt = wd.t().contiguous()
-    u = ell_sddmm(x, wu, pat.idx, pat.cnt)
-    scale = torch.tensor(LAMBDA / x.shape[0], device=x.device)
-    du, dg = ell_sddmm_bwd(dy, wdt, pat.idx, pat.cnt, pat.g, u, scale)
-    tok, h_c, du_c, dg_c = csc_order(pat.csc_ptr, pat.csc_slot, pat.width, (pat.g, u), du, dg)
+    pat, wdt, u, scale, du, dg, (tok, h_c, du_c, dg_c) = _step_operands(x, wg, wu, wd, dy, hot_frac, ell_width)
     y = torch.empty_like(x)
     H = wg.shape[0]
     jobs = {
