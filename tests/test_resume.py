@@ -129,6 +129,32 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     assert 2 <= step < 100000 and read_metrics(run_dir)[-1]["step"] <= step
 
 
+def test_signal_during_the_stop_vote_is_not_lost(monkeypatch):
+    """A signal that lands while the ranks all-reduce their stop flags (where a loaded host spends
+    real time) must reach the next vote; it was once overwritten by the vote's result and lost."""
+    import signal
+    from types import SimpleNamespace
+
+    from megasparse.train import loop
+
+    trainer = SimpleNamespace(stop_signal_received=False, stop_requested=False)
+    loop.Trainer._install_signal_handlers(trainer)
+    try:
+        def all_reduce_hit_by_sigusr1(tensor, op=None):
+            signal.raise_signal(signal.SIGUSR1)  # the handler runs before this returns
+
+        monkeypatch.setattr(loop.dist, "all_reduce", all_reduce_hit_by_sigusr1)
+        loss = torch.tensor(1.0)
+        assert loop.Trainer._finite_everywhere(trainer, loss)
+        assert trainer.stop_signal_received and not trainer.stop_requested  # this vote went out before it
+        monkeypatch.setattr(loop.dist, "all_reduce", lambda tensor, op=None: None)
+        assert loop.Trainer._finite_everywhere(trainer, loss)
+        assert trainer.stop_requested
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
 def test_zero3_dp_change_under_tp_is_refused_before_loading(tmp_path):
     """DeepSpeed's ZeRO-3 universal loader cannot merge our TP shards: the plan says so up front."""
     import json

@@ -78,7 +78,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step = 0
         self.consumed_samples = 0
-        self.stop_requested = False
+        self.stop_signal_received = False  # set by the handler, never cleared: a signal is not lost
+        self.stop_requested = False        # what all ranks agreed on at the last micro-batch
         self._install_signal_handlers()
         if self.resume_plan is not None:
             apply_resume(self, self.resume_plan)
@@ -114,7 +115,7 @@ class Trainer:
         """SIGTERM (schedulers' pre-emption notice) and SIGUSR1 ask for a checkpoint, then a clean
         exit, at the next micro-batch boundary where all ranks agree (no collective is added)."""
         def request_stop(signum, _frame):
-            self.stop_requested = True
+            self.stop_signal_received = True
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
@@ -132,9 +133,12 @@ class Trainer:
         loss is finite (else ZeRO's collectives would diverge), and whether any rank was asked
         to stop by a signal."""
         flags = torch.stack([torch.isfinite(loss.detach()).to(torch.int32),
-                             torch.tensor(int(not self.stop_requested), dtype=torch.int32, device=loss.device)])
+                             torch.tensor(int(not self.stop_signal_received), dtype=torch.int32,
+                                          device=loss.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         finite, keep_going = flags.tolist()
+        # The agreed flag is separate from the handler's: a signal that lands during this all-reduce
+        # was once overwritten here and lost; it now reaches the next micro-batch's vote instead.
         self.stop_requested = not keep_going
         return bool(finite)
 
