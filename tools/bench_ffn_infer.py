@@ -67,8 +67,9 @@ def make_inputs(m, h, nnz, dense_rows=0, seed=0):
     return f, f.x[:m].contiguous(), f.x[m:].contiguous()
 
 
-def sparse_variants(f, xc, hot_list=(), rows=False):
-    """name -> (weights, overlap, overflow mode); rows: also the host-side dense-row route."""
+def sparse_variants(f, xc, hot_list=(), modes=()):
+    """name -> (weights, overlap, overflow mode); modes: other overflow modes to time as well
+    ("walk": the up/down program walks overflowed tiles; "rows": the host-side dense-row route)."""
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
     _, fc = twell.twell_ffn(xc, w0, return_fire_counts=True)
     out = {"twell": (w0, False, "kernel"), "twell+hot": (twell.calibrate(w0, fc, xc.shape[0]), False, "kernel")}
@@ -77,9 +78,9 @@ def sparse_variants(f, xc, hot_list=(), rows=False):
     for name in list(out):
         if out[name][0].n_hot:
             out[name + "/overlap"] = (out[name][0], True, "kernel")
-    if rows:
-        for name in list(out):
-            out[name + "/rows"] = (out[name][0], out[name][1], "rows")
+    for mode in modes:
+        for name in [n for n in out if "/" not in n or n.endswith("/overlap")]:
+            out[f"{name}/{mode}"] = (out[name][0], out[name][1], mode)
     return out
 
 
@@ -104,19 +105,23 @@ def pieces(f, x, w0):
     return out
 
 
-def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False):
+def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False, modes=None):
     torch.manual_seed(0)
     f, x, xc = make_inputs(m, h, nnz, dense_rows)
     stats = activation_stats(x, f.w_gate, tile=128)
     ref = fp32_reference(x, f)
     sep, packed = dense_fns(f)
-    row = {"M": m, "H": h, "D": D_MODEL, "nnz_target": nnz, "dense_rows": dense_rows, **stats}
+    # the generator spreads dense rows over timed and calibration tokens and marks them with x0 = -4
+    row = {"M": m, "H": h, "D": D_MODEL, "nnz_target": nnz, "dense_rows": dense_rows,
+           "dense_rows_timed": int((x[:, 0] < 0).sum()), **stats}
     row["dense_separate_ms"] = median_ms(lambda: sep(x))
     row["dense_packed_ms"] = median_ms(lambda: packed(x))
     dense = sep if row["dense_separate_ms"] <= row["dense_packed_ms"] else packed
     row["dense_ms"] = min(row["dense_separate_ms"], row["dense_packed_ms"])
     row["dense_rel_err"] = rel_err(dense(x), ref)
-    variants = sparse_variants(f, xc, hot_list, rows=dense_rows > 0)
+    if modes is None:
+        modes = ("rows", "walk") if dense_rows else ()
+    variants = sparse_variants(f, xc, hot_list, modes)
     row["variants"] = {}
     for name, (w, ov, of) in variants.items():
         try:
@@ -158,7 +163,7 @@ def markdown(env, rows):
         a, b = v["twell"], v["twell+hot"]
         bb = v[r["best"]]
         lines.append(
-            f"| {r['M']} | {r['H']} | {r['nnz_target']:g}{' +%d dense rows' % r['dense_rows'] if r['dense_rows'] else ''}"
+            f"| {r['M']} | {r['H']} | {r['nnz_target']:g}{' +%d dense rows' % r.get('dense_rows_timed', r['dense_rows']) if r['dense_rows'] else ''}"
             f" | {r['nnz_mean']:.1f} / {r['nnz_max']} | {r['tile_nnz_max']} | {r['busiest_neuron_rate']:.3f} "
             f"| {r['dense_ms']:.3f} | {a['ms']:.3f} ({a['speedup']:.2f}x) | {b['ms']:.3f} ({b['speedup']:.2f}x, "
             f"{b['n_hot']}) | **{bb['speedup']:.2f}x** ({r['best']}) | {bb['rel_err']:.1e} | "
@@ -181,6 +186,10 @@ def main():
     ap.add_argument("--only-m", type=int, nargs="*", default=[], help="only these M, nnz 29 cases")
     ap.add_argument("--full-sweep", action="store_true", help="nnz sweep at M=131072 too")
     ap.add_argument("--hot", type=int, nargs="*", default=[], help="extra explicit n_hot variants")
+    ap.add_argument("--overflow", action="store_true",
+                    help="only the overflow cases (dense rows: 16 in 16384, 64 in 131072 = one per 2048-token "
+                         "sequence) and the clean M=16384 case, each in every overflow mode; writes "
+                         "ffn_infer_overflow_<gpu>")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_ffn_infer needs CUDA")
@@ -197,10 +206,14 @@ def main():
         cases = [(16384, H_FULL, 29.0, False, 0)]
     if args.only_m:
         cases = [c for c in cases if c[0] in args.only_m and c[4] == 0 and c[2] == 29.0 * c[1] / H_FULL]
+    name, modes = f"ffn_infer_{gpu_slug()}", None
+    if args.overflow:
+        cases = [(16384, H_FULL, 29.0, False, 0), (16384, H_FULL, 29.0, False, 16), (131072, H_FULL, 29.0, False, 64)]
+        name, modes = f"ffn_infer_overflow_{gpu_slug()}", ("rows", "walk")
     rows = []
     t0 = time.time()
     for m, h, nnz, energy, dr in cases:
-        r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot, with_pieces=energy)
+        r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot, with_pieces=energy, modes=modes)
         rows.append(r)
         v = r["variants"]
         print(f"[{time.time() - t0:6.1f}s] M={m} H={h} nnz={nnz:g} dr={dr}: measured nnz {r['nnz_mean']:.1f}, "
@@ -211,7 +224,7 @@ def main():
             print("   pieces:", r["pieces"], flush=True)
         # rewritten after every case, so a run cut short still leaves its measured rows
         md = markdown(env, rows)
-        jp, mp = write_results(f"ffn_infer_{gpu_slug()}", {"environment": env, "rows": rows}, md)
+        jp, mp = write_results(name, {"environment": env, "rows": rows}, md)
     print(md)
     print(f"wrote {jp} and {mp}")
 

@@ -3,6 +3,8 @@
 Pipeline (no dense gate tensor ever reaches memory):
   1. gate kernel on the sparse columns [n_hot, H): tensor-core GEMM + TwELL epilogue;
   2. up/down kernel: per token, gathers only its active neurons' W_u / W_d^T rows -> y;
+     tokens with an overflowed tile are listed on the device and recomputed in parallel
+     (overflow_rows.py);
   3. if weights.n_hot > 0 (see weights.calibrate): the hot columns [0, n_hot) go through a
      dense gate+up GEMM (h written densely) and a cuBLAS down GEMM accumulated into y.
 """
@@ -14,6 +16,7 @@ from ..common import interpreting
 from ._common import check_matrix
 from .gate import gate_twell, gate_up_dense
 from .reference import twell_ffn_reference
+from .overflow_rows import OverflowList, overflow_rows
 from .updown import updown
 from .weights import TwellWeights
 
@@ -27,22 +30,28 @@ def _check(x: torch.Tensor, weights: TwellWeights) -> None:
 
 @torch.no_grad()
 def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: bool = False,
-              overlap: bool = False, overflow: str = "kernel", updown_entries: int | None = None,
-              updown_warps: int | None = None):
+              overlap: bool = False, overflow: str = "kernel", overflow_row_cap: int = 256,
+              updown_entries: int | None = None, updown_warps: int | None = None):
     """y [M, D] = FFN(x [M, D]) in x's dtype; optionally also fire_counts [H] int32 (tokens with
     g_j > 0, per ORIGINAL neuron index). On CPU without TRITON_INTERPRET it runs the reference.
 
     overlap (CUDA, n_hot > 0): run the hot gate+up GEMM (tensor-core bound) on a side stream
     while the sparse up/down (L2-bandwidth bound) runs on the current one.
 
-    overflow: how (row, tile)s with more nonzeros than cap are handled; both are exact.
-      "kernel" (default, measured): the up/down kernel walks the whole tile, recomputing its
-        gate from W_g. No host sync, but a fully dense row becomes one long serial program
-        (16 dense rows in 16384 cost +4.4 ms on an H100, NOTES.md).
+    overflow: how tokens with a (row, tile) over cap are handled; all three are exact.
+      "kernel" (default): the up/down kernel lists them on the device, and overflow_rows
+        recomputes them with tensor-core dots spread over all neuron chunks. No host sync. At
+        most overflow_row_cap tokens are listed; any beyond are walked as in "walk".
+      "walk": the up/down program of the token walks each overflowed tile column by column,
+        recomputing its gate from W_g. A fully dense row becomes one long serial program (16
+        dense rows in 16384 tokens cost +4.4 ms on an H100, NOTES.md run 9). Kept to measure
+        "kernel" against.
       "rows": rows with any overflow are found on the host (one device->host sync per call),
-        skipped by the up/down kernel, and recomputed with dense cuBLAS GEMMs. Not yet timed."""
-    if overflow not in ("kernel", "rows"):
-        raise ValueError(f"overflow={overflow!r}; expected 'kernel' or 'rows'")
+        skipped by the up/down kernel, and recomputed with dense cuBLAS GEMMs."""
+    if overflow not in ("kernel", "walk", "rows"):
+        raise ValueError(f"overflow={overflow!r}; expected 'kernel', 'walk' or 'rows'")
+    if not (isinstance(overflow_row_cap, int) and overflow_row_cap >= 0):
+        raise ValueError(f"overflow_row_cap={overflow_row_cap!r} must be an int >= 0")
     _check(x, weights)
     if not x.is_cuda and not interpreting():
         y = twell_ffn_reference(x, weights)
@@ -69,8 +78,12 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
                 counts[dense_rows] = 0      # the up/down kernel writes zeros for these rows
             else:
                 dense_rows = None
+        ovf = OverflowList(overflow_row_cap, d, x.device) if overflow == "kernel" else None
         updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, pairs, y,
-               tile=weights.tile, cap=weights.cap, col0=n_hot, entries=updown_entries, num_warps=updown_warps)
+               tile=weights.tile, cap=weights.cap, col0=n_hot, entries=updown_entries, num_warps=updown_warps,
+               overflow_list=ovf)
+        if ovf is not None:
+            overflow_rows(x, weights.w_gate, weights.w_up, weights.w_down_t, ovf, y, col0=n_hot)
     else:
         y.zero_()
     if n_hot:

@@ -135,19 +135,50 @@ def test_ffn_matches_reference(m, d, h, nnz, dtype, tile, cap):
     check_ffn(f, w, dtype)
 
 
-@pytest.mark.parametrize("dtype,overflow", [(torch.float32, "kernel"), (torch.bfloat16, "kernel"),
-                                            (torch.bfloat16, "rows")])
-def test_fully_dense_rows_overflow_is_exact(dtype, overflow):
+@pytest.mark.parametrize("dtype,overflow,row_cap", [
+    (torch.float32, "kernel", 256), (torch.bfloat16, "kernel", 256),
+    (torch.bfloat16, "kernel", 2),            # 2 tokens listed, the other overflowed ones walked
+    (torch.bfloat16, "walk", 256), (torch.bfloat16, "rows", 256)])
+def test_fully_dense_rows_overflow_is_exact(dtype, overflow, row_cap):
     # cap=4 of a 64-column tile: the dense rows overflow every tile; popular neurons overflow too
     f = inputs(24, 64, 330, 12.0, dtype, dense_rows=3, seed=3)
     w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
     counts, _ = gate_twell(f.x, w.w_gate, 64, 4)
-    assert (counts > 4).sum() >= 3 * 5
-    y = check_ffn(f, w, dtype, overflow=overflow)
+    assert (counts > 4).sum() >= 3 * 5 and (counts > 4).any(1).sum() > 2
+    y = check_ffn(f, w, dtype, overflow=overflow, overflow_row_cap=row_cap)
     dense = (f.x[:, 0] < 0).nonzero().squeeze(1)          # the generator marks dense rows with x0 = -4
     assert dense.numel() == 3
     ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
     assert rel(y[dense], ref[dense]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("hot", [0, 64])
+def test_overflowed_tokens_are_listed_then_recomputed(hot):
+    """The up/down kernel lists exactly the overflowed tokens (counter on the device), writes zeros
+    for them and leaves the others right; overflow_rows then completes the listed ones."""
+    from kernels.twell.overflow_rows import OverflowList, overflow_rows
+    from kernels.twell.updown import updown
+    f = inputs(20, 64, 330, 12.0, torch.float32, dense_rows=2, seed=4)
+    w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
+    if hot:
+        w = twell.reorder(w, torch.randperm(330, generator=torch.Generator().manual_seed(0)).to(DEV), hot)
+    counts, pairs = gate_twell(f.x, w.w_gate, 64, 4, col0=hot)
+    over = (counts > 4).any(1)
+    assert 2 <= int(over.sum()) < 20
+    ovf = OverflowList(16, 64, DEV)
+    y = torch.full_like(f.x, float("nan"))
+    updown(f.x, w.w_gate, w.w_up, w.w_down_t, counts, pairs, y, tile=64, cap=4, col0=hot, overflow_list=ovf)
+    n = int(ovf.header[0])
+    assert n == int(over.sum())
+    assert sorted(ovf.rows[:n].tolist()) == over.nonzero().squeeze(1).tolist()
+    assert torch.equal(ovf.acc[:n], torch.zeros_like(ovf.acc[:n]))
+    assert torch.equal(y[over], torch.zeros_like(y[over]))
+    cold = slice(hot, None)   # the sparse part only: the hot columns are the caller's GEMM
+    g = f.x.double() @ w.w_gate[cold].double().t()
+    ref = (torch.relu(g) * (f.x.double() @ w.w_up[cold].double().t())) @ w.w_down_t[cold].double()
+    assert rel(y[~over], ref[~over]) < 1e-5
+    overflow_rows(f.x, w.w_gate, w.w_up, w.w_down_t, ovf, y, col0=hot)
+    assert rel(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,entries,overflow_entries", [(torch.float32, 2, 0), (torch.bfloat16, 1, 2)])
@@ -223,6 +254,8 @@ def test_clear_errors():
         twell.calibrate(w, torch.zeros(100), 8, n_hot=70)
     with pytest.raises(ValueError, match="overflow"):
         twell.twell_ffn(f.x, w, overflow="truncate")
+    with pytest.raises(ValueError, match="overflow_row_cap"):
+        twell.twell_ffn(f.x, w, overflow_row_cap=-1)
 
 
 # ---------------------------------------------------------------- GPU only (real shapes)

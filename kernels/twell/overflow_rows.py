@@ -1,0 +1,127 @@
+"""Overflowed tokens, recomputed in parallel with their count read on the device (no host sync).
+
+A token with any (row, tile) over cap has no complete TwELL entry list. The up/down kernel used
+to walk such a token's overflowed tiles column by column in its own program: exact, but a fully
+dense row (a BOS token, say) became one serial walk over all H columns, and 16 such rows in
+16384 tokens made the whole FFN 4x slower than dense (NOTES.md run 9).
+
+Now the up/down kernel appends each overflowed token to a device list (one atomic on a counter),
+writes nothing for it but zeros, and zeroes the token's fp32 accumulator row. Then:
+
+  overflow_rows_compute: programs own (a block of BR listed tokens, a chunk of BH neurons) and
+      compute g = x W_g^T and u = x W_u^T for them with tensor-core dots over all of D,
+      h = relu(g) * u, and add h W_d^T[chunk] into the accumulator rows (fp32 atomics: the
+      chunks of one token meet there). The work spreads over all neuron chunks, so 16 dense rows
+      cost a few tens of microseconds instead of a 4 ms serial tail.
+  overflow_rows_add: y[token] += accumulator row.
+
+Both read the count from memory: with no overflow they exit at once (two cheap launches), and the
+FFN stays free of host syncs. At most `row_cap` tokens are listed (the accumulator is [row_cap, D]);
+tokens beyond that take the up/down kernel's serial walk, which is exact too. Nothing is dropped.
+
+The header is int32 [HEADER]: header[0] = number of overflowed tokens seen (may exceed row_cap).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import interpreting
+
+HEADER = 16          # int32 words before the list, so the list and accumulator stay 64-byte aligned
+_INTERPRET = interpreting()
+
+
+class OverflowList:
+    """Device buffers for one FFN call: the counter, the token list and the fp32 accumulator."""
+
+    def __init__(self, row_cap: int, d: int, device: torch.device):
+        if row_cap * d >= 2**31:
+            raise ValueError(f"overflow_row_cap={row_cap} x D={d} must stay under 2^31 accumulator elements")
+        self.row_cap = row_cap
+        self.header = torch.zeros(HEADER, dtype=torch.int32, device=device)   # the only memset
+        self.rows = torch.empty(max(row_cap, 1), dtype=torch.int32, device=device)
+        self.acc = torch.empty(max(row_cap, 1), d, dtype=torch.float32, device=device)  # rows zeroed when listed
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+    if INTERPRET:  # the interpreter's 16-bit dot is wrong: do it in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if IEEE:       # fp32 inputs: exact fp32, not tf32
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _overflow_rows_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, hdr_ptr, list_ptr, acc_ptr, D, H, col0, ROW_CAP,
+                          BR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                          IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+    n = tl.minimum(tl.load(hdr_ptr), ROW_CAP)
+    hj = col0 + tl.program_id(0) * BH + tl.arange(0, BH)
+    h_ok = hj < H
+    hj64 = hj.to(tl.int64)
+    for r0 in range(tl.program_id(1) * BR, n, tl.num_programs(1) * BR):
+        s = r0 + tl.arange(0, BR)
+        s_ok = s < n
+        rows = tl.load(list_ptr + s, mask=s_ok, other=0).to(tl.int64)
+        g = tl.zeros((BR, BH), dtype=tl.float32)
+        u = tl.zeros((BR, BH), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_ok = rk < D
+            xa = tl.load(x_ptr + rows[:, None] * D + rk[None, :], mask=s_ok[:, None] & k_ok[None, :], other=0.0)
+            w_off = hj64[None, :] * D + rk[:, None]                     # [BK, BH] view of W^T
+            w_m = k_ok[:, None] & h_ok[None, :]
+            g = _dot(xa, tl.load(wg_ptr + w_off, mask=w_m, other=0.0), g, IEEE, INTERPRET)
+            u = _dot(xa, tl.load(wu_ptr + w_off, mask=w_m, other=0.0), u, IEEE, INTERPRET)
+        # masked rows and neurons loaded zeros, so their g is 0 and they add nothing
+        h = (tl.where(g > 0, g, 0.0) * u).to(x_ptr.dtype.element_ty)
+        for d0 in range(0, D, BD):
+            rd = d0 + tl.arange(0, BD)
+            d_ok = rd < D
+            wd = tl.load(wdt_ptr + hj64[:, None] * D + rd[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+            part = _dot(h, wd, tl.zeros((BR, BD), dtype=tl.float32), IEEE, INTERPRET)
+            tl.atomic_add(acc_ptr + s.to(tl.int64)[:, None] * D + rd[None, :], part,
+                          mask=s_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _overflow_rows_add_kernel(y_ptr, hdr_ptr, list_ptr, acc_ptr, D, ROW_CAP, BLOCK_D: tl.constexpr):
+    n = tl.minimum(tl.load(hdr_ptr), ROW_CAP)
+    for s in range(tl.program_id(0), n, tl.num_programs(0)):
+        row = tl.load(list_ptr + s).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            ok = rd < D
+            yv = tl.load(y_ptr + row * D + rd, mask=ok, other=0.0).to(tl.float32)
+            av = tl.load(acc_ptr + s * D + rd, mask=ok, other=0.0)   # row_cap * D < 2^31 (OverflowList)
+            tl.store(y_ptr + row * D + rd, (yv + av).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# (row blocks in parallel per neuron chunk) x (neuron chunks) programs; with no overflow every
+# one of them reads the counter and exits
+_ROW_BLOCKS_PARALLEL = 4
+
+
+def overflow_rows(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                  ovf: OverflowList, y: torch.Tensor, col0: int) -> torch.Tensor:
+    """Add the cold part (columns [col0, H)) of every listed token into y. Launch after the
+    up/down kernel that filled `ovf`; x, weights and y as for that kernel."""
+    if ovf.row_cap == 0:
+        return y
+    m, d = x.shape
+    h = w_gate.shape[0]
+    if h == col0 or m == 0:
+        return y
+    small = _INTERPRET
+    bh = 32 if small else 128
+    flags = dict(BR=16, BH=bh, BK=32 if small else 64, BD=32 if small else 64, IEEE=x.dtype == torch.float32,
+                 INTERPRET=_INTERPRET)
+    grid = (triton.cdiv(h - col0, bh), 1 if small else _ROW_BLOCKS_PARALLEL)
+    _overflow_rows_kernel[grid](x, w_gate, w_up, w_down_t, ovf.header, ovf.rows, ovf.acc, d, h, col0, ovf.row_cap,
+                                **flags, num_warps=4)
+    _overflow_rows_add_kernel[(min(ovf.row_cap, 2 if small else 32),)](
+        y, ovf.header, ovf.rows, ovf.acc, d, ovf.row_cap, BLOCK_D=min(1024, triton.next_power_of_2(d)), num_warps=4)
+    return y
