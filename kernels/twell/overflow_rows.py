@@ -106,9 +106,12 @@ _ROW_BLOCKS_PARALLEL = 4
 
 
 def overflow_rows(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                  ovf: OverflowList, y: torch.Tensor, col0: int) -> torch.Tensor:
+                  ovf: OverflowList, y: torch.Tensor, col0: int, *, block_h: int | None = None,
+                  block_d: int | None = None, row_blocks: int | None = None,
+                  num_warps: int = 4) -> torch.Tensor:
     """Add the cold part (columns [col0, H)) of every listed token into y. Launch after the
-    up/down kernel that filled `ovf`; x, weights and y as for that kernel."""
+    up/down kernel that filled `ovf`; x, weights and y as for that kernel. block_h / block_d /
+    row_blocks / num_warps override the launch shape (tools/probe_overflow_rows.py)."""
     if ovf.row_cap == 0:
         return y
     m, d = x.shape
@@ -116,12 +119,12 @@ def overflow_rows(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     if h == col0 or m == 0:
         return y
     small = _INTERPRET
-    bh = 32 if small else 128
-    flags = dict(BR=16, BH=bh, BK=32 if small else 64, BD=32 if small else 64, IEEE=x.dtype == torch.float32,
-                 INTERPRET=_INTERPRET)
-    grid = (triton.cdiv(h - col0, bh), 1 if small else _ROW_BLOCKS_PARALLEL)
+    bh = block_h or (32 if small else 128)
+    flags = dict(BR=16, BH=bh, BK=32 if small else 64, BD=block_d or (32 if small else 64),
+                 IEEE=x.dtype == torch.float32, INTERPRET=_INTERPRET)
+    grid = (triton.cdiv(h - col0, bh), row_blocks or (1 if small else _ROW_BLOCKS_PARALLEL))
     _overflow_rows_kernel[grid](x, w_gate, w_up, w_down_t, ovf.header, ovf.rows, ovf.acc, d, h, col0, ovf.row_cap,
-                                **flags, num_warps=4)
+                                **flags, num_warps=num_warps)
     _overflow_rows_add_kernel[(min(ovf.row_cap, 2 if small else 32),)](
         y, ovf.header, ovf.rows, ovf.acc, d, ovf.row_cap, BLOCK_D=min(1024, triton.next_power_of_2(d)), num_warps=4)
     return y
