@@ -16,7 +16,7 @@ from ..common import interpreting
 from ._common import check_matrix
 from .gate import gate_twell, gate_up_dense
 from .reference import twell_ffn_reference
-from .overflow_rows import OverflowList, overflow_rows
+from .overflow_rows import OverflowList, list_overflowed, overflow_rows
 from .updown import updown
 from .weights import TwellWeights
 
@@ -39,7 +39,7 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
     while the sparse up/down (L2-bandwidth bound) runs on the current one.
 
     overflow: how tokens with a (row, tile) over cap are handled; all three are exact.
-      "kernel" (default): the up/down kernel lists them on the device, and overflow_rows
+      "kernel" (default): they are listed on the device before the up/down kernel, and overflow_rows
         recomputes them with tensor-core dots spread over all neuron chunks. No host sync. At
         most overflow_row_cap tokens are listed; any beyond are walked as in "walk".
       "walk": the up/down program of the token walks each overflowed tile column by column,
@@ -79,9 +79,10 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
             else:
                 dense_rows = None
         ovf = OverflowList(overflow_row_cap, d, x.device) if overflow == "kernel" else None
+        if ovf is not None:
+            list_overflowed(counts, weights.cap, ovf)
         updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, pairs, y,
-               tile=weights.tile, cap=weights.cap, col0=n_hot, entries=updown_entries, num_warps=updown_warps,
-               overflow_list=ovf)
+               tile=weights.tile, cap=weights.cap, col0=n_hot, entries=updown_entries, num_warps=updown_warps)
         if ovf is not None:
             overflow_rows(x, weights.w_gate, weights.w_up, weights.w_down_t, ovf, y, col0=n_hot)
     else:

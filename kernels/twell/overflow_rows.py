@@ -5,19 +5,23 @@ to walk such a token's overflowed tiles column by column in its own program: exa
 dense row (a BOS token, say) became one serial walk over all H columns, and 16 such rows in
 16384 tokens made the whole FFN 4x slower than dense (NOTES.md run 9).
 
-Now the up/down kernel appends each overflowed token to a device list (one atomic on a counter),
-writes nothing for it but zeros, and zeroes the token's fp32 accumulator row. Then:
+Now, in three launches after the gate kernel, none of which needs a count on the host:
 
-  overflow_rows_compute: programs own (a block of BR listed tokens, a chunk of BH neurons) and
+  list_overflowed (before the up/down kernel): each overflowed token gets a slot in a device list
+      (one atomic on a counter), its counts are set to 0 so the up/down kernel walks nothing for
+      it (it writes zeros), and its fp32 accumulator row is zeroed. (Listing inside the up/down
+      kernel instead cost its pipelined walk on clean inputs: +0.05 ms at hot1536 on an H100.)
+  overflow_rows compute: programs own (a block of BR listed tokens, a chunk of BH neurons) and
       compute g = x W_g^T and u = x W_u^T for them with tensor-core dots over all of D,
       h = relu(g) * u, and add h W_d^T[chunk] into the accumulator rows (fp32 atomics: the
       chunks of one token meet there). The work spreads over all neuron chunks, so 16 dense rows
       cost a few tens of microseconds instead of a 4 ms serial tail.
-  overflow_rows_add: y[token] += accumulator row.
+  overflow_rows add: y[token] += accumulator row.
 
-Both read the count from memory: with no overflow they exit at once (two cheap launches), and the
-FFN stays free of host syncs. At most `row_cap` tokens are listed (the accumulator is [row_cap, D]);
-tokens beyond that take the up/down kernel's serial walk, which is exact too. Nothing is dropped.
+The last two read the count from memory: with no overflow they exit at once, and the FFN stays
+free of host syncs. At most `row_cap` tokens are listed (the accumulator is [row_cap, D]); tokens
+beyond that keep their counts and take the up/down kernel's serial walk, which is exact too.
+Nothing is dropped.
 
 The header is int32 [HEADER]: header[0] = number of overflowed tokens seen (may exceed row_cap).
 """
@@ -52,6 +56,26 @@ def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
     if IEEE:       # fp32 inputs: exact fp32, not tf32
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _list_overflowed_kernel(cnt_ptr, hdr_ptr, list_ptr, acc_ptr, M, D, n_tiles, CAP, ROW_CAP,
+                            BM: tl.constexpr, NT_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    r_ok = rows < M
+    t = tl.arange(0, NT_P)
+    c_off = rows.to(tl.int64)[:, None] * n_tiles + t[None, :]
+    c_m = r_ok[:, None] & (t < n_tiles)[None, :]
+    over = (tl.max(tl.load(cnt_ptr + c_off, mask=c_m, other=0), axis=1) > CAP) & r_ok
+    if tl.sum(over.to(tl.int32), axis=0) > 0:
+        at = tl.atomic_add(hdr_ptr + tl.zeros((BM,), dtype=tl.int32), 1, mask=over)   # a slot per token
+        listed = over & (at < ROW_CAP)
+        tl.store(list_ptr + at, rows, mask=listed)
+        tl.store(cnt_ptr + c_off, tl.zeros((BM, NT_P), dtype=tl.int32), mask=c_m & listed[:, None])
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            tl.store(acc_ptr + at[:, None] * D + rd[None, :], tl.zeros((BM, BLOCK_D), dtype=tl.float32),
+                     mask=listed[:, None] & (rd < D)[None, :])
 
 
 @triton.jit
@@ -107,12 +131,24 @@ def _overflow_rows_add_kernel(y_ptr, hdr_ptr, list_ptr, acc_ptr, D, ROW_CAP, BLO
 BLOCK_H, BLOCK_D, ROW_BLOCKS, NUM_WARPS = 64, 64, 4, 8
 
 
+def list_overflowed(counts: torch.Tensor, cap: int, ovf: OverflowList) -> None:
+    """List the tokens with a (row, tile) over cap in `ovf` (up to its row_cap) and zero their
+    counts in place, so the up/down kernel skips them. Run between the gate and up/down kernels."""
+    m, nt = counts.shape
+    if ovf.row_cap == 0 or m == 0 or nt == 0:
+        return
+    bm = 16 if _INTERPRET else 64
+    _list_overflowed_kernel[(triton.cdiv(m, bm),)](counts, ovf.header, ovf.rows, ovf.acc, m, ovf.acc.shape[1], nt,
+                                                   cap, ovf.row_cap, BM=bm, NT_P=max(2, triton.next_power_of_2(nt)),
+                                                   BLOCK_D=32 if _INTERPRET else 256, num_warps=4)
+
+
 def overflow_rows(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
                   ovf: OverflowList, y: torch.Tensor, col0: int, *, block_h: int | None = None,
                   block_d: int | None = None, row_blocks: int | None = None,
                   num_warps: int | None = None) -> torch.Tensor:
     """Add the cold part (columns [col0, H)) of every listed token into y. Launch after the
-    up/down kernel that filled `ovf`; x, weights and y as for that kernel. block_h / block_d /
+    up/down kernel (list_overflowed filled `ovf`); x, weights and y as for that kernel. block_h / block_d /
     row_blocks / num_warps override the launch shape (tools/probe_overflow_rows.py)."""
     if ovf.row_cap == 0:
         return y

@@ -11,13 +11,12 @@ step i+1 and the pairs of step i+2 are already in flight. With E=1 and 2 warps i
 0.58 ms against 0.75 for the plain walk (all 5632 neurons sparse, M=16384; NOTES.md run 8):
 the plain walk waited for a pair, then for its rows, at every step.
 
-Overflow: a token with a (row, tile) over cap has no complete entry list. With LIST_OVF (what
-twell_ffn does) the program appends the token to a device list (one atomic), writes zeros for it
-and zeroes its accumulator row; overflow_rows.py then recomputes all listed tokens in parallel.
-Tokens beyond the list's capacity, and every overflowed token without LIST_OVF, are walked here:
-each overflowed tile is processed densely (every column of the tile becomes an entry, its gate
-recomputed from W_g, inactive ones contributing zero). The branches are skipped when the token has
-no overflow, so the common case pays only a predicate. Nothing is ever truncated.
+Overflow: a (row, tile) whose count exceeds cap is processed densely instead of from its
+slots: every column of the tile becomes an entry, its gate is recomputed from W_g (relu(x.W_g[j]))
+and inactive ones contribute zero. The branch is skipped when the token has no overflow, so
+the common case pays only a predicate. Nothing is ever truncated. twell_ffn's default lists
+overflowed tokens before this kernel and zeroes their counts (overflow_rows.py), so only tokens
+beyond that list's capacity (and overflow="walk") come here: a fully dense row is a serial walk.
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ import triton
 import triton.language as tl
 
 from ..common import interpreting
-from .overflow_rows import OverflowList
 
 
 @triton.jit
@@ -58,11 +56,11 @@ def _decode(p, x_ptr, PAIR64: tl.constexpr):
 
 @triton.jit
 def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr,
-                   ovf_hdr_ptr, ovf_list_ptr, ovf_acc_ptr, D, H, col0, n_tiles, ROW_CAP,
+                   D, H, col0, n_tiles,
                    CAP: tl.constexpr, TILE: tl.constexpr, NT_P: tl.constexpr,
                    BLOCK_D: tl.constexpr, E: tl.constexpr, ACCUM: tl.constexpr,
-                   PAIR64: tl.constexpr, ACC2D: tl.constexpr, LIST_OVF: tl.constexpr,
-                   PF: tl.constexpr = False, EO: tl.constexpr = 0):
+                   PAIR64: tl.constexpr, ACC2D: tl.constexpr, PF: tl.constexpr = False,
+                   EO: tl.constexpr = 0):
     m = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -79,15 +77,6 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr,
     total = tl.sum(n_t, axis=0)
     any_ovf = tl.max(ovf.to(tl.int32), axis=0)
     ovf_i = ovf.to(tl.int32)
-    if LIST_OVF:
-        # list the token for overflow_rows' parallel recompute; it then walks nothing here
-        at = tl.atomic_add(ovf_hdr_ptr, 1, mask=any_ovf > 0)
-        listed = (any_ovf > 0) & (at < ROW_CAP)
-        tl.store(ovf_list_ptr + at, m.to(tl.int32), mask=listed)
-        tl.store(ovf_acc_ptr + at.to(tl.int64) * D + offs_d, tl.zeros((BLOCK_D,), dtype=tl.float32),
-                 mask=listed & d_ok)
-        total = tl.where(listed, 0, total)
-        any_ovf = tl.where(listed, 0, any_ovf)
     ar_e = tl.arange(0, E)
 
     if PF and any_ovf == 0:
@@ -176,18 +165,14 @@ def _ud_configs():
 
 # Tuned once per (D, tile layout); y is only written (ACCUM=False in twell_ffn), so re-running a
 # config while tuning is harmless; with ACCUM=True y is restored between trials.
-# The overflow counter is reset before every trial, so a trial's listing never leaks into the next.
-_updown_tuned = triton.autotune(configs=_ud_configs(), key=["D", "n_tiles", "CAP", "TILE", "ACCUM", "LIST_OVF"],
-                                restore_value=["y_ptr"], reset_to_zero=["ovf_hdr_ptr"])(_updown_kernel)
+_updown_tuned = triton.autotune(configs=_ud_configs(), key=["D", "n_tiles", "CAP", "TILE", "ACCUM"],
+                                restore_value=["y_ptr"])(_updown_kernel)
 
 
 def updown(x, w_gate, w_up, w_down_t, counts, pairs, y, *, tile: int, cap: int, col0: int,
            accumulate: bool = False, entries: int | None = None, num_warps: int | None = None,
-           acc2d: bool = False, prefetch: bool = False, overflow_entries: int = 0,
-           overflow_list: OverflowList | None = None):
+           acc2d: bool = False, prefetch: bool = False, overflow_entries: int = 0):
     """Launch the sparse up/down kernel; writes (or adds into, if accumulate) y [M, D].
-    overflow_list: list overflowed tokens there (up to its row_cap) instead of walking them; the
-    caller must then run overflow_rows.overflow_rows, or those tokens miss their sparse part.
     entries/num_warps/acc2d/prefetch/overflow_entries pick one config instead of the autotuned one
     (tests, sweeps)."""
     m, d = x.shape
@@ -199,11 +184,9 @@ def updown(x, w_gate, w_up, w_down_t, counts, pairs, y, *, tile: int, cap: int, 
     if m == 0:
         return y
     block_d = triton.next_power_of_2(d)
-    listing = overflow_list is not None and overflow_list.row_cap > 0
-    ovf = overflow_list if listing else OverflowList(0, 1, x.device)   # unused buffers when not listing
-    args = (x, w_gate, w_up, w_down_t, counts, pairs, y, ovf.header, ovf.rows, ovf.acc, d, h, col0, nt, ovf.row_cap)
+    args = (x, w_gate, w_up, w_down_t, counts, pairs, y, d, h, col0, nt)
     meta = dict(CAP=cap, TILE=tile, NT_P=max(2, triton.next_power_of_2(nt)), BLOCK_D=block_d,
-                ACCUM=accumulate, PAIR64=x.dtype == torch.float32, LIST_OVF=listing)
+                ACCUM=accumulate, PAIR64=x.dtype == torch.float32)
     if entries is None and block_d <= 4096:
         _updown_tuned[(m,)](*args, **meta)
         return y

@@ -154,9 +154,10 @@ def test_fully_dense_rows_overflow_is_exact(dtype, overflow, row_cap):
 
 @pytest.mark.parametrize("hot", [0, 64])
 def test_overflowed_tokens_are_listed_then_recomputed(hot):
-    """The up/down kernel lists exactly the overflowed tokens (counter on the device), writes zeros
-    for them and leaves the others right; overflow_rows then completes the listed ones."""
-    from kernels.twell.overflow_rows import OverflowList, overflow_rows
+    """list_overflowed lists exactly the overflowed tokens (counter on the device) and zeroes their
+    counts, so the up/down kernel writes zeros for them and the others right; overflow_rows then
+    completes the listed ones."""
+    from kernels.twell.overflow_rows import OverflowList, list_overflowed, overflow_rows
     from kernels.twell.updown import updown
     f = inputs(20, 64, 330, 12.0, torch.float32, dense_rows=2, seed=4)
     w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
@@ -166,8 +167,11 @@ def test_overflowed_tokens_are_listed_then_recomputed(hot):
     over = (counts > 4).any(1)
     assert 2 <= int(over.sum()) < 20
     ovf = OverflowList(16, 64, DEV)
+    ovf.acc.fill_(float("nan"))
     y = torch.full_like(f.x, float("nan"))
-    updown(f.x, w.w_gate, w.w_up, w.w_down_t, counts, pairs, y, tile=64, cap=4, col0=hot, overflow_list=ovf)
+    list_overflowed(counts, 4, ovf)
+    assert torch.equal(counts[over], torch.zeros_like(counts[over])) and (counts[~over] <= 4).all()
+    updown(f.x, w.w_gate, w.w_up, w.w_down_t, counts, pairs, y, tile=64, cap=4, col0=hot)
     n = int(ovf.header[0])
     assert n == int(over.sum())
     assert sorted(ovf.rows[:n].tolist()) == over.nonzero().squeeze(1).tolist()
