@@ -138,6 +138,7 @@ def test_signal_during_the_stop_vote_is_not_lost(monkeypatch):
     from megasparse.train import loop
 
     trainer = SimpleNamespace(stop_signal_received=False, stop_requested=False)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     loop.Trainer._install_signal_handlers(trainer)
     try:
         def all_reduce_hit_by_sigusr1(tensor, op=None):
@@ -151,8 +152,8 @@ def test_signal_during_the_stop_vote_is_not_lost(monkeypatch):
         assert loop.Trainer._finite_everywhere(trainer, loss)
         assert trainer.stop_requested
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def test_zero3_dp_change_under_tp_is_refused_before_loading(tmp_path):

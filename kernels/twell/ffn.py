@@ -39,9 +39,10 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
     while the sparse up/down (L2-bandwidth bound) runs on the current one.
 
     overflow: how tokens with a (row, tile) over cap are handled; all three are exact.
-      "kernel" (default): they are listed on the device before the up/down kernel, and overflow_rows
-        recomputes them with tensor-core dots spread over all neuron chunks. No host sync. At
-        most overflow_row_cap tokens are listed; any beyond are walked as in "walk".
+      "kernel" (default): tokens with 2 or more overflowed tiles are listed on the device before
+        the up/down kernel, and overflow_rows recomputes them with tensor-core dots spread over
+        all neuron chunks. No host sync. At most overflow_row_cap tokens are listed; any beyond,
+        and tokens with one overflowed tile, are walked as in "walk".
       "walk": the up/down program of the token walks each overflowed tile column by column,
         recomputing its gate from W_g. A fully dense row becomes one long serial program (16
         dense rows in 16384 tokens cost +4.4 ms on an H100, NOTES.md run 9). Kept to measure
@@ -78,7 +79,7 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
                 counts[dense_rows] = 0      # the up/down kernel writes zeros for these rows
             else:
                 dense_rows = None
-        ovf = OverflowList(overflow_row_cap, d, x.device) if overflow == "kernel" else None
+        ovf = OverflowList(overflow_row_cap, d, x.device) if overflow == "kernel" and overflow_row_cap else None
         if ovf is not None:
             list_overflowed(counts, weights.cap, ovf)
         updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, pairs, y,

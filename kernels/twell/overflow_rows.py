@@ -7,10 +7,14 @@ dense row (a BOS token, say) became one serial walk over all H columns, and 16 s
 
 Now, in three launches after the gate kernel, none of which needs a count on the host:
 
-  list_overflowed (before the up/down kernel): each overflowed token gets a slot in a device list
-      (one atomic on a counter), its counts are set to 0 so the up/down kernel walks nothing for
-      it (it writes zeros), and its fp32 accumulator row is zeroed. (Listing inside the up/down
-      kernel instead cost its pipelined walk on clean inputs: +0.05 ms at hot1536 on an H100.)
+  list_overflowed (before the up/down kernel): each token with at least MIN_TILES overflowed
+      tiles gets a slot in a device list (one atomic per program on a counter, ranks by a
+      cumsum), its counts are set to 0 so the up/down kernel walks nothing for it (it writes
+      zeros), and its fp32 accumulator row is zeroed. A token with a single overflowed tile is
+      left to the walk: one extra tile (T entries) costs its program less than recomputing all of
+      H, and such mild overflows (a popular tile) must not take the slots of dense rows. (Listing
+      inside the up/down kernel instead cost its pipelined walk on clean inputs: +0.05 ms at
+      hot1536 on an H100.)
   overflow_rows compute: programs own (a block of BR listed tokens, a chunk of BH neurons) and
       compute g = x W_g^T and u = x W_u^T for them with tensor-core dots over all of D,
       h = relu(g) * u, and add h W_d^T[chunk] into the accumulator rows (fp32 atomics: the
@@ -23,7 +27,11 @@ free of host syncs. At most `row_cap` tokens are listed (the accumulator is [row
 beyond that keep their counts and take the up/down kernel's serial walk, which is exact too.
 Nothing is dropped.
 
-The header is int32 [HEADER]: header[0] = number of overflowed tokens seen (may exceed row_cap).
+The header is int32 [HEADER]: header[0] = number of tokens that qualified (may exceed row_cap).
+
+Two differences from the walk, both within the bf16 error budget: the fp32 atomics land in any
+order, so a listed token's output is not bit-identical from run to run; and h is rounded to the
+input dtype before the down product (as the dense hot path does), where the walk keeps it fp32.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import triton.language as tl
 from ..common import interpreting
 
 HEADER = 16          # int32 words before the list, so the list and accumulator stay 64-byte aligned
+MIN_TILES = 2        # overflowed tiles that make a token worth listing (see above)
 _INTERPRET = interpreting()
 
 
@@ -59,16 +68,20 @@ def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _list_overflowed_kernel(cnt_ptr, hdr_ptr, list_ptr, acc_ptr, M, D, n_tiles, CAP, ROW_CAP,
+def _list_overflowed_kernel(cnt_ptr, hdr_ptr, list_ptr, acc_ptr, M, D, n_tiles, CAP, ROW_CAP, MIN_T,
                             BM: tl.constexpr, NT_P: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     r_ok = rows < M
     t = tl.arange(0, NT_P)
     c_off = rows.to(tl.int64)[:, None] * n_tiles + t[None, :]
     c_m = r_ok[:, None] & (t < n_tiles)[None, :]
-    over = (tl.max(tl.load(cnt_ptr + c_off, mask=c_m, other=0), axis=1) > CAP) & r_ok
-    if tl.sum(over.to(tl.int32), axis=0) > 0:
-        at = tl.atomic_add(hdr_ptr + tl.zeros((BM,), dtype=tl.int32), 1, mask=over)   # a slot per token
+    n_over = tl.sum((tl.load(cnt_ptr + c_off, mask=c_m, other=0) > CAP).to(tl.int32), axis=1)
+    over = (n_over >= MIN_T) & r_ok
+    oi = over.to(tl.int32)
+    n = tl.sum(oi, axis=0)
+    if n > 0:
+        base = tl.atomic_add(hdr_ptr, n)                  # one atomic per program: a run of slots
+        at = base + tl.cumsum(oi, axis=0) - 1
         listed = over & (at < ROW_CAP)
         tl.store(list_ptr + at, rows, mask=listed)
         tl.store(cnt_ptr + c_off, tl.zeros((BM, NT_P), dtype=tl.int32), mask=c_m & listed[:, None])
@@ -132,14 +145,16 @@ BLOCK_H, BLOCK_D, ROW_BLOCKS, NUM_WARPS = 64, 64, 4, 8
 
 
 def list_overflowed(counts: torch.Tensor, cap: int, ovf: OverflowList) -> None:
-    """List the tokens with a (row, tile) over cap in `ovf` (up to its row_cap) and zero their
-    counts in place, so the up/down kernel skips them. Run between the gate and up/down kernels."""
+    """List the tokens with at least MIN_TILES (row, tile)s over cap (all of them if there are fewer
+    tiles) in `ovf`, up to its row_cap, and zero their counts in place, so the up/down kernel skips
+    them. Run between the gate and up/down kernels."""
     m, nt = counts.shape
     if ovf.row_cap == 0 or m == 0 or nt == 0:
         return
-    bm = 16 if _INTERPRET else 64
+    nt_p = max(2, triton.next_power_of_2(nt))
+    bm = 16 if _INTERPRET else max(2, min(64, 4096 // nt_p))   # [BM, NT_P] counts stay in registers
     _list_overflowed_kernel[(triton.cdiv(m, bm),)](counts, ovf.header, ovf.rows, ovf.acc, m, ovf.acc.shape[1], nt,
-                                                   cap, ovf.row_cap, BM=bm, NT_P=max(2, triton.next_power_of_2(nt)),
+                                                   cap, ovf.row_cap, min(MIN_TILES, nt), BM=bm, NT_P=nt_p,
                                                    BLOCK_D=32 if _INTERPRET else 256, num_warps=4)
 
 

@@ -144,7 +144,7 @@ def test_fully_dense_rows_overflow_is_exact(dtype, overflow, row_cap):
     f = inputs(24, 64, 330, 12.0, dtype, dense_rows=3, seed=3)
     w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
     counts, _ = gate_twell(f.x, w.w_gate, 64, 4)
-    assert (counts > 4).sum() >= 3 * 5 and (counts > 4).any(1).sum() > 2
+    assert (counts > 4).sum() >= 3 * 5 and ((counts > 4).sum(1) >= 2).sum() > 2
     y = check_ffn(f, w, dtype, overflow=overflow, overflow_row_cap=row_cap)
     dense = (f.x[:, 0] < 0).nonzero().squeeze(1)          # the generator marks dense rows with x0 = -4
     assert dense.numel() == 3
@@ -152,37 +152,39 @@ def test_fully_dense_rows_overflow_is_exact(dtype, overflow, row_cap):
     assert rel(y[dense], ref[dense]) < TOL[dtype]
 
 
-@pytest.mark.parametrize("hot", [0, 64])
-def test_overflowed_tokens_are_listed_then_recomputed(hot):
-    """list_overflowed lists exactly the overflowed tokens (counter on the device) and zeroes their
-    counts, so the up/down kernel writes zeros for them and the others right; overflow_rows then
-    completes the listed ones."""
+@pytest.mark.parametrize("m,d,dense_rows,hot", [(20, 64, 2, 0), (20, 64, 2, 64),
+                                                 (40, 80, 20, 0)])   # D off the blocks; 2 row blocks
+def test_overflowed_tokens_are_listed_then_recomputed(m, d, dense_rows, hot):
+    """list_overflowed lists exactly the tokens with 2+ overflowed tiles (counter on the device) and
+    zeroes their counts, so the up/down kernel writes zeros for them, walks one-tile overflows and
+    gets the others right; overflow_rows then completes the listed ones."""
     from kernels.twell.overflow_rows import OverflowList, list_overflowed, overflow_rows
     from kernels.twell.updown import updown
-    f = inputs(20, 64, 330, 12.0, torch.float32, dense_rows=2, seed=4)
+    f = inputs(m, d, 330, 12.0, torch.float32, dense_rows=dense_rows, seed=4)
     w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
     if hot:
         w = twell.reorder(w, torch.randperm(330, generator=torch.Generator().manual_seed(0)).to(DEV), hot)
     counts, pairs = gate_twell(f.x, w.w_gate, 64, 4, col0=hot)
-    over = (counts > 4).any(1)
-    assert 2 <= int(over.sum()) < 20
-    ovf = OverflowList(16, 64, DEV)
+    n_over = (counts > 4).sum(1)
+    listed, walked = n_over >= 2, n_over == 1
+    assert int(listed.sum()) >= dense_rows and int(walked.sum()) >= 1   # both paths are taken
+    ovf = OverflowList(32, d, DEV)
     ovf.acc.fill_(float("nan"))
     y = torch.full_like(f.x, float("nan"))
     list_overflowed(counts, 4, ovf)
-    assert torch.equal(counts[over], torch.zeros_like(counts[over])) and (counts[~over] <= 4).all()
+    assert torch.equal(counts[listed], torch.zeros_like(counts[listed])) and (counts[walked] > 4).any(1).all()
     updown(f.x, w.w_gate, w.w_up, w.w_down_t, counts, pairs, y, tile=64, cap=4, col0=hot)
     n = int(ovf.header[0])
-    assert n == int(over.sum())
-    assert sorted(ovf.rows[:n].tolist()) == over.nonzero().squeeze(1).tolist()
+    assert n == int(listed.sum())
+    assert sorted(ovf.rows[:n].tolist()) == listed.nonzero().squeeze(1).tolist()
     assert torch.equal(ovf.acc[:n], torch.zeros_like(ovf.acc[:n]))
-    assert torch.equal(y[over], torch.zeros_like(y[over]))
+    assert torch.equal(y[listed], torch.zeros_like(y[listed]))
     cold = slice(hot, None)   # the sparse part only: the hot columns are the caller's GEMM
     g = f.x.double() @ w.w_gate[cold].double().t()
     ref = (torch.relu(g) * (f.x.double() @ w.w_up[cold].double().t())) @ w.w_down_t[cold].double()
-    assert rel(y[~over], ref[~over]) < 1e-5
+    assert rel(y[~listed], ref[~listed]) < 1e-5
     overflow_rows(f.x, w.w_gate, w.w_up, w.w_down_t, ovf, y, col0=hot)
-    assert rel(y, ref) < 1e-5
+    assert rel(y[listed], ref[listed]) < 1e-5 and rel(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,entries,overflow_entries", [(torch.float32, 2, 0), (torch.bfloat16, 1, 2)])
