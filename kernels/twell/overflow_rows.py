@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..common import interpreting
+from .gate import _dot   # interpreter- and fp32-aware tl.dot, shared with the gate kernels
 
 HEADER = 16          # int32 words before the list, so the list and accumulator stay 64-byte aligned
 MIN_TILES = 2        # overflowed tiles that make a token worth listing (see above)
@@ -56,15 +57,6 @@ class OverflowList:
         self.header = torch.zeros(HEADER, dtype=torch.int32, device=device)   # the only memset
         self.rows = torch.empty(max(row_cap, 1), dtype=torch.int32, device=device)
         self.acc = torch.empty(max(row_cap, 1), d, dtype=torch.float32, device=device)  # rows zeroed when listed
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
-    if INTERPRET:  # the interpreter's 16-bit dot is wrong: do it in fp32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    if IEEE:       # fp32 inputs: exact fp32, not tf32
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
