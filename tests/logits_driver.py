@@ -20,6 +20,7 @@ def main() -> None:
         logits = trainer.engine(batch).logits
     if trainer.is_main:
         torch.save({"logits": logits.cpu(), "step": trainer.step}, out_path)
+    trainer.shutdown()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def main() -> None:
 
         trainer.save = save_then_die
     trainer.fit()
+    trainer.shutdown()
 
 
 if __name__ == "__main__":

@@ -79,3 +79,16 @@ def init_distributed(device_request: str = "auto", backend: str = "auto") -> Dis
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    verbose=False, rank=rank, world_size=world)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def shutdown_distributed() -> None:
+    """End of a run on every rank: wait for the others, then tear the process group down. A rank
+    that simply exited while a peer was still busy (rank 0 writing a file, say) sometimes aborted
+    at interpreter exit with "terminate called without an active exception" (gloo's threads
+    destroyed still running), which failed CI runs."""
+    from megasparse.parallel.state import destroy_model_parallel
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    destroy_model_parallel()

@@ -24,7 +24,7 @@ from megasparse.sparsity.schedule import build_l1_schedule
 from megasparse.sparsity.stats import SparsityStats
 from megasparse.train.checkpoint import save_checkpoint
 from megasparse.train.deepspeed_config import build_deepspeed_config
-from megasparse.train.distributed import DistInfo, init_distributed
+from megasparse.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from megasparse.train.flops import executed_flops_per_token, model_flops_per_token, peak_flops
 from megasparse.train.metrics import MetricsLogger
 from megasparse.train.optimizer import build_lr_scheduler, build_optimizer
@@ -312,6 +312,14 @@ class Trainer:
         self.metrics.close()
         return last_record
 
+    def shutdown(self) -> None:
+        """Release the engine and the process groups; every rank calls it after its last collective."""
+        self.engine.destroy()
+        shutdown_distributed()
+
 
 def train(cfg: Config) -> dict:
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    record = trainer.fit()
+    trainer.shutdown()
+    return record
