@@ -67,20 +67,26 @@ def make_inputs(m, h, nnz, dense_rows=0, seed=0):
     return f, f.x[:m].contiguous(), f.x[m:].contiguous()
 
 
-def sparse_variants(f, xc, hot_list=(), modes=()):
-    """name -> (weights, overlap, overflow mode); modes: other overflow modes to time as well
-    ("walk": the up/down program walks overflowed tiles; "rows": the host-side dense-row route)."""
+def sparse_variants(f, xc, hot_list=(), modes=(), gate_impls=()):
+    """name -> (weights, overlap, overflow mode, gate impl); modes: other overflow modes to time as
+    well ("walk": the up/down program walks overflowed tiles; "rows": the host-side dense-row
+    route); gate_impls: other gate implementations (gate.gate_twell's impl) to time as well."""
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
     _, fc = twell.twell_ffn(xc, w0, return_fire_counts=True)
-    out = {"twell": (w0, False, "kernel"), "twell+hot": (twell.calibrate(w0, fc, xc.shape[0]), False, "kernel")}
+    out = {"twell": (w0, False, "kernel", None),
+           "twell+hot": (twell.calibrate(w0, fc, xc.shape[0]), False, "kernel", None)}
     for k in (k for k in hot_list if k < f.w_gate.shape[0]):
-        out[f"twell+hot{k}"] = (twell.calibrate(w0, fc, xc.shape[0], n_hot=k), False, "kernel")
+        out[f"twell+hot{k}"] = (twell.calibrate(w0, fc, xc.shape[0], n_hot=k), False, "kernel", None)
     for name in list(out):
         if out[name][0].n_hot:
-            out[name + "/overlap"] = (out[name][0], True, "kernel")
+            out[name + "/overlap"] = (out[name][0], True, "kernel", None)
+    base = list(out)
     for mode in modes:
-        for name in [n for n in out if "/" not in n or n.endswith("/overlap")]:
-            out[f"{name}/{mode}"] = (out[name][0], out[name][1], mode)
+        for name in [n for n in base if "/" not in n or n.endswith("/overlap")]:
+            out[f"{name}/{mode}"] = (out[name][0], out[name][1], mode, None)
+    for impl in gate_impls:
+        for name in base:
+            out[f"{name}/{impl}"] = (out[name][0], out[name][1], "kernel", impl)
     return out
 
 
@@ -98,6 +104,8 @@ def pieces(f, x, w0):
            "gate_config": str((G._gate_twell_tma_kernel if G.GATE_IMPL.startswith("tma")
                                else G._gate_twell_kernel).best_config),
            "gate_counts_only_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap, epilogue=2)),
+           "cublas_gate_ms": median_ms(lambda: F.linear(x, f.w_gate)),
+           "gate_cublas_pack_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap, impl="cublas")),
            "updown_ms": median_ms(lambda: updown(x, w0.w_gate, w0.w_up, w0.w_down_t, counts, pairs, y,
                                                  tile=t, cap=cap, col0=0)),
            "overflow_tiles": int((counts > cap).sum())}
@@ -105,7 +113,7 @@ def pieces(f, x, w0):
     return out
 
 
-def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False, modes=None):
+def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False, modes=None, gate_impls=()):
     torch.manual_seed(0)
     f, x, xc = make_inputs(m, h, nnz, dense_rows)
     stats = activation_stats(x, f.w_gate, tile=128)
@@ -121,12 +129,12 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
     row["dense_rel_err"] = rel_err(dense(x), ref)
     if modes is None:
         modes = ("rows", "walk") if dense_rows else ()
-    variants = sparse_variants(f, xc, hot_list, modes)
+    variants = sparse_variants(f, xc, hot_list, modes, gate_impls)
     row["variants"] = {}
-    for name, (w, ov, of) in variants.items():
+    for name, (w, ov, of, gi) in variants.items():
         try:
-            y = twell.twell_ffn(x, w, overlap=ov, overflow=of)
-            ms = median_ms(lambda: twell.twell_ffn(x, w, overlap=ov, overflow=of))
+            y = twell.twell_ffn(x, w, overlap=ov, overflow=of, gate_impl=gi)
+            ms = median_ms(lambda: twell.twell_ffn(x, w, overlap=ov, overflow=of, gate_impl=gi))
         except Exception as e:   # a failing variant is reported, not fatal to the run
             print(f"variant {name} failed: {type(e).__name__}: {e}", flush=True)
             continue
@@ -137,9 +145,10 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
     if with_pieces:
         row["pieces"] = pieces(f, x, variants["twell"][0])
     if energy:
-        wb, ov, of = variants[best]
+        wb, ov, of, gi = variants[best]
         row["energy_dense"] = energy_joules_per_call(lambda: dense(x))
-        row["energy_sparse"] = energy_joules_per_call(lambda: twell.twell_ffn(x, wb, overlap=ov, overflow=of))
+        row["energy_sparse"] = energy_joules_per_call(lambda: twell.twell_ffn(x, wb, overlap=ov, overflow=of,
+                                                                              gate_impl=gi))
     del f, x, xc, ref, variants
     torch.cuda.empty_cache()
     return row
@@ -190,6 +199,8 @@ def main():
                     help="only the overflow cases (dense rows: 16 in 16384, 64 in 131072 = one per 2048-token "
                          "sequence) and the clean M=16384 case, each in every overflow mode; writes "
                          "ffn_infer_overflow_<gpu>")
+    ap.add_argument("--gate-impl", nargs="*", default=[], choices=["tma_persist", "tma", "ptr", "cublas"],
+                    help="also time every variant with these gate implementations (suffix /<impl>)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_ffn_infer needs CUDA")
@@ -213,7 +224,8 @@ def main():
     rows = []
     t0 = time.time()
     for m, h, nnz, energy, dr in cases:
-        r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot, with_pieces=energy, modes=modes)
+        r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot, with_pieces=energy, modes=modes,
+                     gate_impls=args.gate_impl)
         rows.append(r)
         v = r["variants"]
         print(f"[{time.time() - t0:6.1f}s] M={m} H={h} nnz={nnz:g} dr={dr}: measured nnz {r['nnz_mean']:.1f}, "

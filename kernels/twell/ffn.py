@@ -31,7 +31,8 @@ def _check(x: torch.Tensor, weights: TwellWeights) -> None:
 @torch.no_grad()
 def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: bool = False,
               overlap: bool = False, overflow: str = "kernel", overflow_row_cap: int = 256,
-              updown_entries: int | None = None, updown_warps: int | None = None):
+              updown_entries: int | None = None, updown_warps: int | None = None,
+              gate_impl: str | None = None):
     """y [M, D] = FFN(x [M, D]) in x's dtype; optionally also fire_counts [H] int32 (tokens with
     g_j > 0, per ORIGINAL neuron index). On CPU without TRITON_INTERPRET it runs the reference.
 
@@ -48,7 +49,12 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
         dense rows in 16384 tokens cost +4.4 ms on an H100, NOTES.md run 9). Kept to measure
         "kernel" against.
       "rows": rows with any overflow are found on the host (one device->host sync per call),
-        skipped by the up/down kernel, and recomputed with dense cuBLAS GEMMs."""
+        skipped by the up/down kernel, and recomputed with dense cuBLAS GEMMs.
+
+    gate_impl: how the sparse columns' gate is computed and packed (gate.gate_twell's impl):
+      "tma_persist" (fused: the GEMM's epilogue packs, no dense gate in memory) or "cublas"
+      (cuBLAS writes the gate into a bounded row-chunk buffer, pack.py packs it). Default
+      gate.GATE_IMPL (env TWELL_GATE_IMPL)."""
     if overflow not in ("kernel", "walk", "rows"):
         raise ValueError(f"overflow={overflow!r}; expected 'kernel', 'walk' or 'rows'")
     if not (isinstance(overflow_row_cap, int) and overflow_row_cap >= 0):
@@ -72,7 +78,8 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
             h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
     dense_rows = None
     if n_hot < h:
-        counts, pairs = gate_twell(x, weights.w_gate, weights.tile, weights.cap, n_hot, fire)
+        counts, pairs = gate_twell(x, weights.w_gate, weights.tile, weights.cap, n_hot, fire,
+                                   impl=gate_impl)
         if overflow == "rows":
             dense_rows = (counts > weights.cap).any(1).nonzero().squeeze(1)   # host sync
             if dense_rows.numel():

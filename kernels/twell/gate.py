@@ -20,13 +20,17 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..common import grouped_tile_ids, interpreting
+from .epilogue import _dot, _twell_epilogue
 from .format import pair_dtype
+from .pack import pack_twell
 
 _INTERPRET = interpreting()
 EPILOGUE = int(os.environ.get("TWELL_GATE_EPILOGUE", "3"))  # see gate_twell
 # main-loop implementation of the gate kernels (see gate_twell; NOTES.md has the timings)
 GATE_IMPL = os.environ.get("TWELL_GATE_IMPL", "tma_persist")
 HOT_IMPL = os.environ.get("TWELL_HOT_IMPL", "tma")
+# impl="cublas": rows of x per cuBLAS call; bounds the dense gate buffer to CHUNK_ROWS x (H - col0)
+CHUNK_ROWS = int(os.environ.get("TWELL_CHUNK_ROWS", "16384"))
 
 
 def _configs():
@@ -37,81 +41,6 @@ def _configs():
     return [triton.Config({"BM": bm, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bk, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 16, 3), (128, 64, 16, 4),
                                  (64, 64, 8, 4), (256, 64, 16, 3)]]
-
-
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
-    if INTERPRET:  # the interpreter's bf16/fp16 dot is wrong: do it in fp32
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif IEEE:     # fp32 inputs: exact fp32, not tf32 (tests compare with fp32 references)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _twell_epilogue(acc, x_ptr, cnt_ptr, pair_ptr, fire_ptr, pid_m, pid_n, offs_m, offs_n, m_ok, n_ok,
-                    col0, n_tiles, CAP: tl.constexpr, BN: tl.constexpr, COUNT_FIRES: tl.constexpr,
-                    INTERPRET: tl.constexpr, EPI: tl.constexpr, PAIR64: tl.constexpr, BM: tl.constexpr):
-    # ReLU + pack. Masked rows/columns loaded zeros, so they are never "nonzero".
-    if EPI == 3:
-        # Lean variant of EPI=1: the packed pair is formed first, so the fp32 accumulator is dead
-        # before the prefix product needs its own [BM, BN] accumulator (fewer live registers).
-        # For 16-bit activations "nonzero" is judged on the rounded value (what is stored).
-        local3 = tl.arange(0, BN)[None, :]
-        if PAIR64:
-            nz = acc > 0
-            pair = (acc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | local3.to(tl.int64)
-        else:
-            v16 = acc.to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True)
-            nz = v16 > 0
-            pair = (v16.to(tl.int32) << 16) | local3
-        nzf = nz.to(tl.float16)
-        nzi = nz.to(tl.int32)
-        cnt = tl.sum(nzi, axis=1)
-        tl.store(cnt_ptr + offs_m * n_tiles + pid_n, cnt, mask=m_ok)
-        r = tl.arange(0, BN)
-        tri = (r[:, None] <= r[None, :]).to(tl.float16)
-        pos = _dot(nzf, tri, tl.zeros((BM, BN), dtype=tl.float32), False, INTERPRET).to(tl.int32) - 1
-        base = (pid_m * BM).to(tl.int64) * n_tiles * CAP + pid_n * CAP
-        slot = tl.arange(0, BM)[:, None] * (n_tiles * CAP) + pos
-        tl.store(pair_ptr + base + slot, pair, mask=nz & (pos < CAP) & m_ok[:, None])
-        if COUNT_FIRES:
-            tl.atomic_add(fire_ptr + (offs_n - col0), tl.sum(nzi, axis=0), mask=n_ok)
-        return
-    nz = acc > 0
-    nzi = nz.to(tl.int32)
-    cnt = tl.sum(nzi, axis=1)                       # true count, may exceed CAP (overflow)
-    tl.store(cnt_ptr + offs_m * n_tiles + pid_n, cnt, mask=m_ok)
-    if EPI < 2:
-        if EPI == 0:
-            pos = tl.cumsum(nzi, axis=1) - 1        # slot of each nonzero, in column order
-        else:
-            # The same prefix sum as a tensor-core product with an upper-triangular ones
-            # matrix: it stays in the accumulator's layout (no layout conversion for a scan).
-            r = tl.arange(0, BN)
-            tri = (r[:, None] <= r[None, :]).to(tl.float16)
-            pos = _dot(nz.to(tl.float16), tri, tl.zeros((BM, BN), dtype=tl.float32), False, INTERPRET)
-            pos = pos.to(tl.int32) - 1
-        # 32-bit offsets inside this program's block of slots (BM * n_tiles * CAP < 2^31),
-        # one 64-bit base: [BM, BN] int64 offsets would cost registers the epilogue needs.
-        base = (pid_m * BM).to(tl.int64) * n_tiles * CAP + pid_n * CAP
-        slot = tl.arange(0, BM)[:, None] * (n_tiles * CAP) + pos
-        smask = nz & (pos < CAP) & m_ok[:, None]
-        local = tl.arange(0, BN)[None, :]
-        if PAIR64:   # fp32 activations: value bits << 32 | column
-            pair = (acc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | local.to(tl.int64)
-        else:        # 16-bit activations: value bits << 16 | column
-            v16 = acc.to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True)
-            pair = (v16.to(tl.int32) << 16) | local
-        tl.store(pair_ptr + base + slot, pair, mask=smask)
-    if COUNT_FIRES:
-        # fire_ptr is the [H - col0] slice of the counts, so autotune's reset_to_zero cannot
-        # wipe counts that the hot kernel already added
-        tl.atomic_add(fire_ptr + (offs_n - col0), tl.sum(nzi, axis=0), mask=n_ok)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "D", "H", "BN"], reset_to_zero=["fire_ptr"])
@@ -279,15 +208,18 @@ def _num_sms(dev: torch.device) -> int:
 
 
 def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0: int = 0,
-               fire: torch.Tensor | None = None, epilogue: int | None = None, impl: str | None = None):
+               fire: torch.Tensor | None = None, epilogue: int | None = None, impl: str | None = None,
+               chunk_rows: int | None = None):
     """Launch the gate+pack kernel on columns [col0, H). Returns (counts, pairs) (format.py).
     x [M, D] and w_gate [H, D] contiguous, same dtype/device (checked by the caller).
     epilogue: 0 = prefix sum by tl.cumsum, 1 = by a tensor-core product, 2 = counts only (timing
     the GEMM floor; pairs are then NOT written), 3 = as 1 with fewer live registers (16-bit
     activations: nonzero judged on the rounded value); default EPILOGUE.
     impl: "ptr" (pointer loads, cp.async), "tma" (tensor descriptors), "tma_persist" (TMA, one
-    program per SM walking the tiles); default GATE_IMPL. TMA falls back to "ptr" for fp32 and
-    misaligned inputs."""
+    program per SM walking the tiles): fused GEMM + pack, no dense gate in memory; "cublas": a
+    cuBLAS GEMM writes the gate into a buffer of at most chunk_rows (default CHUNK_ROWS) rows,
+    which pack.py packs (the same epilogue, so the same bits; NOTES.md run 11 has the timing).
+    Default GATE_IMPL. TMA falls back to "ptr" for fp32 and misaligned inputs."""
     m, d = x.shape
     h = w_gate.shape[0]
     nt = -(-(h - col0) // tile)
@@ -296,8 +228,13 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
     if m == 0 or nt == 0:
         return counts.zero_(), pairs
     impl = impl or GATE_IMPL
+    if impl == "cublas":   # epilogue None: the pack kernel's autotuner picks it
+        _gate_twell_cublas(x, w_gate[col0:], counts, pairs, tile, cap, fire, epilogue, chunk_rows or CHUNK_ROWS)
+        return counts, pairs
     epilogue = EPILOGUE if epilogue is None else epilogue
     fire_arg = fire[col0:] if fire is not None else counts
+    if impl not in ("ptr", "tma", "tma_persist"):
+        raise ValueError(f"gate impl {impl!r}; expected 'ptr', 'tma', 'tma_persist' or 'cublas' (TWELL_GATE_IMPL)")
     flags = dict(CAP=cap, BN=tile, COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32,
                  INTERPRET=_INTERPRET, EPI=epilogue, PAIR64=x.dtype == torch.float32)
     if impl.startswith("tma") and _tma_ok(x, w_gate):
@@ -312,6 +249,22 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
         return counts, pairs
     _gate_twell_kernel[_grid(m, nt)](x, w_gate, counts, pairs, fire_arg, m, d, h, col0, nt, _m_bucket(m), **flags)
     return counts, pairs
+
+
+def _gate_twell_cublas(x, w_cold, counts, pairs, tile, cap, fire, epilogue, chunk_rows):
+    # g = x W^T chunk by chunk into one reused buffer, each chunk packed before the next GEMM
+    # overwrites it (same stream, so in order). Fire counts are taken from g in torch: an atomic
+    # in an autotuned kernel would be repeated by the tuner and wiped by a reset between chunks.
+    m = x.shape[0]
+    rows = max(1, min(m, chunk_rows))
+    buf = torch.empty(rows, w_cold.shape[0], dtype=x.dtype, device=x.device)
+    for s in range(0, m, rows):
+        e = min(m, s + rows)
+        g = buf[: e - s]
+        torch.mm(x[s:e], w_cold.t(), out=g)
+        pack_twell(g, counts[s:e], pairs[s:e], tile, cap, epilogue=epilogue)
+        if fire is not None:
+            fire[-w_cold.shape[0]:] += (g > 0).sum(0, dtype=torch.int32)
 
 
 def gate_up_dense(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, n_hot: int, tile: int,

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..common import interpreting
-from .gate import _dot   # interpreter- and fp32-aware tl.dot, shared with the gate kernels
+from .epilogue import _dot   # interpreter- and fp32-aware tl.dot, shared with the gate kernels
 
 HEADER = 16          # int32 words before the list, so the list and accumulator stay 64-byte aligned
 MIN_TILES = 2        # overflowed tiles that make a token worth listing (see above)

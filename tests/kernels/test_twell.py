@@ -122,6 +122,55 @@ def test_gate_kernel_scan_epilogue():
     assert torch.equal(c0, c1) and torch.equal(p0[valid], p1[valid])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("epilogue,block_rows", [(3, 16), (0, 32), (None, None)])
+def test_pack_kernel_equals_reference_pack(dtype, epilogue, block_rows):
+    # pre-activation g with negatives; an all-zero row, an all-negative row, a fully dense row
+    # (overflows every tile) and N=300 (a partial last tile of 64)
+    from kernels.twell.pack import pack_twell
+    torch.manual_seed(1)
+    g = (torch.randn(37, 300) - 1.6).to(dtype)
+    g[2], g[5], g[9] = 0.0, -1.0, torch.rand(300) + 0.5
+    g = g.to(DEV)
+    counts = torch.full((37, 5), -7, dtype=torch.int32, device=DEV)
+    pairs = torch.empty(37, 5, 8, dtype=twell.format.pair_dtype(dtype), device=DEV)
+    pack_twell(g, counts, pairs, 64, 8, epilogue=epilogue, block_rows=block_rows)
+    ref = twell.pack_reference(torch.relu(g), 64, 8)
+    assert torch.equal(counts, ref.counts)
+    assert counts[2].sum() == 0 and counts[5].sum() == 0 and counts[9].tolist() == [64, 64, 64, 64, 44]
+    valid = ref.valid()
+    assert torch.equal(pairs[valid], ref.pairs[valid])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("col0,chunk_rows", [(0, 16), (128, 1000)])
+def test_cublas_gate_packs_like_fused_kernel(dtype, col0, chunk_rows):
+    # impl="cublas" (a GEMM into a row-chunk buffer, then pack.py) must write what the fused
+    # kernel writes, also when the chunks do not divide M, with fire counts on both paths
+    f = inputs(40, 64, 330, 12.0, dtype, dense_rows=2, seed=6)
+    fires = [torch.zeros(330, dtype=torch.int32, device=DEV) for _ in range(2)]
+    c0, p0 = gate_twell(f.x, f.w_gate, 64, 8, col0=col0, fire=fires[0], impl="ptr", epilogue=3)
+    c1, p1 = gate_twell(f.x, f.w_gate, 64, 8, col0=col0, fire=fires[1], impl="cublas", chunk_rows=chunk_rows)
+    assert (c0 > 8).any() and c1.shape == c0.shape
+    assert (c1 != c0).sum() <= (0 if dtype == torch.float32 else 2)   # gates within rounding of 0
+    same = (c1 == c0).unsqueeze(2) & (torch.arange(8, device=DEV) < c0.clamp(max=8).unsqueeze(2))
+    (v0, k0), (v1, k1) = twell.decode_pairs(p0, dtype), twell.decode_pairs(p1, dtype)
+    assert torch.equal(k0[same], k1[same])     # values: the two GEMMs sum in different orders
+    assert torch.allclose(v0[same].float(), v1[same].float(), rtol=TOL[dtype], atol=1e-5)
+    assert int(fires[1][:col0].sum()) == 0 and (fires[1] - fires[0]).abs().max() <= 2
+    assert int(fires[1].sum()) == int(c1.sum())
+
+
+def test_ffn_with_cublas_gate_matches_reference():
+    f = inputs(30, 64, 330, 12.0, torch.bfloat16, dense_rows=2, seed=7)
+    w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
+    check_ffn(f, w0, torch.bfloat16, gate_impl="cublas")
+    _, fire = twell.twell_ffn(f.x, w0, return_fire_counts=True, gate_impl="cublas")
+    check_ffn(f, twell.calibrate(w0, fire, 30, n_hot=64), torch.bfloat16, gate_impl="cublas")
+    with pytest.raises(ValueError, match="gate impl 'cuBLAS'"):
+        twell.twell_ffn(f.x, w0, gate_impl="cuBLAS")
+
+
 # ---------------------------------------------------------------- full FFN
 @pytest.mark.parametrize("m,d,h,nnz,dtype,tile,cap", [
     (37, 64, 1408, 7.0, torch.bfloat16, 128, 32),
