@@ -23,9 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import environment, gpu_slug, median_ms, write_results  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from kernels.twell.gate import gate_twell  # noqa: E402
-from kernels.twell.pack import _pack_kernel, pack_twell  # noqa: E402
+from kernels.twell.pack import _pack_kernel, _pack_kernel_fixed, pack_twell  # noqa: E402
 
 CHUNKS = (2048, 4096, 8192, 16384, 32768)
+# pack launch configs timed one by one at M=16384: (BM, warps, epilogue, row blocks, stages);
+# epilogue 2 writes counts only, the floor of a pass that reads g once
+PACK_SWEEP = [(bm, w, epi, rb, st) for bm, w in ((16, 4), (32, 4), (32, 8)) for epi in (2, 0, 3)
+              for rb, st in ((1, 1), (4, 2), (8, 3))]
+
+
+def pack_sweep(g, cnt, prs, tile, cap):
+    m, n = g.shape
+    out = {}
+    for bm, w, epi, rb, st in PACK_SWEEP:
+        grid = (-(-m // (bm * rb)), cnt.shape[1])
+        out[f"BM{bm} w{w} epi{epi} rb{rb} st{st}"] = median_ms(lambda: _pack_kernel_fixed[grid](
+            g, cnt, prs, m, n, cnt.shape[1], CAP=cap, BN=tile, INTERPRET=False, PAIR64=False, BM=bm, EPI=epi,
+            ROW_BLOCKS=rb, STAGES=st, num_warps=w))
+    return out
 
 
 def main():
@@ -52,6 +67,8 @@ def main():
             prs = torch.empty(16384, c_f.shape[1], cap, dtype=torch.int32, device="cuda")
             r["pack_16384_rows_ms"] = median_ms(lambda: pack_twell(g, cnt, prs, tile, cap))
             r["pack_config"] = str(_pack_kernel.best_config)
+            if m == 16384:
+                r["pack_sweep_ms"] = pack_sweep(g, cnt, prs, tile, cap)
             for ch in CHUNKS:
                 if ch <= m:
                     r[f"cublas_pack_chunk{ch}_ms"] = median_ms(
@@ -73,6 +90,9 @@ def main():
                                   else "-" for c in CHUNKS) + f" | {r['counts_differ']} |")
     lines += ["", "Pack configs chosen: " + "; ".join(f"M={r['M']} cols={r['cols']}: {r['pack_config']}"
                                                      for r in rows)]
+    lines += ["", "Pack launch configs at M=16384 (ms; epi 2 = counts only):"]
+    lines += [f"- cols={r['cols']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["pack_sweep_ms"].items())
+              for r in rows if "pack_sweep_ms" in r]
     md = "\n".join(lines)
     jp, mp = write_results(f"probe_gate_pack_{gpu_slug()}", {"environment": env, "rows": rows}, md)
     print(md)
