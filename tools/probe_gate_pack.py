@@ -26,20 +26,20 @@ from kernels.twell.gate import gate_twell  # noqa: E402
 from kernels.twell.pack import _pack_kernel, _pack_kernel_fixed, pack_twell  # noqa: E402
 
 CHUNKS = (2048, 4096, 8192, 16384, 32768)
-# pack launch configs timed one by one at M=16384: (BM, warps, epilogue, row blocks, stages);
-# epilogue 2 writes counts only, the floor of a pass that reads g once
-PACK_SWEEP = [(bm, w, epi, rb, st) for bm, w in ((16, 4), (32, 4), (32, 8)) for epi in (2, 0, 3)
-              for rb, st in ((1, 1), (4, 2), (8, 3))]
+# pack launch configs timed one by one at M=16384: (BM, warps, epilogue, slot block); epilogue
+# 2 writes counts only (the floor of a pass that reads g once), 0 is the scan, 4 the bitmask select
+PACK_SWEEP = ([(bm, w, epi, 8) for bm, w in ((16, 4), (32, 4)) for epi in (2, 0)]
+              + [(bm, w, 4, sb) for bm, w in ((16, 4), (32, 4), (32, 8), (64, 8)) for sb in (4, 8)])
 
 
 def pack_sweep(g, cnt, prs, tile, cap):
     m, n = g.shape
     out = {}
-    for bm, w, epi, rb, st in PACK_SWEEP:
-        grid = (-(-m // (bm * rb)), cnt.shape[1])
-        out[f"BM{bm} w{w} epi{epi} rb{rb} st{st}"] = median_ms(lambda: _pack_kernel_fixed[grid](
+    for bm, w, epi, sb in PACK_SWEEP:
+        grid = (-(-m // bm), cnt.shape[1])
+        out[f"BM{bm} w{w} epi{epi} sb{sb}"] = median_ms(lambda: _pack_kernel_fixed[grid](
             g, cnt, prs, m, n, cnt.shape[1], CAP=cap, BN=tile, INTERPRET=False, PAIR64=False, BM=bm, EPI=epi,
-            ROW_BLOCKS=rb, STAGES=st, num_warps=w))
+            SB=sb, num_warps=w))
     return out
 
 
@@ -90,7 +90,7 @@ def main():
                                   else "-" for c in CHUNKS) + f" | {r['counts_differ']} |")
     lines += ["", "Pack configs chosen: " + "; ".join(f"M={r['M']} cols={r['cols']}: {r['pack_config']}"
                                                      for r in rows)]
-    lines += ["", "Pack launch configs at M=16384 (ms; epi 2 = counts only):"]
+    lines += ["", "Pack launch configs at M=16384 (ms; epi 2 = counts only, 0 = scan, 4 = bitmask select):"]
     lines += [f"- cols={r['cols']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["pack_sweep_ms"].items())
               for r in rows if "pack_sweep_ms" in r]
     md = "\n".join(lines)

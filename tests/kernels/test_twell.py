@@ -123,21 +123,24 @@ def test_gate_kernel_scan_epilogue():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("epilogue,block_rows", [(3, 16), (0, 32), (None, None)])
-def test_pack_kernel_equals_reference_pack(dtype, epilogue, block_rows):
+@pytest.mark.parametrize("epilogue,block_rows,tile,cap", [(3, 16, 64, 8), (0, 32, 64, 8), (4, 16, 64, 8),
+                                                        (4, 16, 16, 4), (None, None, 64, 8)])
+def test_pack_kernel_equals_reference_pack(dtype, epilogue, block_rows, tile, cap):
     # pre-activation g with negatives; an all-zero row, an all-negative row, a fully dense row
-    # (overflows every tile) and N=300 (a partial last tile of 64)
+    # (overflows every tile) and N=300 (a partial last tile); tile 16 has one 16-bit word
     from kernels.twell.pack import pack_twell
     torch.manual_seed(1)
     g = (torch.randn(37, 300) - 1.6).to(dtype)
     g[2], g[5], g[9] = 0.0, -1.0, torch.rand(300) + 0.5
     g = g.to(DEV)
-    counts = torch.full((37, 5), -7, dtype=torch.int32, device=DEV)
-    pairs = torch.empty(37, 5, 8, dtype=twell.format.pair_dtype(dtype), device=DEV)
-    pack_twell(g, counts, pairs, 64, 8, epilogue=epilogue, block_rows=block_rows)
-    ref = twell.pack_reference(torch.relu(g), 64, 8)
+    nt = -(-300 // tile)
+    counts = torch.full((37, nt), -7, dtype=torch.int32, device=DEV)
+    pairs = torch.empty(37, nt, cap, dtype=twell.format.pair_dtype(dtype), device=DEV)
+    pack_twell(g, counts, pairs, tile, cap, epilogue=epilogue, block_rows=block_rows)
+    ref = twell.pack_reference(torch.relu(g), tile, cap)
     assert torch.equal(counts, ref.counts)
-    assert counts[2].sum() == 0 and counts[5].sum() == 0 and counts[9].tolist() == [64, 64, 64, 64, 44]
+    assert counts[2].sum() == 0 and counts[5].sum() == 0 and counts[9].sum() == 300
+    assert (counts > cap).any() and (counts == 0).any() and ((counts > 0) & (counts <= cap)).any()
     valid = ref.valid()
     assert torch.equal(pairs[valid], ref.pairs[valid])
 
