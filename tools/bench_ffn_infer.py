@@ -91,21 +91,23 @@ def sparse_variants(f, xc, hot_list=(), modes=(), gate_impls=()):
 
 
 def pieces(f, x, w0):
-    """Where the time goes (all-sparse weights): gate+pack, its GEMM floor, and up/down alone."""
+    """Where the time goes (all-sparse weights): gate+pack by cuBLAS + pack.py and by the fused
+    kernel (and its GEMM floor), and up/down alone."""
     from kernels.twell import gate as G
     from kernels.twell.gate import gate_twell
     from kernels.twell.updown import _updown_tuned, updown
     t, cap = w0.tile, w0.cap
     counts, pairs = gate_twell(x, w0.w_gate, t, cap)
     y = torch.empty_like(x)
+    fused = "tma_persist"
     out = {"cublas_relu_gate_ms": median_ms(lambda: torch.relu(F.linear(x, f.w_gate))),
-           "gate_twell_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap)),
-           "gate_impl": f"{G.GATE_IMPL} epilogue {G.EPILOGUE}",
-           "gate_config": str((G._gate_twell_tma_kernel if G.GATE_IMPL.startswith("tma")
-                               else G._gate_twell_kernel).best_config),
-           "gate_counts_only_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap, epilogue=2)),
            "cublas_gate_ms": median_ms(lambda: F.linear(x, f.w_gate)),
+           "gate_default_impl": G.GATE_IMPL,
            "gate_cublas_pack_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap, impl="cublas")),
+           "gate_fused_pack_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap, impl=fused)),
+           "gate_fused_epilogue": G.EPILOGUE,
+           "gate_fused_config": str(G._gate_twell_tma_kernel.best_config),
+           "gate_fused_counts_only_ms": median_ms(lambda: gate_twell(x, w0.w_gate, t, cap, epilogue=2, impl=fused)),
            "updown_ms": median_ms(lambda: updown(x, w0.w_gate, w0.w_up, w0.w_down_t, counts, pairs, y,
                                                  tile=t, cap=cap, col0=0)),
            "overflow_tiles": int((counts > cap).sum())}
@@ -201,6 +203,8 @@ def main():
                          "ffn_infer_overflow_<gpu>")
     ap.add_argument("--gate-impl", nargs="*", default=[], choices=["tma_persist", "tma", "ptr", "cublas"],
                     help="also time every variant with these gate implementations (suffix /<impl>)")
+    ap.add_argument("--only-h", type=int, nargs="*", default=[], help="only these H (with --only-m)")
+    ap.add_argument("--name", default=None, help="results file stem (default ffn_infer[_overflow]_<gpu>)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_ffn_infer needs CUDA")
@@ -217,10 +221,13 @@ def main():
         cases = [(16384, H_FULL, 29.0, False, 0)]
     if args.only_m:
         cases = [c for c in cases if c[0] in args.only_m and c[4] == 0 and c[2] == 29.0 * c[1] / H_FULL]
+    if args.only_h:
+        cases = [c for c in cases if c[1] in args.only_h]
     name, modes = f"ffn_infer_{gpu_slug()}", None
     if args.overflow:
         cases = [(16384, H_FULL, 29.0, False, 0), (16384, H_FULL, 29.0, False, 16), (131072, H_FULL, 29.0, False, 64)]
         name, modes = f"ffn_infer_overflow_{gpu_slug()}", ("rows", "walk")
+    name = args.name or name
     rows = []
     t0 = time.time()
     for m, h, nnz, energy, dr in cases:

@@ -27,10 +27,14 @@ from .pack import pack_twell
 _INTERPRET = interpreting()
 EPILOGUE = int(os.environ.get("TWELL_GATE_EPILOGUE", "3"))  # see gate_twell
 # main-loop implementation of the gate kernels (see gate_twell; NOTES.md has the timings)
-GATE_IMPL = os.environ.get("TWELL_GATE_IMPL", "tma_persist")
+# "cublas" (cuBLAS gate + pack.py) measured 0.46 ms against the fused kernel's 0.57 ms for the
+# 4096 sparse columns of hot1536 at M=16384 (NOTES.md run 11)
+GATE_IMPL = os.environ.get("TWELL_GATE_IMPL", "cublas")
 HOT_IMPL = os.environ.get("TWELL_HOT_IMPL", "tma")
 # impl="cublas": rows of x per cuBLAS call; bounds the dense gate buffer to CHUNK_ROWS x (H - col0)
-CHUNK_ROWS = int(os.environ.get("TWELL_CHUNK_ROWS", "16384"))
+# (64 MiB for 4096 bf16 columns). 8192 was the fastest of 2048-32768 at M=16384 and 131072
+# (NOTES.md run 11): part of a chunk's gate is still in L2 when the pack reads it.
+CHUNK_ROWS = int(os.environ.get("TWELL_CHUNK_ROWS", "8192"))
 
 
 def _configs():

@@ -67,10 +67,10 @@ def test_pack_unpack_roundtrip_and_overflow():
     (33, 64, 1408, 128, 32, torch.bfloat16),  # the tp=4 local width
     (45, 96, 200, 64, 16, torch.float16),     # D not a power of two
 ])
-@pytest.mark.parametrize("epilogue", [1])
-def test_gate_kernel_writes_twell(m, d, h, tile, cap, dtype, epilogue):
+@pytest.mark.parametrize("impl,epilogue", [("tma_persist", 1), ("cublas", None)])
+def test_gate_kernel_writes_twell(m, d, h, tile, cap, dtype, impl, epilogue):
     f = inputs(m, d, h, nnz=0.04 * h, dtype=dtype, dense_rows=1)
-    counts, pairs = gate_twell(f.x, f.w_gate.contiguous(), tile, cap, epilogue=epilogue)
+    counts, pairs = gate_twell(f.x, f.w_gate.contiguous(), tile, cap, epilogue=epilogue, impl=impl)
     values, cols = twell.decode_pairs(pairs, dtype)
     ref = twell.gate_twell_reference(f.x, f.w_gate, tile, cap)
     mism = (counts != ref.counts).sum().item()
@@ -116,8 +116,8 @@ def test_tma_gate_and_hot_kernels_match_pointer_kernels(dtype):
 def test_gate_kernel_scan_epilogue():
     # epilogue 0 (tl.cumsum prefix) must pack exactly like the default tensor-core prefix
     f = inputs(40, 64, 300, nnz=12.0, dtype=torch.float32, dense_rows=1)
-    c1, p1 = gate_twell(f.x, f.w_gate, 64, 8, epilogue=1)
-    c0, p0 = gate_twell(f.x, f.w_gate, 64, 8, epilogue=0)
+    c1, p1 = gate_twell(f.x, f.w_gate, 64, 8, epilogue=1, impl="ptr")
+    c0, p0 = gate_twell(f.x, f.w_gate, 64, 8, epilogue=0, impl="ptr")
     valid = torch.arange(8, device=DEV) < c1.clamp(max=8).unsqueeze(2)
     assert torch.equal(c0, c1) and torch.equal(p0[valid], p1[valid])
 
@@ -164,12 +164,14 @@ def test_cublas_gate_packs_like_fused_kernel(dtype, col0, chunk_rows):
     assert int(fires[1].sum()) == int(c1.sum())
 
 
-def test_ffn_with_cublas_gate_matches_reference():
+@pytest.mark.parametrize("gate_impl", ["cublas", "tma_persist"])
+def test_ffn_with_each_gate_impl_matches_reference(gate_impl):
+    # the default is "cublas"; the fused kernel stays available and must stay exact
     f = inputs(30, 64, 330, 12.0, torch.bfloat16, dense_rows=2, seed=7)
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
-    check_ffn(f, w0, torch.bfloat16, gate_impl="cublas")
-    _, fire = twell.twell_ffn(f.x, w0, return_fire_counts=True, gate_impl="cublas")
-    check_ffn(f, twell.calibrate(w0, fire, 30, n_hot=64), torch.bfloat16, gate_impl="cublas")
+    check_ffn(f, w0, torch.bfloat16, gate_impl=gate_impl)
+    _, fire = twell.twell_ffn(f.x, w0, return_fire_counts=True, gate_impl=gate_impl)
+    check_ffn(f, twell.calibrate(w0, fire, 30, n_hot=64), torch.bfloat16, gate_impl=gate_impl)
     with pytest.raises(ValueError, match="gate impl 'cuBLAS'"):
         twell.twell_ffn(f.x, w0, gate_impl="cuBLAS")
 
