@@ -31,10 +31,11 @@ EPILOGUE = int(os.environ.get("TWELL_GATE_EPILOGUE", "3"))  # see gate_twell
 # 4096 sparse columns of hot1536 at M=16384 (NOTES.md run 11)
 GATE_IMPL = os.environ.get("TWELL_GATE_IMPL", "cublas")
 HOT_IMPL = os.environ.get("TWELL_HOT_IMPL", "tma")
-# impl="cublas": rows of x per cuBLAS call; bounds the dense gate buffer to CHUNK_ROWS x (H - col0)
-# (64 MiB for 4096 bf16 columns). 8192 was the fastest of 2048-32768 at M=16384 and 131072
-# (NOTES.md run 11): part of a chunk's gate is still in L2 when the pack reads it.
-CHUNK_ROWS = int(os.environ.get("TWELL_CHUNK_ROWS", "8192"))
+# impl="cublas": the dense gate buffer's size bound, so a chunk is CHUNK_MIB / ((H - col0) * 2 B)
+# rows of x: 8192 rows for hot1536's 4096 bf16 columns, the fastest of 2048-32768 at M=16384 and
+# 131072 (NOTES.md run 11; part of a chunk's gate is still in L2 when the pack reads it).
+# Narrow (tensor-parallel) widths get longer chunks, so fewer launches.
+CHUNK_MIB = int(os.environ.get("TWELL_CHUNK_MIB", "64"))
 
 
 def _configs():
@@ -218,11 +219,12 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
     x [M, D] and w_gate [H, D] contiguous, same dtype/device (checked by the caller).
     epilogue: 0 = prefix sum by tl.cumsum, 1 = by a tensor-core product, 2 = counts only (timing
     the GEMM floor; pairs are then NOT written), 3 = as 1 with fewer live registers (16-bit
-    activations: nonzero judged on the rounded value); default EPILOGUE.
+    activations: nonzero judged on the rounded value); default EPILOGUE. With impl="cublas" it
+    pins pack.py's ranking (4 = bitmask select there) and None lets its autotuner choose.
     impl: "ptr" (pointer loads, cp.async), "tma" (tensor descriptors), "tma_persist" (TMA, one
     program per SM walking the tiles): fused GEMM + pack, no dense gate in memory; "cublas": a
-    cuBLAS GEMM writes the gate into a buffer of at most chunk_rows (default CHUNK_ROWS) rows,
-    which pack.py packs (the same epilogue, so the same bits; NOTES.md run 11 has the timing).
+    cuBLAS GEMM writes the gate into a buffer of chunk_rows rows (default: CHUNK_MIB of it),
+    which pack.py packs (exactly as the fused epilogue would; NOTES.md run 11 has the timing).
     Default GATE_IMPL. TMA falls back to "ptr" for fp32 and misaligned inputs."""
     m, d = x.shape
     h = w_gate.shape[0]
@@ -233,7 +235,8 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
         return counts.zero_(), pairs
     impl = impl or GATE_IMPL
     if impl == "cublas":   # epilogue None: the pack kernel's autotuner picks it
-        _gate_twell_cublas(x, w_gate[col0:], counts, pairs, tile, cap, fire, epilogue, chunk_rows or CHUNK_ROWS)
+        rows = chunk_rows or max(128, (CHUNK_MIB << 20) // ((h - col0) * x.element_size()))
+        _gate_twell_cublas(x, w_gate[col0:], counts, pairs, tile, cap, fire, epilogue, rows)
         return counts, pairs
     epilogue = EPILOGUE if epilogue is None else epilogue
     fire_arg = fire[col0:] if fire is not None else counts
