@@ -1,7 +1,10 @@
 """twell_ffn: the inference FFN y = (relu(x W_g^T) * (x W_u^T)) W_d^T over TwELL.
 
-Pipeline (no dense gate tensor ever reaches memory):
-  1. gate kernel on the sparse columns [n_hot, H): tensor-core GEMM + TwELL epilogue;
+Pipeline:
+  1. gate on the sparse columns [n_hot, H) into TwELL: by default a cuBLAS GEMM into a bounded
+     row-chunk buffer (64 MiB), packed by pack.py. gate_impl="tma_persist" uses the fused
+     Triton GEMM whose epilogue packs, so no dense gate reaches memory; it measured slower
+     (NOTES.md run 11);
   2. up/down kernel: per token, gathers only its active neurons' W_u / W_d^T rows -> y;
      tokens with an overflowed tile are listed on the device and recomputed in parallel
      (overflow_rows.py);
