@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import environment, gpu_slug, median_ms, write_results  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from kernels.twell.gate import gate_twell  # noqa: E402
-from kernels.twell.pack import _pack_kernel, _pack_kernel_fixed, pack_twell  # noqa: E402
+from kernels.twell.pack import _pack_kernel, pack_twell  # noqa: E402
 
 CHUNKS = (2048, 4096, 8192, 16384, 32768)
 # pack launch configs timed one by one at M=16384: (BM, warps, epilogue, slot block); epilogue
@@ -33,13 +33,10 @@ PACK_SWEEP = ([(bm, w, epi, 8) for bm, w in ((16, 4), (32, 4)) for epi in (2, 0)
 
 
 def pack_sweep(g, cnt, prs, tile, cap):
-    m, n = g.shape
     out = {}
     for bm, w, epi, sb in PACK_SWEEP:
-        grid = (-(-m // bm), cnt.shape[1])
-        out[f"BM{bm} w{w} epi{epi} sb{sb}"] = median_ms(lambda: _pack_kernel_fixed[grid](
-            g, cnt, prs, m, n, cnt.shape[1], CAP=cap, BN=tile, INTERPRET=False, PAIR64=False, BM=bm, EPI=epi,
-            SB=sb, num_warps=w))
+        out[f"BM{bm} w{w} epi{epi} sb{sb}"] = median_ms(lambda: pack_twell(
+            g, cnt, prs, tile, cap, epilogue=epi, block_rows=bm, slot_block=sb, num_warps=w))
     return out
 
 

@@ -1,5 +1,7 @@
-"""Gate kernels: relu(x W_g^T) as a tensor-core GEMM (tl.dot) whose epilogue writes TwELL.
+"""Gate kernels: relu(x W_g^T) into TwELL, and the dense gate+up GEMM of the hot columns.
 
+gate_twell's default path is a cuBLAS GEMM plus pack.py (measured faster, NOTES.md run 11). The
+fused Triton kernels below run the packing epilogue of epilogue.py on their accumulator.
 Two kernels share the GEMM main loop:
   * _gate_twell_kernel: the sparse ("cold") columns [col0, H). One program = BM rows x one TwELL
     tile (BN = T columns). The epilogue applies ReLU, counts nonzeros per row, ranks them with a
@@ -236,7 +238,8 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
     impl = impl or GATE_IMPL
     if impl == "cublas":   # epilogue None: the pack kernel's autotuner picks it
         rows = chunk_rows or max(128, (CHUNK_MIB << 20) // ((h - col0) * x.element_size()))
-        _gate_twell_cublas(x, w_gate[col0:], counts, pairs, tile, cap, fire, epilogue, rows)
+        _gate_twell_cublas(x, w_gate[col0:], counts, pairs, tile, cap, fire[col0:] if fire is not None else None,
+                           epilogue, rows)
         return counts, pairs
     epilogue = EPILOGUE if epilogue is None else epilogue
     fire_arg = fire[col0:] if fire is not None else counts
@@ -258,7 +261,7 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
     return counts, pairs
 
 
-def _gate_twell_cublas(x, w_cold, counts, pairs, tile, cap, fire, epilogue, chunk_rows):
+def _gate_twell_cublas(x, w_cold, counts, pairs, tile, cap, fire_cold, epilogue, chunk_rows):
     # g = x W^T chunk by chunk into one reused buffer, each chunk packed before the next GEMM
     # overwrites it (same stream, so in order). Fire counts are taken from g in torch: an atomic
     # in an autotuned kernel would be repeated by the tuner and wiped by a reset between chunks.
@@ -270,8 +273,8 @@ def _gate_twell_cublas(x, w_cold, counts, pairs, tile, cap, fire, epilogue, chun
         g = buf[: e - s]
         torch.mm(x[s:e], w_cold.t(), out=g)
         pack_twell(g, counts[s:e], pairs[s:e], tile, cap, epilogue=epilogue)
-        if fire is not None:
-            fire[-w_cold.shape[0]:] += (g > 0).sum(0, dtype=torch.int32)
+        if fire_cold is not None:
+            fire_cold += (g > 0).sum(0, dtype=torch.int32)
 
 
 def gate_up_dense(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, n_hot: int, tile: int,

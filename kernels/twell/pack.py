@@ -7,7 +7,7 @@ Why a separate pass at all: in the fused kernel the pack epilogue runs on the wa
 the tensor cores, with the GEMM's registers still live (255 registers, spills), so each tile's
 epilogue stalls its main loop: +0.20 ms on a 0.59 ms GEMM at M=16384 (NOTES.md run 6). Here
 the pack runs at full occupancy; reading g once costs 0.078 ms at M=16384, H=5632 (counts only,
-NOTES.md run 11).
+NOTES.md run 11). kernels/hybrid/row_pack.py made the same choice for training's ELL.
 
 Two ways to rank (the `epilogue` of pack_twell), both exact and equal bit for bit:
   0, 3  the fused kernels' epilogue (epilogue.py): a prefix sum over every one of the T columns
@@ -114,10 +114,12 @@ def _select_pack(g, g_ptr, cnt_ptr, pair_ptr, pid_m, pid_n, offs_m, m_ok, N, n_t
         tl.store(pair_ptr + row_base[:, None] + s, pair, mask=ok)
 
 
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "BN", "CAP"])
 @triton.jit
-def _pack_body(g_ptr, cnt_ptr, pair_ptr, M, N, n_tiles, CAP: tl.constexpr, BN: tl.constexpr,
-               INTERPRET: tl.constexpr, EPI: tl.constexpr, PAIR64: tl.constexpr, BM: tl.constexpr,
-               SB: tl.constexpr):
+def _pack_kernel(g_ptr, cnt_ptr, pair_ptr, M, N, n_tiles, M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr,
+                 INTERPRET: tl.constexpr, PAIR64: tl.constexpr, BM: tl.constexpr, EPI: tl.constexpr,
+                 SB: tl.constexpr):
+    # one program = BM rows x one TwELL tile; pack_twell launches _pack_kernel.fn for a pinned config
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -126,27 +128,12 @@ def _pack_body(g_ptr, cnt_ptr, pair_ptr, M, N, n_tiles, CAP: tl.constexpr, BN: t
     n_ok = offs_n < N
     # masked entries load 0, which is never "nonzero": partial tiles and rows pack correctly
     g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-    if EPI == 4:
+    if EPI == 4:   # SELECT
         _select_pack(g, g_ptr, cnt_ptr, pair_ptr, pid_m, pid_n, offs_m, m_ok, N, n_tiles, CAP, BN, PAIR64, BM, SB,
                      INTERPRET)
     else:
         _twell_epilogue(g.to(tl.float32), g_ptr, cnt_ptr, pair_ptr, cnt_ptr, pid_m, pid_n, offs_m, offs_n, m_ok,
                         n_ok, 0, n_tiles, CAP, BN, False, INTERPRET, EPI, PAIR64, BM)
-
-
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "BN", "CAP"])
-@triton.jit
-def _pack_kernel(g_ptr, cnt_ptr, pair_ptr, M, N, n_tiles, M_BUCKET, CAP: tl.constexpr, BN: tl.constexpr,
-                 INTERPRET: tl.constexpr, PAIR64: tl.constexpr, BM: tl.constexpr, EPI: tl.constexpr,
-                 SB: tl.constexpr):
-    _pack_body(g_ptr, cnt_ptr, pair_ptr, M, N, n_tiles, CAP, BN, INTERPRET, EPI, PAIR64, BM, SB)
-
-
-@triton.jit
-def _pack_kernel_fixed(g_ptr, cnt_ptr, pair_ptr, M, N, n_tiles, CAP: tl.constexpr, BN: tl.constexpr,
-                       INTERPRET: tl.constexpr, PAIR64: tl.constexpr, BM: tl.constexpr, EPI: tl.constexpr,
-                       SB: tl.constexpr):
-    _pack_body(g_ptr, cnt_ptr, pair_ptr, M, N, n_tiles, CAP, BN, INTERPRET, EPI, PAIR64, BM, SB)
 
 
 def pack_twell(g: torch.Tensor, counts: torch.Tensor, pairs: torch.Tensor, tile: int, cap: int,
@@ -161,11 +148,12 @@ def pack_twell(g: torch.Tensor, counts: torch.Tensor, pairs: torch.Tensor, tile:
     if m == 0 or nt == 0:
         return
     flags = dict(CAP=cap, BN=tile, INTERPRET=_INTERPRET, PAIR64=g.dtype == torch.float32)
+    m_bucket = 1 << max(m - 1, 1).bit_length()
     if epilogue is None and block_rows is None:
         grid = lambda meta: (triton.cdiv(m, meta["BM"]), nt)  # noqa: E731
-        _pack_kernel[grid](g, counts, pairs, m, n, nt, 1 << max(m - 1, 1).bit_length(), **flags)
+        _pack_kernel[grid](g, counts, pairs, m, n, nt, m_bucket, **flags)
         return
     bm = block_rows or 16
-    _pack_kernel_fixed[(triton.cdiv(m, bm), nt)](g, counts, pairs, m, n, nt, BM=bm, SB=slot_block,
-                                                 EPI=SELECT if epilogue is None else epilogue,
-                                                 num_warps=num_warps, **flags)
+    _pack_kernel.fn[(triton.cdiv(m, bm), nt)](g, counts, pairs, m, n, nt, m_bucket, BM=bm, SB=slot_block,
+                                              EPI=SELECT if epilogue is None else epilogue,
+                                              num_warps=num_warps, **flags)
