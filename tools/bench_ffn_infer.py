@@ -67,26 +67,28 @@ def make_inputs(m, h, nnz, dense_rows=0, seed=0):
     return f, f.x[:m].contiguous(), f.x[m:].contiguous()
 
 
-def sparse_variants(f, xc, hot_list=(), modes=(), gate_impls=()):
-    """name -> (weights, overlap, overflow mode, gate impl); modes: other overflow modes to time as
-    well ("walk": the up/down program walks overflowed tiles; "rows": the host-side dense-row
-    route); gate_impls: other gate implementations (gate.gate_twell's impl) to time as well."""
+def sparse_variants(f, xc, hot_list=(), modes=(), gate_impls=(), chunk_rows=()):
+    """name -> (weights, twell_ffn keyword arguments). Every layout is timed serially and with
+    "/overlap" (each gate chunk's walk on a side stream beside the next GEMM); modes: other
+    overflow modes ("walk": the up/down program walks overflowed tiles; "rows": the host-side
+    dense-row route); gate_impls: other gate implementations (gate.gate_twell's impl);
+    chunk_rows: other cuBLAS gate chunk sizes (rows of x), with overlap."""
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
     _, fc = twell.twell_ffn(xc, w0, return_fire_counts=True)
-    out = {"twell": (w0, False, "kernel", None),
-           "twell+hot": (twell.calibrate(w0, fc, xc.shape[0]), False, "kernel", None)}
+    layouts = {"twell": w0, "twell+hot": twell.calibrate(w0, fc, xc.shape[0])}
     for k in (k for k in hot_list if k < f.w_gate.shape[0]):
-        out[f"twell+hot{k}"] = (twell.calibrate(w0, fc, xc.shape[0], n_hot=k), False, "kernel", None)
-    for name in list(out):
-        if out[name][0].n_hot:
-            out[name + "/overlap"] = (out[name][0], True, "kernel", None)
-    base = list(out)
-    for mode in modes:
-        for name in [n for n in base if "/" not in n or n.endswith("/overlap")]:
-            out[f"{name}/{mode}"] = (out[name][0], out[name][1], mode, None)
-    for impl in gate_impls:
-        for name in base:
-            out[f"{name}/{impl}"] = (out[name][0], out[name][1], "kernel", impl)
+        layouts[f"twell+hot{k}"] = twell.calibrate(w0, fc, xc.shape[0], n_hot=k)
+    out = {}
+    for name, w in layouts.items():
+        out[name] = (w, {"overlap": False})
+        out[name + "/overlap"] = (w, {"overlap": True})
+        for mode in modes:
+            out[f"{name}/{mode}"] = (w, {"overlap": False, "overflow": mode})
+            out[f"{name}/overlap/{mode}"] = (w, {"overlap": True, "overflow": mode})
+        for impl in gate_impls:
+            out[f"{name}/{impl}"] = (w, {"overlap": False, "gate_impl": impl})
+        for rows in chunk_rows:
+            out[f"{name}/overlap/chunk{rows}"] = (w, {"overlap": True, "gate_chunk_rows": rows})
     return out
 
 
@@ -115,7 +117,8 @@ def pieces(f, x, w0):
     return out
 
 
-def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False, modes=None, gate_impls=()):
+def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False, modes=None, gate_impls=(),
+             chunk_rows=()):
     torch.manual_seed(0)
     f, x, xc = make_inputs(m, h, nnz, dense_rows)
     stats = activation_stats(x, f.w_gate, tile=128)
@@ -131,26 +134,25 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
     row["dense_rel_err"] = rel_err(dense(x), ref)
     if modes is None:
         modes = ("rows", "walk") if dense_rows else ()
-    variants = sparse_variants(f, xc, hot_list, modes, gate_impls)
+    variants = sparse_variants(f, xc, hot_list, modes, gate_impls, chunk_rows)
     row["variants"] = {}
-    for name, (w, ov, of, gi) in variants.items():
+    for name, (w, kw) in variants.items():
         try:
-            y = twell.twell_ffn(x, w, overlap=ov, overflow=of, gate_impl=gi)
-            ms = median_ms(lambda: twell.twell_ffn(x, w, overlap=ov, overflow=of, gate_impl=gi))
+            y = twell.twell_ffn(x, w, **kw)
+            ms = median_ms(lambda: twell.twell_ffn(x, w, **kw))
         except Exception as e:   # a failing variant is reported, not fatal to the run
             print(f"variant {name} failed: {type(e).__name__}: {e}", flush=True)
             continue
         row["variants"][name] = {"ms": ms, "speedup": row["dense_ms"] / ms, "rel_err": rel_err(y, ref),
-                                 "n_hot": w.n_hot, "finite": bool(torch.isfinite(y).all())}
+                                 "n_hot": w.n_hot, "finite": bool(torch.isfinite(y).all()), "kwargs": kw}
     best = min(row["variants"], key=lambda k: row["variants"][k]["ms"])
     row["best"] = best
     if with_pieces:
         row["pieces"] = pieces(f, x, variants["twell"][0])
     if energy:
-        wb, ov, of, gi = variants[best]
+        wb, kw = variants[best]
         row["energy_dense"] = energy_joules_per_call(lambda: dense(x))
-        row["energy_sparse"] = energy_joules_per_call(lambda: twell.twell_ffn(x, wb, overlap=ov, overflow=of,
-                                                                              gate_impl=gi))
+        row["energy_sparse"] = energy_joules_per_call(lambda: twell.twell_ffn(x, wb, **kw))
     del f, x, xc, ref, variants
     torch.cuda.empty_cache()
     return row
@@ -204,6 +206,8 @@ def main():
     ap.add_argument("--gate-impl", nargs="*", default=[], choices=["tma_persist", "tma", "ptr", "cublas"],
                     help="also time every variant with these gate implementations (suffix /<impl>)")
     ap.add_argument("--only-h", type=int, nargs="*", default=[], help="only these H (with --only-m)")
+    ap.add_argument("--chunk-rows", type=int, nargs="*", default=[],
+                    help="also time every layout with overlap and these cuBLAS gate chunk sizes (rows of x)")
     ap.add_argument("--name", default=None, help="results file stem (default ffn_infer[_overflow]_<gpu>)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -232,7 +236,7 @@ def main():
     t0 = time.time()
     for m, h, nnz, energy, dr in cases:
         r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot, with_pieces=energy, modes=modes,
-                     gate_impls=args.gate_impl)
+                     gate_impls=args.gate_impl, chunk_rows=args.chunk_rows)
         rows.append(r)
         v = r["variants"]
         print(f"[{time.time() - t0:6.1f}s] M={m} H={h} nnz={nnz:g} dr={dr}: measured nnz {r['nnz_mean']:.1f}, "

@@ -5,13 +5,20 @@ Pipeline:
      row-chunk buffer (64 MiB), packed by pack.py. gate_impl="tma_persist" uses the fused
      Triton GEMM whose epilogue packs, so no dense gate reaches memory; it measured slower
      (NOTES.md run 11);
-  2. up/down kernel: per token, gathers only its active neurons' W_u / W_d^T rows -> y;
-     tokens with an overflowed tile are listed on the device and recomputed in parallel
-     (overflow_rows.py);
+  2. up/down kernel ("the walk"), chunk by chunk as the gate packs them: per token, gathers only
+     its active neurons' W_u / W_d^T rows -> y; tokens with an overflowed tile are listed on the
+     device and recomputed in parallel (overflow_rows.py);
   3. if weights.n_hot > 0 (see weights.calibrate): the hot columns [0, n_hot) go through a
      dense gate+up GEMM (h written densely) and a cuBLAS down GEMM accumulated into y.
+With overlap (CUDA), each chunk's walk runs on a side stream while the next chunk's gate GEMM
+(or, after the last chunk, the hot gate+up GEMM) runs on the current one: the GEMMs sit at the
+H100's power cap and the walk is bound by L2 bandwidth, so the two share the GPU well
+(NOTES.md run 12).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
+import os
 
 import torch
 
@@ -23,6 +30,9 @@ from .overflow_rows import OverflowList, list_overflowed, overflow_rows
 from .updown import updown
 from .weights import TwellWeights
 
+# walk each gate chunk on a side stream beside the next GEMM (twell_ffn's overlap; NOTES.md run 12)
+OVERLAP = os.environ.get("TWELL_OVERLAP", "0") != "0"
+
 
 def _check(x: torch.Tensor, weights: TwellWeights) -> None:
     if not isinstance(weights, TwellWeights):
@@ -33,14 +43,15 @@ def _check(x: torch.Tensor, weights: TwellWeights) -> None:
 
 @torch.no_grad()
 def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: bool = False,
-              overlap: bool = False, overflow: str = "kernel", overflow_row_cap: int = 256,
+              overlap: bool | None = None, overflow: str = "kernel", overflow_row_cap: int = 256,
               updown_entries: int | None = None, updown_warps: int | None = None,
-              gate_impl: str | None = None):
+              gate_impl: str | None = None, gate_chunk_rows: int | None = None):
     """y [M, D] = FFN(x [M, D]) in x's dtype; optionally also fire_counts [H] int32 (tokens with
     g_j > 0, per ORIGINAL neuron index). On CPU without TRITON_INTERPRET it runs the reference.
 
-    overlap (CUDA, n_hot > 0): run the hot gate+up GEMM (tensor-core bound) on a side stream
-    while the sparse up/down (L2-bandwidth bound) runs on the current one.
+    overlap (CUDA; default OVERLAP, env TWELL_OVERLAP): run the walk of each gate chunk on a side
+    stream while the current stream computes the next chunk's gate GEMM, then the hot gate+up GEMM.
+    Without it (and on CPU) the same chunks run in order on one stream.
 
     overflow: how tokens with a (row, tile) over cap are handled; all three are exact.
       "kernel" (default): tokens with 2 or more overflowed tiles are listed on the device before
@@ -51,13 +62,14 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
         recomputing its gate from W_g. A fully dense row becomes one long serial program (16
         dense rows in 16384 tokens cost +4.4 ms on an H100, NOTES.md run 9). Kept to measure
         "kernel" against.
-      "rows": rows with any overflow are found on the host (one device->host sync per call),
-        skipped by the up/down kernel, and recomputed with dense cuBLAS GEMMs.
+      "rows": rows with any overflow are found on the host (one device->host sync per call, so
+        no chunked walk), skipped by the up/down kernel, and recomputed with dense cuBLAS GEMMs.
 
     gate_impl: how the sparse columns' gate is computed and packed (gate.gate_twell's impl):
       "tma_persist" (fused: the GEMM's epilogue packs, no dense gate in memory) or "cublas"
       (cuBLAS writes the gate into a bounded row-chunk buffer, pack.py packs it). Default
-      gate.GATE_IMPL (env TWELL_GATE_IMPL)."""
+      gate.GATE_IMPL (env TWELL_GATE_IMPL). gate_chunk_rows: rows per cuBLAS gate chunk (default
+      gate.CHUNK_MIB of buffer); the fused impls are one chunk."""
     if overflow not in ("kernel", "walk", "rows"):
         raise ValueError(f"overflow={overflow!r}; expected 'kernel', 'walk' or 'rows'")
     if not (isinstance(overflow_row_cap, int) and overflow_row_cap >= 0):
@@ -70,47 +82,58 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
             return y, (g > 0).sum(0, dtype=torch.int32)
         return y
     m, d = x.shape
-    h, n_hot = weights.hidden, weights.n_hot
+    h, n_hot, cap = weights.hidden, weights.n_hot, weights.cap
     fire = torch.zeros(h, dtype=torch.int32, device=x.device) if return_fire_counts else None
     y = torch.empty(m, d, dtype=x.dtype, device=x.device)
-    side = None
-    if n_hot and overlap and x.is_cuda:
-        main, side = torch.cuda.current_stream(), torch.cuda.Stream(device=x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
+    overlap = OVERLAP if overlap is None else overlap
+    main = torch.cuda.current_stream(x.device) if x.is_cuda else None
+    side = torch.cuda.Stream(device=x.device) if overlap and x.is_cuda and n_hot < h and overflow != "rows" else None
+    ovf = OverflowList(overflow_row_cap, d, x.device) if overflow == "kernel" and overflow_row_cap else None
+    w = weights
+
+    def walk(counts, pairs, s, e):   # the cold up/down of rows [s, e), once the gate has packed them
+        with _after(main, side):
+            if ovf is not None:
+                list_overflowed(counts[s:e], cap, ovf, row0=s)
+            updown(x[s:e], w.w_gate, w.w_up, w.w_down_t, counts[s:e], pairs[s:e], y[s:e], tile=w.tile, cap=cap,
+                   col0=n_hot, entries=updown_entries, num_warps=updown_warps)
+
     dense_rows = None
     if n_hot < h:
-        counts, pairs = gate_twell(x, weights.w_gate, weights.tile, weights.cap, n_hot, fire,
-                                   impl=gate_impl)
+        counts, pairs = gate_twell(x, w.w_gate, w.tile, cap, n_hot, fire, impl=gate_impl, chunk_rows=gate_chunk_rows,
+                                   on_chunk=None if overflow == "rows" else walk)
         if overflow == "rows":
-            dense_rows = (counts > weights.cap).any(1).nonzero().squeeze(1)   # host sync
+            dense_rows = (counts > cap).any(1).nonzero().squeeze(1)   # host sync
             if dense_rows.numel():
                 counts[dense_rows] = 0      # the up/down kernel writes zeros for these rows
             else:
                 dense_rows = None
-        ovf = OverflowList(overflow_row_cap, d, x.device) if overflow == "kernel" and overflow_row_cap else None
-        if ovf is not None:
-            list_overflowed(counts, weights.cap, ovf)
-        updown(x, weights.w_gate, weights.w_up, weights.w_down_t, counts, pairs, y,
-               tile=weights.tile, cap=weights.cap, col0=n_hot, entries=updown_entries, num_warps=updown_warps)
-        if ovf is not None:
-            overflow_rows(x, weights.w_gate, weights.w_up, weights.w_down_t, ovf, y, col0=n_hot)
+            walk(counts, pairs, 0, m)
     else:
         y.zero_()
     if n_hot:
-        if side is None:
-            h_hot = gate_up_dense(x, weights.w_gate, weights.w_up, n_hot, weights.tile, fire)
-        else:
-            main.wait_stream(side)
-            h_hot.record_stream(main)   # allocated on the side stream, freed after main's use
-        y.addmm_(h_hot, weights.w_down_t[:n_hot])
+        h_hot = gate_up_dense(x, w.w_gate, w.w_up, n_hot, w.tile, fire)   # beside the last chunk's walk
+    if side is not None:
+        main.wait_stream(side)   # also orders every later free of what the walk read after it
+    if n_hot:
+        y.addmm_(h_hot, w.w_down_t[:n_hot])
+    if ovf is not None and n_hot < h:
+        overflow_rows(x, w.w_gate, w.w_up, w.w_down_t, ovf, y, col0=n_hot)
     if dense_rows is not None:
         xr = x[dense_rows]
-        hr = torch.relu(xr @ weights.w_gate.t()) * (xr @ weights.w_up.t())
-        y[dense_rows] = hr @ weights.w_down_t
+        hr = torch.relu(xr @ w.w_gate.t()) * (xr @ w.w_up.t())
+        y[dense_rows] = hr @ w.w_down_t
     if return_fire_counts:
         orig = torch.empty_like(fire)
-        orig[weights.perm] = fire
+        orig[w.perm] = fire
         return y, orig
     return y
+
+
+def _after(main, side):
+    """Context for work that must follow everything queued so far on main: on side (which first
+    waits for main) when there is one, else on main itself."""
+    if side is None:
+        return nullcontext()
+    side.wait_stream(main)
+    return torch.cuda.stream(side)

@@ -216,7 +216,7 @@ def _num_sms(dev: torch.device) -> int:
 
 def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0: int = 0,
                fire: torch.Tensor | None = None, epilogue: int | None = None, impl: str | None = None,
-               chunk_rows: int | None = None):
+               chunk_rows: int | None = None, on_chunk=None):
     """Launch the gate+pack kernel on columns [col0, H). Returns (counts, pairs) (format.py).
     x [M, D] and w_gate [H, D] contiguous, same dtype/device (checked by the caller).
     epilogue: 0 = prefix sum by tl.cumsum, 1 = by a tensor-core product, 2 = counts only (timing
@@ -227,20 +227,41 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
     program per SM walking the tiles): fused GEMM + pack, no dense gate in memory; "cublas": a
     cuBLAS GEMM writes the gate into a buffer of chunk_rows rows (default: CHUNK_MIB of it),
     which pack.py packs (exactly as the fused epilogue would; NOTES.md run 11 has the timing).
-    Default GATE_IMPL. TMA falls back to "ptr" for fp32 and misaligned inputs."""
+    Default GATE_IMPL. TMA falls back to "ptr" for fp32 and misaligned inputs.
+    on_chunk(counts, pairs, s, e), if given, is called (on the current stream, after the launches
+    that pack rows [s, e)) once per chunk of rows, so a caller can consume a chunk while the next
+    chunk's GEMM runs; the fused impls pack all rows in one launch, so they call it once."""
     m, d = x.shape
     h = w_gate.shape[0]
     nt = -(-(h - col0) // tile)
     counts = torch.empty(m, nt, dtype=torch.int32, device=x.device)
     pairs = torch.empty(m, nt, cap, dtype=pair_dtype(x.dtype), device=x.device)
     if m == 0 or nt == 0:
-        return counts.zero_(), pairs
+        counts.zero_()
+        if on_chunk is not None and m:
+            on_chunk(counts, pairs, 0, m)
+        return counts, pairs
     impl = impl or GATE_IMPL
     if impl == "cublas":   # epilogue None: the pack kernel's autotuner picks it
-        rows = chunk_rows or max(128, (CHUNK_MIB << 20) // ((h - col0) * x.element_size()))
+        rows = chunk_rows or default_chunk_rows(h - col0, x.element_size())
         _gate_twell_cublas(x, w_gate[col0:], counts, pairs, tile, cap, fire[col0:] if fire is not None else None,
-                           epilogue, rows)
+                           epilogue, rows, on_chunk)
         return counts, pairs
+    _gate_twell_fused(x, w_gate, counts, pairs, tile, cap, col0, fire, epilogue, impl)
+    if on_chunk is not None:
+        on_chunk(counts, pairs, 0, m)
+    return counts, pairs
+
+
+def default_chunk_rows(cols: int, element_size: int) -> int:
+    """Rows of x per cuBLAS gate chunk: CHUNK_MIB of dense gate buffer."""
+    return max(128, (CHUNK_MIB << 20) // (cols * element_size))
+
+
+def _gate_twell_fused(x, w_gate, counts, pairs, tile, cap, col0, fire, epilogue, impl):
+    m, d = x.shape
+    h = w_gate.shape[0]
+    nt = counts.shape[1]
     epilogue = EPILOGUE if epilogue is None else epilogue
     fire_arg = fire[col0:] if fire is not None else counts
     if impl not in ("ptr", "tma", "tma_persist"):
@@ -256,12 +277,11 @@ def gate_twell(x: torch.Tensor, w_gate: torch.Tensor, tile: int, cap: int, col0:
             return (min(n, sms) if persist else n,)
         _gate_twell_tma_kernel[grid](_desc(x), _desc(w_gate), x, counts, pairs, fire_arg, m, d, h, col0, nt,
                                      _m_bucket(m), PERSIST=persist, **flags)
-        return counts, pairs
+        return
     _gate_twell_kernel[_grid(m, nt)](x, w_gate, counts, pairs, fire_arg, m, d, h, col0, nt, _m_bucket(m), **flags)
-    return counts, pairs
 
 
-def _gate_twell_cublas(x, w_cold, counts, pairs, tile, cap, fire_cold, epilogue, chunk_rows):
+def _gate_twell_cublas(x, w_cold, counts, pairs, tile, cap, fire_cold, epilogue, chunk_rows, on_chunk):
     # g = x W^T chunk by chunk into one reused buffer, each chunk packed before the next GEMM
     # overwrites it (same stream, so in order). Fire counts are taken from g in torch: an atomic
     # in an autotuned kernel would be repeated by the tuner and wiped by a reset between chunks.
@@ -275,6 +295,8 @@ def _gate_twell_cublas(x, w_cold, counts, pairs, tile, cap, fire_cold, epilogue,
         pack_twell(g, counts[s:e], pairs[s:e], tile, cap, epilogue=epilogue)
         if fire_cold is not None:
             fire_cold += (g > 0).sum(0, dtype=torch.int32)
+        if on_chunk is not None:
+            on_chunk(counts, pairs, s, e)
 
 
 def gate_up_dense(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, n_hot: int, tile: int,

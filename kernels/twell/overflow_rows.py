@@ -60,7 +60,7 @@ class OverflowList:
 
 
 @triton.jit
-def _list_overflowed_kernel(cnt_ptr, hdr_ptr, list_ptr, acc_ptr, M, D, n_tiles, CAP, ROW_CAP, MIN_T,
+def _list_overflowed_kernel(cnt_ptr, hdr_ptr, list_ptr, acc_ptr, M, D, n_tiles, CAP, ROW_CAP, MIN_T, row0,
                             BM: tl.constexpr, NT_P: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     r_ok = rows < M
@@ -75,7 +75,7 @@ def _list_overflowed_kernel(cnt_ptr, hdr_ptr, list_ptr, acc_ptr, M, D, n_tiles, 
         base = tl.atomic_add(hdr_ptr, n)                  # one atomic per program: a run of slots
         at = base + tl.cumsum(oi, axis=0) - 1
         listed = over & (at < ROW_CAP)
-        tl.store(list_ptr + at, rows, mask=listed)
+        tl.store(list_ptr + at, row0 + rows, mask=listed)
         tl.store(cnt_ptr + c_off, tl.zeros((BM, NT_P), dtype=tl.int32), mask=c_m & listed[:, None])
         for d0 in range(0, D, BLOCK_D):
             rd = d0 + tl.arange(0, BLOCK_D)
@@ -136,17 +136,18 @@ def _overflow_rows_add_kernel(y_ptr, hdr_ptr, list_ptr, acc_ptr, D, ROW_CAP, BLO
 BLOCK_H, BLOCK_D, ROW_BLOCKS, NUM_WARPS = 64, 64, 4, 8
 
 
-def list_overflowed(counts: torch.Tensor, cap: int, ovf: OverflowList) -> None:
+def list_overflowed(counts: torch.Tensor, cap: int, ovf: OverflowList, row0: int = 0) -> None:
     """List the tokens with at least MIN_TILES (row, tile)s over cap (all of them if there are fewer
     tiles) in `ovf`, up to its row_cap, and zero their counts in place, so the up/down kernel skips
-    them. Run between the gate and up/down kernels."""
+    them. Run between the gate and up/down kernels. counts may be the rows [row0, row0 + M) of a
+    larger batch: the list records batch rows, and calls for several chunks share `ovf`."""
     m, nt = counts.shape
     if ovf.row_cap == 0 or m == 0 or nt == 0:
         return
     nt_p = max(2, triton.next_power_of_2(nt))
     bm = 16 if _INTERPRET else max(2, min(64, 4096 // nt_p))   # [BM, NT_P] counts stay in registers
     _list_overflowed_kernel[(triton.cdiv(m, bm),)](counts, ovf.header, ovf.rows, ovf.acc, m, ovf.acc.shape[1], nt,
-                                                   cap, ovf.row_cap, min(MIN_TILES, nt), BM=bm, NT_P=nt_p,
+                                                   cap, ovf.row_cap, min(MIN_TILES, nt), row0, BM=bm, NT_P=nt_p,
                                                    BLOCK_D=32 if _INTERPRET else 256, num_warps=4)
 
 

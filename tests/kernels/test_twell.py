@@ -207,6 +207,25 @@ def test_fully_dense_rows_overflow_is_exact(dtype, overflow, row_cap):
     assert rel(y[dense], ref[dense]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("hot", [0, 64])
+def test_chunked_walk_lists_overflowed_tokens_by_batch_row(hot):
+    """The cuBLAS gate in chunks of 7 rows: each chunk is listed and walked as soon as it is
+    packed (on a side stream with overlap on CUDA), so the overflow list must record batch rows,
+    not rows of the chunk; a dense row past the first chunk would otherwise be recomputed into
+    the wrong token."""
+    f = inputs(24, 64, 330, 12.0, torch.bfloat16, dense_rows=3, seed=3)
+    w = twell.prepare_weights(f.w_gate, f.w_up, f.w_down, tile=64, cap=4)
+    if hot:
+        _, fire = twell.twell_ffn(f.x, w, return_fire_counts=True)
+        w = twell.calibrate(w, fire, 24, n_hot=hot)
+    dense = (f.x[:, 0] < 0).nonzero().squeeze(1)
+    assert dense.numel() == 3 and int(dense.max()) >= 7
+    y = check_ffn(f, w, torch.bfloat16, gate_impl="cublas", gate_chunk_rows=7, overlap=True)
+    ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
+    assert rel(y[dense], ref[dense]) < TOL[torch.bfloat16]
+    assert torch.equal(y, twell.twell_ffn(f.x, w, gate_impl="cublas", gate_chunk_rows=7, overlap=False))
+
+
 @pytest.mark.parametrize("m,d,dense_rows,hot", [(20, 64, 2, 0), (20, 64, 2, 64),
                                                  (40, 80, 20, 0)])   # D off the blocks; 2 row blocks
 def test_overflowed_tokens_are_listed_then_recomputed(m, d, dense_rows, hot):
@@ -331,6 +350,12 @@ def test_gpu_realistic_bf16(h):
     _, fire = twell.twell_ffn(f.x, w0, return_fire_counts=True)
     w = twell.calibrate(w0, fire, 3000, n_hot=512)
     assert rel(twell.twell_ffn(f.x, w), ref) < 1e-2
+    # the walk of each 1000-row gate chunk on a side stream, beside the next chunk's GEMM
+    y_side = twell.twell_ffn(f.x, w, overlap=True, gate_chunk_rows=1000)
+    assert rel(y_side, ref) < 1e-2
+    y_serial = twell.twell_ffn(f.x, w, overlap=False, gate_chunk_rows=1000)
+    clean = f.x[:, 0] >= 0   # dense rows are recomputed with fp32 atomics, in any order
+    assert torch.equal(y_side[clean], y_serial[clean]) and rel(y_side, y_serial) < 1e-3
 
 
 @pytest.mark.gpu
