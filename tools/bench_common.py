@@ -7,6 +7,7 @@ about TwELL or the hybrid format. Stable API (other benchmarks import it):
 
     environment() -> dict            gpu_slug() -> str
     median_ms(fn) -> float           energy_joules_per_call(fn, seconds=3.0) -> dict | None
+    graph_replay_ms(fn) -> (ms, out) fn's GPU time replayed from a CUDA graph
     activation_stats(x, w_gate, tile=128) -> dict
     rel_err(out, ref) -> float       write_results(stem, payload, markdown) -> (json_path, md_path)
     add_ffn_case_args(parser, steps) ffn_training_case(args) -> (params, dy)   (the probes' case)
@@ -81,6 +82,26 @@ def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     """Median time of fn() in ms with triton.testing.do_bench (events, L2 flushed between runs)."""
     import triton.testing
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def graph_replay_ms(fn, warmup_calls: int = 3):
+    """(median ms, output) of fn() replayed from a CUDA graph: its GPU time without the host's
+    launch cost. Captured once after warm-up calls on a side stream (as torch asks), so autotuners
+    have settled before the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    ms = median_ms(graph.replay)
+    del graph
+    return ms, out
 
 
 def _nvml_handle():

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (activation_stats, energy_joules_per_call, environment, gpu_slug,  # noqa: E402
-                          median_ms, rel_err, write_results)
+                          graph_replay_ms, median_ms, rel_err, write_results)
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from kernels import twell  # noqa: E402
 
@@ -118,7 +118,7 @@ def pieces(f, x, w0):
 
 
 def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False, modes=None, gate_impls=(),
-             chunk_rows=()):
+             chunk_rows=(), graphs=False):
     torch.manual_seed(0)
     f, x, xc = make_inputs(m, h, nnz, dense_rows)
     stats = activation_stats(x, f.w_gate, tile=128)
@@ -132,6 +132,8 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
     dense = sep if row["dense_separate_ms"] <= row["dense_packed_ms"] else packed
     row["dense_ms"] = min(row["dense_separate_ms"], row["dense_packed_ms"])
     row["dense_rel_err"] = rel_err(dense(x), ref)
+    if graphs:   # both sides replayed from CUDA graphs: GPU time without host launch cost
+        row["dense_graph_ms"] = min(graph_replay_ms(lambda: sep(x))[0], graph_replay_ms(lambda: packed(x))[0])
     if modes is None:
         modes = ("rows", "walk") if dense_rows else ()
     variants = sparse_variants(f, xc, hot_list, modes, gate_impls, chunk_rows)
@@ -143,8 +145,13 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
         except Exception as e:   # a failing variant is reported, not fatal to the run
             print(f"variant {name} failed: {type(e).__name__}: {e}", flush=True)
             continue
-        row["variants"][name] = {"ms": ms, "speedup": row["dense_ms"] / ms, "rel_err": rel_err(y, ref),
-                                 "n_hot": w.n_hot, "finite": bool(torch.isfinite(y).all()), "kwargs": kw}
+        v = row["variants"][name] = {"ms": ms, "speedup": row["dense_ms"] / ms, "rel_err": rel_err(y, ref),
+                                     "n_hot": w.n_hot, "finite": bool(torch.isfinite(y).all()), "kwargs": kw}
+        if graphs:
+            v["graph_ms"], yg = graph_replay_ms(lambda: twell.twell_ffn(x, w, **kw))
+            v["graph_speedup"] = row["dense_graph_ms"] / v["graph_ms"]
+            v["graph_rel_err"] = rel_err(yg, ref)
+            del yg
     best = min(row["variants"], key=lambda k: row["variants"][k]["ms"])
     row["best"] = best
     if with_pieces:
@@ -184,8 +191,15 @@ def markdown(env, rows):
     extra = [f"- {k} (M={r['M']}, H={r['H']}, nnz {r['nnz_target']:g}): {vv['ms']:.3f} ms, {vv['speedup']:.2f}x, "
              f"rel err {vv['rel_err']:.1e}" for r in rows for k, vv in r["variants"].items()
              if k not in ("twell", "twell+hot")]
+    graph = [f"- M={r['M']}, H={r['H']}, nnz {r['nnz_target']:g}: dense {r['dense_graph_ms']:.3f} ms; "
+             + "; ".join(f"{k} {vv['graph_ms']:.3f} ms **{vv['graph_speedup']:.2f}x** (err {vv['graph_rel_err']:.1e})"
+                         for k, vv in r["variants"].items() if "graph_ms" in vv)
+             for r in rows if "dense_graph_ms" in r]
     if extra:
         lines += ["", "Other variants:"] + extra
+    if graph:
+        lines += ["", "Replayed from CUDA graphs (dense and sparse each captured once; GPU time without host "
+                  "launch cost):"] + graph
     pc = [f"- M={r['M']}, H={r['H']}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                     for k, v in r["pieces"].items()) for r in rows if "pieces" in r]
     if pc:
@@ -206,6 +220,8 @@ def main():
     ap.add_argument("--gate-impl", nargs="*", default=[], choices=["tma_persist", "tma", "ptr", "cublas"],
                     help="also time every variant with these gate implementations (suffix /<impl>)")
     ap.add_argument("--only-h", type=int, nargs="*", default=[], help="only these H (with --only-m)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time dense and every variant replayed from a CUDA graph")
     ap.add_argument("--chunk-rows", type=int, nargs="*", default=[],
                     help="also time every layout with overlap and these cuBLAS gate chunk sizes (rows of x)")
     ap.add_argument("--name", default=None, help="results file stem (default ffn_infer[_overflow]_<gpu>)")
@@ -236,7 +252,7 @@ def main():
     t0 = time.time()
     for m, h, nnz, energy, dr in cases:
         r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot, with_pieces=energy, modes=modes,
-                     gate_impls=args.gate_impl, chunk_rows=args.chunk_rows)
+                     gate_impls=args.gate_impl, chunk_rows=args.chunk_rows, graphs=args.graphs)
         rows.append(r)
         v = r["variants"]
         print(f"[{time.time() - t0:6.1f}s] M={m} H={h} nnz={nnz:g} dr={dr}: measured nnz {r['nnz_mean']:.1f}, "

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import _nvml_handle, energy_joules_per_call, environment, gpu_slug, median_ms, write_results  # noqa: E402
+from bench_common import (_nvml_handle, energy_joules_per_call, environment, gpu_slug, graph_replay_ms,  # noqa: E402
+                          median_ms, write_results)
 from bench_ffn_infer import dense_fns, make_inputs  # noqa: E402
 from kernels import twell  # noqa: E402
 from kernels.twell.gate import gate_twell, gate_up_dense  # noqa: E402
@@ -126,20 +127,8 @@ def graph_vs_eager():
         r = {"H": h, "n_hot": n_hot}
         for name, fn in (("dense", lambda: sep(x)), ("sparse", lambda: twell.twell_ffn(x, w))):
             r[f"{name}_eager_ms"] = median_ms(fn)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            r[f"{name}_graph_ms"] = median_ms(graph.replay)
+            r[f"{name}_graph_ms"], out = graph_replay_ms(fn)
             r[f"{name}_graph_matches_eager"] = bool(torch.equal(out, fn()))
-            del graph
         r["speedup_eager"] = r["dense_eager_ms"] / r["sparse_eager_ms"]
         r["speedup_graph"] = r["dense_graph_ms"] / r["sparse_graph_ms"]
         print(r, flush=True)
