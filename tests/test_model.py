@@ -125,7 +125,7 @@ def test_sequence_too_long_is_clear():
 
 
 def test_twell_weight_layout_key_follows_updates_and_never_caches_zero3_params():
-    from megasparse.model.sparse_mlp import weight_layout_key
+    from megasparse.model.twell_layout import weight_layout_key
 
     mlp = ReluGatedMLP(16, 32)
     ws = (mlp.gate_weight, mlp.up_weight, mlp.down_weight)
@@ -136,3 +136,34 @@ def test_twell_weight_layout_key_follows_updates_and_never_caches_zero3_params()
     assert weight_layout_key(*ws) != key
     mlp.down_weight.ds_id = 7            # what DeepSpeed ZeRO-3 tags its partitioned params with
     assert weight_layout_key(*ws) is None
+
+
+def test_twell_layout_calibrates_on_its_first_tokens_and_rebuilds_after_an_update():
+    """The model's twell layout serves its first tokens with every neuron sparse while counting
+    fires, then moves the popular neurons to dense GEMMs; a weight update starts over. Every
+    phase computes the same function (the kernels run under the Triton interpreter here)."""
+    from kernels import twell
+    from kernels.synthetic import make_ffn_inputs
+    from megasparse.model.twell_layout import TwellLayout
+
+    f = make_ffn_inputs(40, 32, 300, target_nnz=6.0, seed=2, dtype=torch.float32)
+    ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
+    layout = TwellLayout(calibration_tokens=30)
+    ws = (f.w_gate, f.w_up, f.w_down)
+    y_first = layout(f.x[:20], *ws)
+    assert not layout.calibrated and layout.tokens_seen == 20
+    y_second = layout(f.x[20:], *ws)             # 40 tokens seen: calibrates after this call
+    assert layout.calibrated and layout.weights.n_hot % layout.weights.tile == 0
+    hot = layout.weights.perm[:layout.weights.n_hot]
+    assert layout.fire_counts[hot].min() >= layout.fire_counts[layout.weights.perm[layout.weights.n_hot:]].max()
+    y_hot = layout(f.x, *ws)
+    for y, r in ((y_first, ref[:20]), (y_second, ref[20:]), (y_hot, ref)):
+        assert torch.allclose(y, r, rtol=1e-4, atol=1e-5)
+    f.w_up.mul_(2.0)                               # an in-place update: a new layout, calibrated afresh
+    y_new = layout(f.x, *ws)
+    assert torch.allclose(y_new, 2 * ref, rtol=1e-4, atol=1e-5)
+    assert layout.tokens_seen == 40 and layout.calibrated
+    never = TwellLayout(calibration_tokens=0)
+    assert torch.allclose(never(f.x, *ws), 2 * ref, rtol=1e-4, atol=1e-5) and not never.calibrated
+    with pytest.raises(ValueError, match="calibration_tokens"):
+        TwellLayout(calibration_tokens=-1)

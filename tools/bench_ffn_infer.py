@@ -67,8 +67,8 @@ def make_inputs(m, h, nnz, dense_rows=0, seed=0):
     return f, f.x[:m].contiguous(), f.x[m:].contiguous()
 
 
-def sparse_variants(f, xc, hot_list=(), modes=(), gate_impls=(), chunk_rows=()):
-    """name -> (weights, twell_ffn keyword arguments). Every layout is timed serially and with
+def sparse_variants(f, xc, hot_list=(), modes=(), gate_impls=(), chunk_rows=(), overlap=False):
+    """name -> (weights, twell_ffn keyword arguments). overlap: also time every layout with
     "/overlap" (each gate chunk's walk on a side stream beside the next GEMM); modes: other
     overflow modes ("walk": the up/down program walks overflowed tiles; "rows": the host-side
     dense-row route); gate_impls: other gate implementations (gate.gate_twell's impl);
@@ -81,10 +81,10 @@ def sparse_variants(f, xc, hot_list=(), modes=(), gate_impls=(), chunk_rows=()):
     out = {}
     for name, w in layouts.items():
         out[name] = (w, {"overlap": False})
-        out[name + "/overlap"] = (w, {"overlap": True})
+        if overlap:
+            out[name + "/overlap"] = (w, {"overlap": True})
         for mode in modes:
             out[f"{name}/{mode}"] = (w, {"overlap": False, "overflow": mode})
-            out[f"{name}/overlap/{mode}"] = (w, {"overlap": True, "overflow": mode})
         for impl in gate_impls:
             out[f"{name}/{impl}"] = (w, {"overlap": False, "gate_impl": impl})
         for rows in chunk_rows:
@@ -118,7 +118,7 @@ def pieces(f, x, w0):
 
 
 def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=False, modes=None, gate_impls=(),
-             chunk_rows=(), graphs=False):
+             chunk_rows=(), graphs=False, overlap=False):
     torch.manual_seed(0)
     f, x, xc = make_inputs(m, h, nnz, dense_rows)
     stats = activation_stats(x, f.w_gate, tile=128)
@@ -136,7 +136,7 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
         row["dense_graph_ms"] = min(graph_replay_ms(lambda: sep(x))[0], graph_replay_ms(lambda: packed(x))[0])
     if modes is None:
         modes = ("rows", "walk") if dense_rows else ()
-    variants = sparse_variants(f, xc, hot_list, modes, gate_impls, chunk_rows)
+    variants = sparse_variants(f, xc, hot_list, modes, gate_impls, chunk_rows, overlap)
     row["variants"] = {}
     for name, (w, kw) in variants.items():
         try:
@@ -222,6 +222,8 @@ def main():
     ap.add_argument("--only-h", type=int, nargs="*", default=[], help="only these H (with --only-m)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time dense and every variant replayed from a CUDA graph")
+    ap.add_argument("--overlap", action="store_true",
+                    help="also time every layout with overlap (each gate chunk's walk on a side stream)")
     ap.add_argument("--chunk-rows", type=int, nargs="*", default=[],
                     help="also time every layout with overlap and these cuBLAS gate chunk sizes (rows of x)")
     ap.add_argument("--name", default=None, help="results file stem (default ffn_infer[_overflow]_<gpu>)")
@@ -252,7 +254,8 @@ def main():
     t0 = time.time()
     for m, h, nnz, energy, dr in cases:
         r = run_case(m, h, nnz, energy=energy, dense_rows=dr, hot_list=args.hot, with_pieces=energy, modes=modes,
-                     gate_impls=args.gate_impl, chunk_rows=args.chunk_rows, graphs=args.graphs)
+                     gate_impls=args.gate_impl, chunk_rows=args.chunk_rows, graphs=args.graphs,
+                     overlap=args.overlap)
         rows.append(r)
         v = r["variants"]
         print(f"[{time.time() - t0:6.1f}s] M={m} H={h} nnz={nnz:g} dr={dr}: measured nnz {r['nnz_mean']:.1f}, "

@@ -82,20 +82,23 @@ def reorder(weights: TwellWeights, order: torch.Tensor, n_hot: int) -> TwellWeig
 
 
 def calibrate(weights: TwellWeights, fire_counts: torch.Tensor, tokens: int, *, n_hot: int | None = None,
-              min_rate: float = 0.01) -> TwellWeights:
+              min_rate: float = 0.006) -> TwellWeights:
     """Move popular neurons to the front and make the first n_hot dense.
 
     fire_counts [H] are per ORIGINAL neuron (as twell_ffn(..., return_fire_counts=True) returns
-    them) over `tokens` tokens of calibration data (use data other than what you evaluate on).
-    If n_hot is None it is the number of neurons firing on more than `min_rate` of tokens,
-    rounded down to the tile: a dense column costs 4*D tensor-core FLOPs per token, a gathered
-    activation 4*D bytes of L2 traffic, which break even near a 1% firing rate on an H100.
+    them) over `tokens` tokens of calibration data. If n_hot is None it is the number of neurons
+    firing on more than `min_rate` of tokens, rounded to the nearest multiple of the tile: a dense
+    neuron costs two extra GEMM columns (up and down) for every token, a gathered one two weight
+    rows per activation, and on an H100 the two break even near a 0.6% firing rate. At the
+    benchmark layer (D=2048, H=5632, nnz 29) that picks 1536 neurons, the best of the n_hot sweeps
+    (768, 1024, 1280, 1536, 1792, 2048; kernels/twell/NOTES.md runs 11-12).
+    Every layout computes the same function; only the speed depends on it.
     """
     if fire_counts.shape != (weights.hidden,):
         raise ValueError(f"fire_counts has shape {list(fire_counts.shape)}, expected [{weights.hidden}]")
     internal = fire_counts.to(weights.perm.device)[weights.perm].float()
     order = torch.argsort(internal, descending=True, stable=True)
     if n_hot is None:
-        n = int((internal > min_rate * tokens).sum())
-        n_hot = n - n % weights.tile
+        n, t = int((internal > min_rate * tokens).sum()), weights.tile
+        n_hot = min(weights.hidden - weights.hidden % t, (n + t // 2) // t * t)
     return reorder(weights, order, n_hot)

@@ -8,7 +8,9 @@ caller's row-parallel down projection all-reduces y.
 
 Backends (``model.mlp_backend``):
 - ``torch``: plain torch ops; the reference, and the path on CPU.
-- ``twell``: ``kernels.twell`` inference kernels (no autograd): eval and generation on CUDA.
+- ``twell``: ``kernels.twell`` inference kernels (no autograd): eval and generation on CUDA. The
+  layer's kernel layout moves its popular neurons to dense GEMMs after its first 8192 tokens
+  (twell_layout.py).
 - ``hybrid``: ``kernels.hybrid`` sparse training kernels (autograd) on CUDA.
 - ``auto``: CUDA + grad enabled + this layer's measured nnz/H under
   ``model.sparse_nnz_threshold`` -> hybrid, if it measured faster than torch for this layer
@@ -25,6 +27,7 @@ from torch import nn
 
 from megasparse.errors import ConfigError
 from megasparse.model.backend_calibration import BackendCalibration, time_forward_backward_ms
+from megasparse.model.twell_layout import TwellLayout
 
 
 @dataclass
@@ -47,29 +50,9 @@ def torch_gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     return MLPResult(y, l1, active.sum(0, dtype=torch.int32), active.sum(1, dtype=torch.int32))
 
 
-def weight_layout_key(*weights: torch.Tensor) -> tuple | None:
-    """When the kernel's weight layout may be reused: the key changes whenever a weight does, or
-    None when that cannot be told cheaply and the layout must be rebuilt on every call.
-
-    A plain parameter's version counter moves on every in-place optimizer update, and a new
-    tensor has a new address. A ZeRO-3 parameter is gathered into a fresh buffer per forward: the
-    caching allocator can hand back the same address, and the parameter keeps its own version
-    counter while DeepSpeed updates only the partitions, so (address, version) could repeat after
-    an optimizer step and serve a stale layout. Those are never cached (eval forwards only)."""
-    if any(hasattr(w, "ds_id") for w in weights):
-        return None
-    return tuple((w.data_ptr(), w._version) for w in weights)
-
-
-def _twell_forward(x, w_gate, w_up, w_down, cache: dict) -> MLPResult:
-    import kernels.twell as twell  # lazily: CPU runs never need Triton
-
-    # Re-derive the kernel's weight layout only when a parameter changed (weight_layout_key).
-    key = weight_layout_key(w_gate, w_up, w_down)
-    if key is None or cache.get("key") != key:
-        cache["key"], cache["weights"] = key, twell.prepare_weights(w_gate, w_up, w_down)
-    y = twell.twell_ffn(x, cache["weights"])
-    return MLPResult(y, x.new_zeros((), dtype=torch.float32), None)
+def _twell_forward(x, w_gate, w_up, w_down, layout: TwellLayout) -> MLPResult:
+    # the layout is re-derived only when a weight changed, and calibrated on its first tokens
+    return MLPResult(layout(x, w_gate, w_up, w_down), x.new_zeros((), dtype=torch.float32), None)
 
 
 def _hybrid_forward(x, w_gate, w_up, w_down) -> MLPResult:
@@ -129,7 +112,7 @@ class ReluGatedMLP(nn.Module):
         # Set by the trainer from measured statistics at log intervals, so the choice never syncs.
         self.measured_nnz_fraction = 1.0
         self.last_backend = "torch"
-        self._twell_cache: dict = {}
+        self._twell_layout = TwellLayout()
         self.calibration = BackendCalibration(enabled=calibrate)
 
     def local_forward(self, x2d: torch.Tensor) -> MLPResult:
@@ -144,7 +127,7 @@ class ReluGatedMLP(nn.Module):
         if backend == "torch":
             return torch_gated_mlp(x2d, wg, wu, wd)
         if backend == "twell":
-            return _twell_forward(x2d, wg, wu, wd, self._twell_cache)
+            return _twell_forward(x2d, wg, wu, wd, self._twell_layout)
         return _hybrid_forward(x2d, wg, wu, wd)
 
     def calibrate_pending(self) -> str | None:
