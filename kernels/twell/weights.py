@@ -87,11 +87,13 @@ def calibrate(weights: TwellWeights, fire_counts: torch.Tensor, tokens: int, *, 
 
     fire_counts [H] are per ORIGINAL neuron (as twell_ffn(..., return_fire_counts=True) returns
     them) over `tokens` tokens of calibration data. If n_hot is None it is the number of neurons
-    firing on more than `min_rate` of tokens, rounded to the nearest multiple of the tile: a dense
-    neuron costs two extra GEMM columns (up and down) for every token, a gathered one two weight
-    rows per activation, and on an H100 the two break even near a 0.6% firing rate. At the
-    benchmark layer (D=2048, H=5632, nnz 29) that picks 1536 neurons, the best of the n_hot sweeps
-    (768, 1024, 1280, 1536, 1792, 2048; kernels/twell/NOTES.md runs 11-12).
+    firing on more than `min_rate` of tokens, rounded up to a whole tile (the neurons that fill it
+    fire near the break-even rate, so either side costs about the same): a dense neuron costs two
+    extra GEMM columns (up and down) for every token, a gathered one two weight rows per
+    activation, and on an H100 the two break even near a 0.6% firing rate. At the benchmark layer
+    (D=2048, H=5632, nnz 29) that picks 1536 neurons, the best of the n_hot sweep 1024-2048 at
+    M=16384 and 131072 (bench/results/ffn_infer_nhot_sweep_h100.md), and 768 / 384 at the
+    tensor-parallel widths 2816 / 1408.
     Every layout computes the same function; only the speed depends on it.
     """
     if fire_counts.shape != (weights.hidden,):
@@ -100,5 +102,5 @@ def calibrate(weights: TwellWeights, fire_counts: torch.Tensor, tokens: int, *, 
     order = torch.argsort(internal, descending=True, stable=True)
     if n_hot is None:
         n, t = int((internal > min_rate * tokens).sum()), weights.tile
-        n_hot = min(weights.hidden - weights.hidden % t, (n + t // 2) // t * t)
+        n_hot = min(weights.hidden - weights.hidden % t, -(-n // t) * t)
     return reorder(weights, order, n_hot)
