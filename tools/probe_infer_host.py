@@ -6,7 +6,8 @@
 At M=16384, H=1408 the FFN's GPU time is ~0.35 ms (CUDA graph), but an eager call took 0.45-0.7
 ms in bench_ffn_infer.py: the host issues kernels slower than the GPU runs them. This times the
 host side of an eager call while the GPU is busy (so nothing waits on it), then cProfiles calls
-and prints the functions with the most self time. Writes $BENCH_RESULTS_DIR/probe_infer_host.json.
+and prints the functions with the most self time. Writes bench/results/probe_infer_host_<gpu>.json
+($BENCH_RESULTS_DIR to redirect).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import environment, graph_replay_ms, median_ms  # noqa: E402
+from bench_common import RESULTS_DIR, environment, gpu_slug, graph_replay_ms, median_ms  # noqa: E402
 from bench_ffn_infer import make_inputs  # noqa: E402
 from kernels import twell  # noqa: E402
 
@@ -71,9 +72,9 @@ def main():
         out[name] = r
         print(name, {k: v for k, v in r.items() if k != "cprofile_tottime"}, flush=True)
         print(r["cprofile_tottime"], flush=True)
-    d = Path(os.environ.get("BENCH_RESULTS_DIR", "bench/results"))
+    d = Path(os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "probe_infer_host.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    (d / f"probe_infer_host_{gpu_slug()}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
