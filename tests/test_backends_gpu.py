@@ -46,6 +46,34 @@ def test_twell_backend_matches_torch_in_eval():
     assert mlp._twell_layout.calibrated and rel(y3, y2_ref) < 1e-2
 
 
+def test_twell_backend_replays_from_a_cuda_graph():
+    """Once its layout has calibrated, the twell MLP has no host sync, so an inference forward can
+    be captured once and replayed: the remedy for eager calls that are host-bound (tensor-parallel
+    widths, kernels/twell/NOTES.md run 12)."""
+    mlp, x = sparse_mlp("twell")
+    ref, _ = sparse_mlp("torch")
+    with torch.no_grad():
+        for _ in range(2):                 # 8192 tokens: the layout calibrates
+            mlp(x[None])
+        assert mlp._twell_layout.calibrated
+        y_eager = mlp(x[None])[0]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            mlp(x[None])                   # warm-up on the capture stream, as torch asks
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                y_graph = mlp(x[None])[0]
+        torch.cuda.current_stream().wait_stream(side)
+        x_new = torch.randn_like(x)        # other tokens of the same generator (feature 0 is its bias input)
+        x_new[:, 0] = 1.0
+        x.copy_(x_new)                     # new input in the captured buffer: the replay must follow it
+        graph.replay()
+        torch.cuda.synchronize()
+        y_ref = ref(x[None])[0]
+    assert rel(y_graph, y_ref) < 1e-2 and rel(y_eager, y_ref) > 0.5
+
+
 def test_hybrid_backend_matches_torch_in_training():
     out = {}
     for backend in ("hybrid", "torch"):
