@@ -11,9 +11,9 @@ Pipeline:
   3. if weights.n_hot > 0 (see weights.calibrate): the hot columns [0, n_hot) go through a
      dense gate+up GEMM (h written densely) and a cuBLAS down GEMM accumulated into y.
 With overlap (CUDA), each chunk's walk runs on a side stream while the next chunk's gate GEMM
-(or, after the last chunk, the hot gate+up GEMM) runs on the current one: the GEMMs sit at the
-H100's power cap and the walk is bound by L2 bandwidth, so the two share the GPU well
-(NOTES.md run 12).
+(or, after the last chunk, the hot gate+up GEMM) runs on the current one. It measured within 1%
+of the serial order on an H100 (NOTES.md run 12: cuBLAS fills every SM, and the GEMMs sit at the
+power limit), so it is off by default.
 """
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
         raise ValueError(f"overflow={overflow!r}; expected 'kernel', 'walk' or 'rows'")
     if not (isinstance(overflow_row_cap, int) and overflow_row_cap >= 0):
         raise ValueError(f"overflow_row_cap={overflow_row_cap!r} must be an int >= 0")
+    if gate_chunk_rows is not None and not (isinstance(gate_chunk_rows, int) and gate_chunk_rows >= 1):
+        raise ValueError(f"gate_chunk_rows={gate_chunk_rows!r} must be an int >= 1 (rows of x per gate chunk)")
     _check(x, weights)
     if not x.is_cuda and not interpreting():
         y = twell_ffn_reference(x, weights)
@@ -87,7 +89,7 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
     y = torch.empty(m, d, dtype=x.dtype, device=x.device)
     overlap = OVERLAP if overlap is None else overlap
     main = torch.cuda.current_stream(x.device) if x.is_cuda else None
-    side = torch.cuda.Stream(device=x.device) if overlap and x.is_cuda and n_hot < h and overflow != "rows" else None
+    side = _side_stream(x.device) if overlap and x.is_cuda and n_hot < h and overflow != "rows" else None
     ovf = OverflowList(overflow_row_cap, d, x.device) if overflow == "kernel" and overflow_row_cap else None
     w = weights
 
@@ -128,6 +130,17 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
         orig[w.perm] = fire
         return y, orig
     return y
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device, made once (twell_ffn's overlap). Work on it always waits for
+    the current stream first, and the current stream waits for it before twell_ffn returns."""
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device=device)
+    return _SIDE[device]
 
 
 def _after(main, side):

@@ -87,13 +87,13 @@ def calibrate(weights: TwellWeights, fire_counts: torch.Tensor, tokens: int, *, 
 
     fire_counts [H] are per ORIGINAL neuron (as twell_ffn(..., return_fire_counts=True) returns
     them) over `tokens` tokens of calibration data. If n_hot is None it is the number of neurons
-    firing on more than `min_rate` of tokens, rounded up to a whole tile (the neurons that fill it
-    fire near the break-even rate, so either side costs about the same): a dense neuron costs two
-    extra GEMM columns (up and down) for every token, a gathered one two weight rows per
-    activation, and on an H100 the two break even near a 0.6% firing rate. At the benchmark layer
-    (D=2048, H=5632, nnz 29) that picks 1536 neurons, the best of the n_hot sweep 1024-2048 at
-    M=16384 and 131072 (bench/results/ffn_infer_nhot_sweep_h100.md), and 768 / 384 at the
-    tensor-parallel widths 2816 / 1408.
+    firing on more than `min_rate` of tokens, rounded up to a whole tile (a dense tile is computed
+    whole, so its last columns take the next most popular neurons): a dense neuron costs two extra
+    GEMM columns (up and down) for every token, a gathered one two weight rows per activation,
+    and on an H100 the two break even near a 0.6% firing rate. At the benchmark layer (D=2048,
+    H=5632, nnz 29) that picks 1536 neurons, the best of the n_hot sweep 1024-2048 at M=16384 and
+    131072 (bench/results/ffn_infer_nhot_sweep_h100.md), and 768 / 512 at the tensor-parallel
+    widths 2816 / 1408.
     Every layout computes the same function; only the speed depends on it.
     """
     if fire_counts.shape != (weights.hidden,):

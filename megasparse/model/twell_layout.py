@@ -6,14 +6,24 @@ and the rest through TwELL gathers (kernels.twell.calibrate: 1.27x against dense
 neuron sparse, 1.68x with the 1536 most popular dense, at the benchmark layer on an H100;
 kernels/twell/NOTES.md). Which neurons are popular depends on the trained weights and the data,
 so a fresh layout counts each neuron's fires over its first `calibration_tokens` tokens (the
-kernels count them as they go) and then reorders itself once. Every layout computes the same
-function, so nothing served while calibrating is approximated; only the speed changes.
+kernels count them as they go) and then reorders itself once. At narrow tensor-parallel widths
+the dense columns buy no GPU time and cost two more launches, which an eager call pays on the
+host (NOTES.md run 12), so on CUDA both layouts are timed once on the last calibration batch and
+the faster one is kept. Every layout computes the same function, so nothing served while
+calibrating is approximated; only the speed changes.
+
+CUDA graphs: a captured call keeps using the layout it captured (its weight copies stay alive
+here, so a replay never reads freed memory). Capture after calibration, and capture again after
+a weight update. Nothing is counted, calibrated or timed during a capture.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
 CALIBRATION_TOKENS = 8192
+TIMING_CALLS = 3   # per layout, after one warm-up call (which also runs the kernels' autotuners)
 
 
 def weight_layout_key(*weights: torch.Tensor) -> tuple | None:
@@ -27,7 +37,20 @@ def weight_layout_key(*weights: torch.Tensor) -> tuple | None:
     an optimizer step and serve a stale layout. Those are never cached (eval forwards only)."""
     if any(hasattr(w, "ds_id") for w in weights):
         return None
-    return tuple((w.data_ptr(), w._version) for w in weights)
+    return tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.device) for w in weights)
+
+
+def _eager_ms(fn) -> float:
+    """Median wall ms of fn() with the GPU drained around each call: what an eager caller waits."""
+    fn()
+    times = []
+    for _ in range(TIMING_CALLS):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 class TwellLayout:
@@ -43,24 +66,53 @@ class TwellLayout:
         self.weights = None       # kernels.twell.TwellWeights
         self.fire_counts = None   # int32 [H] summed over the tokens seen while calibrating
         self.tokens_seen = 0
+        self.final = False        # calibration is over (or never happens): the layout stays
+        self.timings_ms: dict[str, float] = {}   # the two layouts, timed once on CUDA
+        self._in_graphs: list = []   # layouts a captured CUDA graph computes with
 
     @property
     def calibrated(self) -> bool:
+        """Popular neurons run through the dense GEMMs."""
         return self.weights is not None and self.weights.n_hot > 0
 
     def __call__(self, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                  w_down: torch.Tensor) -> torch.Tensor:
         import kernels.twell as twell  # lazily: CPU runs never need Triton
 
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         key = weight_layout_key(w_gate, w_up, w_down)
         if key is None or key != self.key:
+            if capturing and key is not None:   # the copies would only exist inside the graph
+                raise RuntimeError("the twell layout of this layer was built or changed inside a CUDA graph capture; "
+                                   "run an eager forward after the last weight update (and past the layout's "
+                                   f"{self.calibration_tokens} calibration tokens) before capturing")
             self.key, self.weights = key, twell.prepare_weights(w_gate, w_up, w_down)
             self.fire_counts, self.tokens_seen = None, 0
-        if key is None or self.tokens_seen >= self.calibration_tokens or self.calibration_tokens == 0:
+            self.final = key is None or self.calibration_tokens == 0
+            self.timings_ms = {}
+        if capturing:
+            if key is not None and not any(w is self.weights for w in self._in_graphs):
+                self._in_graphs.append(self.weights)
+            return twell.twell_ffn(x, self.weights)
+        if self.final:
             return twell.twell_ffn(x, self.weights)
         y, fires = twell.twell_ffn(x, self.weights, return_fire_counts=True)
         self.fire_counts = fires if self.fire_counts is None else self.fire_counts + fires
         self.tokens_seen += x.shape[0]
         if self.tokens_seen >= self.calibration_tokens:
-            self.weights = twell.calibrate(self.weights, self.fire_counts, self.tokens_seen)
+            self._choose(twell.calibrate(self.weights, self.fire_counts, self.tokens_seen), x)
         return y
+
+    def _choose(self, hot, x: torch.Tensor) -> None:
+        """Keep `hot` (popular neurons dense) unless, timed on CUDA, every-neuron-sparse is faster."""
+        import kernels.twell as twell
+
+        self.final = True
+        if hot.n_hot == 0:
+            return
+        if x.is_cuda:
+            self.timings_ms = {"all sparse": _eager_ms(lambda: twell.twell_ffn(x, self.weights)),
+                               f"hot{hot.n_hot}": _eager_ms(lambda: twell.twell_ffn(x, hot))}
+            if self.timings_ms["all sparse"] <= self.timings_ms[f"hot{hot.n_hot}"]:
+                return
+        self.weights = hot

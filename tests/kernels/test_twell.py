@@ -336,12 +336,14 @@ def test_clear_errors():
         twell.twell_ffn(f.x, w, overflow="truncate")
     with pytest.raises(ValueError, match="overflow_row_cap"):
         twell.twell_ffn(f.x, w, overflow_row_cap=-1)
+    with pytest.raises(ValueError, match="gate_chunk_rows"):
+        twell.twell_ffn(f.x, w, gate_chunk_rows=0)
 
 
 # ---------------------------------------------------------------- GPU only (real shapes)
 @pytest.mark.gpu
 @pytest.mark.parametrize("h", [1408, 2816, 5632])
-def test_gpu_realistic_bf16(h):
+def test_gpu_realistic_bf16(h, monkeypatch):
     f = inputs(3000, 2048, h, 29.0 * h / 5632, torch.bfloat16, dense_rows=4, seed=h)
     w0 = twell.prepare_weights(f.w_gate, f.w_up, f.w_down)
     y = check_ffn(f, w0, torch.bfloat16)
@@ -350,10 +352,18 @@ def test_gpu_realistic_bf16(h):
     _, fire = twell.twell_ffn(f.x, w0, return_fire_counts=True)
     w = twell.calibrate(w0, fire, 3000, n_hot=512)
     assert rel(twell.twell_ffn(f.x, w), ref) < 1e-2
-    # the walk of each 1000-row gate chunk on a side stream, beside the next chunk's GEMM
-    y_side = twell.twell_ffn(f.x, w, overlap=True, gate_chunk_rows=1000)
-    assert rel(y_side, ref) < 1e-2
-    y_serial = twell.twell_ffn(f.x, w, overlap=False, gate_chunk_rows=1000)
+    # the walk of each 1000-row gate chunk on a side stream, beside the next chunk's GEMM; each
+    # walk is held back by a sleep kernel on its stream, so a missing wait would show as a wrong y
+    y_serial, fire_serial = twell.twell_ffn(f.x, w, overlap=False, gate_chunk_rows=1000, return_fire_counts=True)
+    import kernels.twell.ffn as ffn_mod
+    real_updown = ffn_mod.updown
+
+    def slow_updown(*args, **kwargs):
+        torch.cuda._sleep(2_000_000)
+        return real_updown(*args, **kwargs)
+    monkeypatch.setattr(ffn_mod, "updown", slow_updown)
+    y_side, fire_side = twell.twell_ffn(f.x, w, overlap=True, gate_chunk_rows=1000, return_fire_counts=True)
+    assert rel(y_side, ref) < 1e-2 and torch.equal(fire_side, fire_serial)
     clean = f.x[:, 0] >= 0   # dense rows are recomputed with fp32 atomics, in any order
     assert torch.equal(y_side[clean], y_serial[clean]) and rel(y_side, y_serial) < 1e-3
 
