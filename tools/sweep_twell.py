@@ -26,6 +26,7 @@ from bench_common import environment, median_ms, rel_err  # noqa: E402
 from kernels import twell  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from kernels.twell import gate as G  # noqa: E402
+from kernels.twell._common import m_bucket  # noqa: E402
 from kernels.twell import updown as U  # noqa: E402
 
 # (BM, BK, warps, stages). The flattened tile loop and 2-3 programs per SM measured in run 8
@@ -49,7 +50,7 @@ def gate_launch(x, w, tile, cap, col0, bm, bk, warps, stages, epi=3):
 
     def run():
         G._gate_twell_tma_kernel.fn[grid](
-            xd, wd, x, counts, pairs, counts, m, d, h, col0, nt, G._m_bucket(m), CAP=cap, BN=tile,
+            xd, wd, x, counts, pairs, counts, m, d, h, col0, nt, m_bucket(m), CAP=cap, BN=tile,
             COUNT_FIRES=False, IEEE=False, INTERPRET=False, EPI=epi, PAIR64=False, PERSIST=True,
             BM=bm, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
         return counts, pairs

@@ -1,4 +1,5 @@
-"""Input checks shared by the TwELL kernels (they reject non-contiguous inputs with a clear error)."""
+"""Shared by the TwELL kernels: input checks (non-contiguous inputs get a clear error) and the
+autotuners' M bucket."""
 from __future__ import annotations
 
 import torch
@@ -23,3 +24,8 @@ def check_matrix(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | 
     if not t.is_contiguous():
         raise ValueError(f"{name} (shape {list(t.shape)}, strides {t.stride()}) is not contiguous; "
                          f"call .contiguous() first")
+
+
+def m_bucket(m: int) -> int:
+    """Autotune once per power-of-two range of M, not per exact M."""
+    return 1 << max(m - 1, 1).bit_length()

@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..common import grouped_tile_ids, interpreting
+from ._common import m_bucket
 from .epilogue import _dot, _twell_epilogue
 from .format import pair_dtype
 from .pack import pack_twell
@@ -188,11 +189,6 @@ def _grid(m, n_cols_tiles):
     return lambda meta: (triton.cdiv(m, meta["BM"]) * n_cols_tiles,)
 
 
-def _m_bucket(m: int) -> int:
-    # autotune once per power-of-two range of M, not per exact M
-    return 1 << max(m - 1, 1).bit_length()
-
-
 def _tma_ok(*ts: torch.Tensor) -> bool:
     # TMA needs 16-byte aligned bases and row strides (D * itemsize % 16 == 0). fp32 (tests only)
     # keeps the pointer kernel: its configs were sized for it, TMA brings it nothing.
@@ -276,9 +272,9 @@ def _gate_twell_fused(x, w_gate, counts, pairs, tile, cap, col0, fire, epilogue,
             n = triton.cdiv(m, meta["BM"]) * nt
             return (min(n, sms) if persist else n,)
         _gate_twell_tma_kernel[grid](_desc(x), _desc(w_gate), x, counts, pairs, fire_arg, m, d, h, col0, nt,
-                                     _m_bucket(m), PERSIST=persist, **flags)
+                                     m_bucket(m), PERSIST=persist, **flags)
         return
-    _gate_twell_kernel[_grid(m, nt)](x, w_gate, counts, pairs, fire_arg, m, d, h, col0, nt, _m_bucket(m), **flags)
+    _gate_twell_kernel[_grid(m, nt)](x, w_gate, counts, pairs, fire_arg, m, d, h, col0, nt, m_bucket(m), **flags)
 
 
 def _gate_twell_cublas(x, w_cold, counts, pairs, tile, cap, fire_cold, epilogue, chunk_rows, on_chunk):
@@ -310,10 +306,10 @@ def gate_up_dense(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, n_h
     if impl.startswith("tma") and _tma_ok(x, w_gate, w_up):
         _gate_up_dense_tma_kernel[_grid(m, -(-n_hot // tile))](
             _desc(x), _desc(w_gate[:n_hot]), _desc(w_up[:n_hot]), out,
-            fire[:n_hot] if fire is not None else out, m, d, n_hot, _m_bucket(m), BN=tile,
+            fire[:n_hot] if fire is not None else out, m, d, n_hot, m_bucket(m), BN=tile,
             COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32, INTERPRET=_INTERPRET)
         return out
     _gate_up_dense_kernel[_grid(m, -(-n_hot // tile))](
-        x, w_gate, w_up, out, fire[:n_hot] if fire is not None else out, m, d, n_hot, _m_bucket(m),
+        x, w_gate, w_up, out, fire[:n_hot] if fire is not None else out, m, d, n_hot, m_bucket(m),
         BN=tile, COUNT_FIRES=fire is not None, IEEE=x.dtype == torch.float32, INTERPRET=_INTERPRET)
     return out

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import interpreting
+from ._common import m_bucket
 from .epilogue import _twell_epilogue
 
 _INTERPRET = interpreting()
@@ -148,12 +149,11 @@ def pack_twell(g: torch.Tensor, counts: torch.Tensor, pairs: torch.Tensor, tile:
     if m == 0 or nt == 0:
         return
     flags = dict(CAP=cap, BN=tile, INTERPRET=_INTERPRET, PAIR64=g.dtype == torch.float32)
-    m_bucket = 1 << max(m - 1, 1).bit_length()
     if epilogue is None and block_rows is None:
         grid = lambda meta: (triton.cdiv(m, meta["BM"]), nt)  # noqa: E731
-        _pack_kernel[grid](g, counts, pairs, m, n, nt, m_bucket, **flags)
+        _pack_kernel[grid](g, counts, pairs, m, n, nt, m_bucket(m), **flags)
         return
     bm = block_rows or 16
-    _pack_kernel.fn[(triton.cdiv(m, bm), nt)](g, counts, pairs, m, n, nt, m_bucket, BM=bm, SB=slot_block,
+    _pack_kernel.fn[(triton.cdiv(m, bm), nt)](g, counts, pairs, m, n, nt, m_bucket(m), BM=bm, SB=slot_block,
                                               EPI=SELECT if epilogue is None else epilogue,
                                               num_warps=num_warps, **flags)
