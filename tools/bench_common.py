@@ -8,6 +8,7 @@ about TwELL or the hybrid format. Stable API (other benchmarks import it):
     environment() -> dict            gpu_slug() -> str
     median_ms(fn) -> float           energy_joules_per_call(fn, seconds=3.0) -> dict | None
     graph_replay_ms(fn) -> (ms, out) fn's GPU time replayed from a CUDA graph
+    busy_issue_ms(fn, n) -> [ms]     host issue time per call while the GPU is busy
     activation_stats(x, w_gate, tile=128) -> dict
     rel_err(out, ref) -> float       write_results(stem, payload, markdown) -> (json_path, md_path)
     add_ffn_case_args(parser, steps) ffn_training_case(args) -> (params, dy)   (the probes' case)
@@ -84,24 +85,41 @@ def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def graph_replay_ms(fn, warmup_calls: int = 3):
-    """(median ms, output) of fn() replayed from a CUDA graph: its GPU time without the host's
-    launch cost. Captured once after warm-up calls on a side stream (as torch asks), so autotuners
-    have settled before the capture."""
+def graph_replay_ms(fn, warmup_calls: int = 3, setup=None):
+    """(median ms, output) of fn(*setup()) replayed from a CUDA graph: its GPU time without the
+    host's launch cost. Captured once after warm-up calls on a side stream (as torch asks), so
+    autotuners have settled before the capture. setup, if given, runs first on that stream and
+    returns fn's arguments (autograd leaves must be made on the stream that captures them)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
+        args = setup() if setup is not None else ()
         for _ in range(warmup_calls):
-            fn()
+            fn(*args)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):
-            out = fn()
+            out = fn(*args)
     torch.cuda.current_stream().wait_stream(side)
     graph.replay()
     torch.cuda.synchronize()
     ms = median_ms(graph.replay)
     del graph
     return ms, out
+
+
+def busy_issue_ms(fn, n: int) -> list[float]:
+    """Host ms of each of n calls of fn while the GPU is ~0.5 s behind: nothing can wait on a
+    result, so a slow call blocks on something (an allocation or a sync) or on its own issue
+    cost, not on the GPU's pace."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(1e9))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    return times
 
 
 def _nvml_handle():

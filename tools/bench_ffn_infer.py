@@ -143,8 +143,8 @@ def run_case(m, h, nnz, energy=False, dense_rows=0, hot_list=(), with_pieces=Fal
         except Exception as e:   # a failing variant is reported, not fatal to the run
             print(f"variant {name} failed: {type(e).__name__}: {e}", flush=True)
             continue
-        v = row["variants"][name] = {"ms": ms, "speedup": row["dense_ms"] / ms, "rel_err": rel_err(y, ref),
-                                     "n_hot": w.n_hot, "finite": bool(torch.isfinite(y).all()), "kwargs": kw}
+        row["variants"][name] = {"ms": ms, "speedup": row["dense_ms"] / ms, "rel_err": rel_err(y, ref),
+                                 "n_hot": w.n_hot, "finite": bool(torch.isfinite(y).all()), "kwargs": kw}
     best = min(row["variants"], key=lambda k: row["variants"][k]["ms"])
     row["best"] = best
     if with_pieces:

@@ -31,8 +31,8 @@ from kernels.hybrid.heavy_rows import heavy_backward, heavy_forward  # noqa: E40
 from kernels.hybrid.hot_panel import gather_hot_rows  # noqa: E402
 from kernels.hybrid.row_pack import cublas_gate_pack  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
-from bench_common import (activation_stats, environment, gpu_slug, median_ms, rel_err,  # noqa: E402
-                                write_results)
+from bench_common import (activation_stats, environment, gpu_slug, graph_replay_ms, median_ms,  # noqa: E402
+                          rel_err, write_results)
 
 LAMBDA = 1e-2  # weight of the L1 term in the benchmark loss; any nonzero value exercises its gradient
 
@@ -68,23 +68,9 @@ def fwd_bwd(fn, params, dy):
 def graph_ms(fn, params, dy):
     """Median ms of fwd_bwd(fn) replayed from a CUDA graph: the step's GPU time without the
     host's launch overhead. Leaves are re-made on the capture stream (autograd's leaf nodes
-    remember the stream their tensors were made on); warm-up calls there first, as torch asks."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        p = [t.detach().clone().requires_grad_() for t in params]
-        d = dy.clone()
-        for _ in range(3):
-            fwd_bwd(fn, p, d)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            fwd_bwd(fn, p, d)
-    torch.cuda.current_stream().wait_stream(side)
-    graph.replay()
-    torch.cuda.synchronize()
-    ms = median_ms(graph.replay)
-    del graph
-    return ms
+    remember the stream their tensors were made on)."""
+    return graph_replay_ms(lambda p, d: fwd_bwd(fn, p, d),
+                           setup=lambda: ([t.detach().clone().requires_grad_() for t in params], dy.clone()))[0]
 
 
 def peak_mem_mib(step):

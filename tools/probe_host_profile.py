@@ -25,7 +25,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels.hybrid import sparse_gated_mlp  # noqa: E402
-from bench_common import add_ffn_case_args, ffn_training_case  # noqa: E402
+from bench_common import add_ffn_case_args, busy_issue_ms, ffn_training_case  # noqa: E402
 from bench_ffn_train import dense_ffn, fwd_bwd  # noqa: E402
 
 
@@ -46,20 +46,6 @@ def _per_call_us(fn, n=2000):
     return dt
 
 
-def _busy_issue_ms(fn, n):
-    """Host ms per call of fn while the GPU is ~0.5 s behind: nothing can wait on a result, so a
-    slow call here blocks on something (an allocation or a sync), not on the GPU's pace."""
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(1e9))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    torch.cuda.synchronize()
-    return times
-
-
 def main():
     ap = argparse.ArgumentParser()
     add_ffn_case_args(ap, steps=30)
@@ -74,13 +60,13 @@ def main():
         "torch_mm_64": _per_call_us(lambda: a[:4096].view(64, 64) @ a[:4096].view(64, 64)),
     }}
     dev2 = torch.zeros(2, dtype=torch.int32, device="cuda")
-    out["busy_pinned_alloc_and_copy_ms"] = _busy_issue_ms(
+    out["busy_pinned_alloc_and_copy_ms"] = busy_issue_ms(
         lambda: torch.empty(2, dtype=torch.int32, pin_memory=True).copy_(dev2, non_blocking=True), 4)
     print(json.dumps(out), flush=True)
     params, dy = ffn_training_case(args)
     for _ in range(5):
         fwd_bwd(sparse_gated_mlp, params, dy)
-    out["busy_step_issue_ms"] = _busy_issue_ms(lambda: fwd_bwd(sparse_gated_mlp, params, dy), 6)
+    out["busy_step_issue_ms"] = busy_issue_ms(lambda: fwd_bwd(sparse_gated_mlp, params, dy), 6)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(args.steps):

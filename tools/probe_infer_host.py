@@ -18,29 +18,21 @@ import json
 import os
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS_DIR, environment, gpu_slug, graph_replay_ms, median_ms  # noqa: E402
+from bench_common import RESULTS_DIR, busy_issue_ms, environment, gpu_slug, graph_replay_ms, median_ms  # noqa: E402
 from bench_ffn_infer import make_inputs  # noqa: E402
 from kernels import twell  # noqa: E402
 
 
-def host_ms_per_call(fn, n=50):
-    """Host ms to issue fn() while a long sleep kernel keeps the GPU busy (no call can wait)."""
+def _mean_issue_ms(fn, n=50):
     fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))   # ~1 s of GPU cycles queued ahead of the calls
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t) / n * 1e3
-    torch.cuda.synchronize()
-    return dt
+    times = busy_issue_ms(fn, n)
+    return sum(times) / n
 
 
 def main():
@@ -58,7 +50,7 @@ def main():
     out = {"environment": environment(), "case": vars(a)}
     for name, weights in (("all sparse", w0), (f"hot{a.n_hot}", w)):
         fn = lambda: twell.twell_ffn(x, weights)  # noqa: E731
-        r = {"eager_ms": median_ms(fn), "graph_ms": graph_replay_ms(fn)[0], "host_issue_ms": host_ms_per_call(fn)}
+        r = {"eager_ms": median_ms(fn), "graph_ms": graph_replay_ms(fn)[0], "host_issue_ms": _mean_issue_ms(fn)}
         torch.cuda._sleep(int(2e9))
         prof = cProfile.Profile()
         prof.enable()
