@@ -59,31 +59,41 @@ class BackendCalibration:
         return self.choice
 
 
+def median_call_ms(call: Callable[[], object], cuda: bool, warmup: int, iters: int) -> float:
+    """Median ms of call() over `iters` runs after `warmup` ones. On CUDA each run is timed by
+    events and waited for, so it is what an eager caller waits for; else by the host clock."""
+    times = []
+    for i in range(warmup + iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        call()
+        if cuda:
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    return sorted(times)[len(times) // 2]
+
+
 def time_forward_backward_ms(fn, x: torch.Tensor, weights: list[torch.Tensor], warmup: int, iters: int) -> float:
     """Median ms of fn(x, *weights) forward + backward of sum(y * x) + l1, on detached copies
     (no gradient reaches the real parameters). Uses x itself as the output gradient, so no
     random numbers are drawn (the trainer's RNG streams stay exact for resume)."""
     xs = x.detach().requires_grad_(True)
     ws = [w.detach().requires_grad_(True) for w in weights]
-    times = []
+
+    def step():
+        xs.grad = None
+        for w in ws:
+            w.grad = None
+        out = fn(xs, *ws)
+        ((out.y.float() * xs.detach().float()).sum() + out.l1).backward()
+
     with torch.enable_grad():
-        for i in range(warmup + iters):
-            if x.is_cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            else:
-                t0 = time.perf_counter()
-            out = fn(xs, *ws)
-            ((out.y.float() * xs.detach().float()).sum() + out.l1).backward()
-            if x.is_cuda:
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                ms = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times.append(ms)
-            xs.grad = None
-            for w in ws:
-                w.grad = None
-    return sorted(times)[len(times) // 2]
+        return median_call_ms(step, x.is_cuda, warmup, iters)

@@ -18,9 +18,9 @@ a weight update. Nothing is counted, calibrated or timed during a capture.
 """
 from __future__ import annotations
 
-import time
-
 import torch
+
+from megasparse.model.backend_calibration import median_call_ms
 
 CALIBRATION_TOKENS = 8192
 TIMING_CALLS = 3   # per layout, after one warm-up call (which also runs the kernels' autotuners)
@@ -38,19 +38,6 @@ def weight_layout_key(*weights: torch.Tensor) -> tuple | None:
     if any(hasattr(w, "ds_id") for w in weights):
         return None
     return tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.device) for w in weights)
-
-
-def _eager_ms(fn) -> float:
-    """Median wall ms of fn() with the GPU drained around each call: what an eager caller waits."""
-    fn()
-    times = []
-    for _ in range(TIMING_CALLS):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 class TwellLayout:
@@ -111,8 +98,8 @@ class TwellLayout:
         if hot.n_hot == 0:
             return
         if x.is_cuda:
-            self.timings_ms = {"all sparse": _eager_ms(lambda: twell.twell_ffn(x, self.weights)),
-                               f"hot{hot.n_hot}": _eager_ms(lambda: twell.twell_ffn(x, hot))}
+            self.timings_ms = {name: median_call_ms(lambda: twell.twell_ffn(x, w), True, 1, TIMING_CALLS)
+                               for name, w in (("all sparse", self.weights), (f"hot{hot.n_hot}", hot))}
             if self.timings_ms["all sparse"] <= self.timings_ms[f"hot{hot.n_hot}"]:
                 return
         self.weights = hot
