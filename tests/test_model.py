@@ -94,6 +94,19 @@ def test_model_is_causal():
     assert not torch.allclose(full[:, 8:], part[:, 8:])
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_hidden_states_are_what_the_lm_head_reads(tied):
+    # the whole-model prefill benchmark times hidden_states(): it must be the forward minus the head
+    torch.manual_seed(0)
+    model = SparseLlama(tiny(tie_embeddings=tied)).eval()
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        hidden = model.hidden_states(ids)
+        logits = model(ids).logits
+    assert hidden.shape == (2, 11, model.cfg.d_model)
+    torch.testing.assert_close(hidden @ model.head_weight().t(), logits)
+
+
 def test_activation_checkpointing_gives_same_grads():
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 9))

@@ -177,7 +177,14 @@ class SparseLlama(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's final normed hidden states [B, T, D], without the LM head: what a prefill
+        computes (the whole-model benchmark times this, as the paper does)."""
+        x, _, _, _ = self._decode(input_ids)
+        return self.norm(x)
+
+    def _decode(self, input_ids: torch.Tensor):
+        """Embedding and layers: (x, per-layer L1 terms, fire counts, per-token nnz)."""
         seq = input_ids.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -192,6 +199,10 @@ class SparseLlama(nn.Module):
             l1_terms.append(l1)
             fire_counts.append(counts)
             token_nnz.append(per_token)
+        return x, l1_terms, fire_counts, token_nnz
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        x, l1_terms, fire_counts, token_nnz = self._decode(input_ids)
         l1_local = torch.stack(l1_terms)
         # One all-reduce of [n_layers] per micro-batch makes the loss the full-H value, the same
         # at any TP degree; its backward is the identity, so each shard's L1 gradient stays local.
