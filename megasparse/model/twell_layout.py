@@ -12,11 +12,18 @@ host (NOTES.md run 12), so on CUDA both layouts are timed once on the last calib
 the faster one is kept. Every layout computes the same function, so nothing served while
 calibrating is approximated; only the speed changes.
 
+A layout can also be preset (`preset_hot(n_hot)`, what `megasparse.inference.load_pretrained`
+does for an export calibrated at export time, docs/export.md): the weights' neurons are then
+already in popularity order, so the first n_hot are made dense as they stand (no permutation),
+nothing is counted or timed at run time, and the layout is final as soon as it is built.
+
 CUDA graphs: a captured call keeps using the layout it captured (its weight copies stay alive
 here, so a replay never reads freed memory). Capture after calibration, and capture again after
 a weight update. Nothing is counted, calibrated or timed during a capture.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -45,10 +52,13 @@ class TwellLayout:
     layouts). A layout that cannot be cached (weight_layout_key is None: ZeRO-3) is rebuilt on
     every call and stays uncalibrated."""
 
-    def __init__(self, calibration_tokens: int = CALIBRATION_TOKENS):
+    def __init__(self, calibration_tokens: int = CALIBRATION_TOKENS, preset_n_hot: int | None = None):
         if calibration_tokens < 0:
             raise ValueError(f"calibration_tokens={calibration_tokens} must be >= 0 (0: never calibrate)")
         self.calibration_tokens = calibration_tokens
+        self.preset_n_hot: int | None = None
+        if preset_n_hot is not None:
+            self.preset_hot(preset_n_hot)
         self.key = None
         self.weights = None       # kernels.twell.TwellWeights
         self.fire_counts = None   # int32 [H] summed over the tokens seen while calibrating
@@ -56,6 +66,25 @@ class TwellLayout:
         self.final = False        # calibration is over (or never happens): the layout stays
         self.timings_ms: dict[str, float] = {}   # the two layouts, timed once on CUDA
         self._in_graphs: list = []   # layouts a captured CUDA graph computes with
+
+    def preset_hot(self, n_hot: int) -> None:
+        """Use the first `n_hot` neurons (in the weights' own order) densely from the first call,
+        with no run-time calibration: for weights whose neurons were sorted most-popular-first
+        beforehand (an export calibrated at export time). n_hot must be a multiple of the
+        kernels' tile and at most H (checked when the layout is built); 0 runs every neuron
+        sparse. The preset holds for every rebuild after a weight change as well."""
+        if isinstance(n_hot, bool) or not isinstance(n_hot, int) or n_hot < 0:
+            raise ValueError(f"n_hot={n_hot!r} must be a non-negative int (a multiple of the twell tile)")
+        self.preset_n_hot = n_hot
+        self.key = None   # rebuild on the next call
+
+    def _build(self, twell, w_gate, w_up, w_down):
+        weights = twell.prepare_weights(w_gate, w_up, w_down)
+        n_hot = self.preset_n_hot
+        if n_hot is not None and (n_hot % weights.tile or n_hot > weights.hidden):
+            raise ValueError(f"preset n_hot={n_hot} must be a multiple of the twell tile {weights.tile} and at most "
+                             f"this layer's H={weights.hidden}; re-export the model or preset another n_hot")
+        return weights if not n_hot else replace(weights, n_hot=n_hot)
 
     @property
     def calibrated(self) -> bool:
@@ -73,9 +102,9 @@ class TwellLayout:
                 raise RuntimeError("the twell layout of this layer was built or changed inside a CUDA graph capture; "
                                    "run an eager forward after the last weight update (and past the layout's "
                                    f"{self.calibration_tokens} calibration tokens) before capturing")
-            self.key, self.weights = key, twell.prepare_weights(w_gate, w_up, w_down)
+            self.key, self.weights = key, self._build(twell, w_gate, w_up, w_down)
             self.fire_counts, self.tokens_seen = None, 0
-            self.final = key is None or self.calibration_tokens == 0
+            self.final = key is None or self.calibration_tokens == 0 or self.preset_n_hot is not None
             self.timings_ms = {}
         if capturing:
             if key is not None and not any(w is self.weights for w in self._in_graphs):
