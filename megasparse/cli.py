@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "megasparse.train.command",
     "megasparse.data.commands",
     "megasparse.train.convert",
+    "megasparse.export.command",
     "megasparse.sparsity.report_command",
 ]
 
