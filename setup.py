@@ -27,7 +27,7 @@ setup(
     extras_require={
         "kernels": ["triton==3.6.0"],
         "export": ["transformers>=4.40"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "triton==3.6.0"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "triton==3.6.0", "transformers>=4.40"],   # transformers: export tests
     },
     entry_points={"console_scripts": ["megasparse=megasparse.cli:main"]},
 )
