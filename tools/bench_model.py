@@ -1,0 +1,214 @@
+"""Whole-model benchmark (BENCHMARKS.md, "Whole-model benchmark"): one exported sparse model, its
+MLPs run densely (torch) and sparsely (twell for prefill, hybrid for training), in one process.
+
+    python tools/bench_model.py EXPORT_DIR --data DATA_DIR [--batch 8] [--seq 2048]
+
+EXPORT_DIR is a `megasparse export` folder of a model whose activations really are sparse (trained
+with L1; tools/gpu_model_bench.sh trains, exports and benchmarks one). DATA_DIR is a `megasparse
+data preprocess` folder: the inputs are real text from its valid split, since sparsity depends on
+the input. Reported, per MLP path:
+- prefill tokens/s: the decoder forward without the LM head (as the paper times it), no grad;
+- training tokens/s: forward + backward + AdamW step, CE + lambda * L1 loss, on the same weights
+  (a tiny learning rate keeps the activations as trained while it is timed);
+- peak memory of each;
+- measured nnz/token per layer on the inputs, and the prefill's relative error against an fp32
+  torch forward of the same weights.
+Writes bench/results/model_<gpu>.json and .md (BENCH_RESULTS_DIR overrides the folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_common import environment, gpu_slug, rel_err, write_results  # noqa: E402
+
+from megasparse.data.shards import open_preprocessed  # noqa: E402
+from megasparse.inference import load_pretrained  # noqa: E402
+from megasparse.model.sparse_mlp import ReluGatedMLP  # noqa: E402
+
+
+def real_tokens(data_dir: str, batch: int, seq: int, offset: int = 0) -> torch.Tensor:
+    """[batch, seq + 1] token ids read end to end from the valid split (train if too short)."""
+    data = open_preprocessed(data_dir)
+    need = batch * (seq + 1)
+    for split in ("valid", "train"):
+        tokens = data.splits[split]
+        if tokens.num_tokens >= offset + need:
+            ids = torch.from_numpy(tokens.read(offset, need).astype("int64"))
+            return ids.view(batch, seq + 1)
+    raise SystemExit(f"{data_dir} holds fewer than {offset + need} tokens in one split; lower --batch/--seq")
+
+
+def set_backend(model, backend: str) -> None:
+    for layer in model.layers:
+        if isinstance(layer.mlp, ReluGatedMLP):
+            layer.mlp.backend = backend
+
+
+def timed_ms(fn, warmup: int, iters: int) -> list[float]:
+    """CUDA-event times of iters calls after warmup calls (each call is many ms)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def peak_gb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+@torch.no_grad()
+def nnz_per_layer(model, ids) -> list[dict]:
+    """Measured on the benchmark's own inputs with the torch path (which counts every token)."""
+    set_backend(model, "torch")
+    out = model(ids)
+    rows = []
+    for i, per_token in enumerate(out.token_nnz):
+        if per_token is None:
+            continue
+        fires = out.fire_counts[i]
+        rows.append({"layer": i, "nnz_mean": per_token.float().mean().item(), "nnz_max": int(per_token.max()),
+                     "never_fired": int((fires == 0).sum()), "busiest_rate": fires.max().item() / per_token.numel()})
+    return rows
+
+
+def prefill_case(model, ids, backend: str, warmup: int, iters: int) -> dict:
+    set_backend(model, backend)
+    fn = lambda: model.hidden_states(ids)  # noqa: E731
+    with torch.no_grad():
+        times = timed_ms(fn, warmup, iters)   # the first twell calls also calibrate unexported layouts
+        mem = peak_gb(fn)
+        out = fn()
+    ms = statistics.median(times)
+    return {"backend": backend, "ms": ms, "tokens_per_s": ids.numel() / ms * 1e3, "peak_gb": mem,
+            "times_ms": times}, out
+
+
+def train_case(model, ids, labels, backend: str, l1_coeff: float, lr: float, warmup: int, iters: int) -> dict:
+    set_backend(model, backend)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(ids, labels)
+        (out.ce_loss + l1_coeff * out.aux_loss).backward()
+        opt.step()
+
+    times = timed_ms(step, warmup, iters)
+    mem = peak_gb(step)
+    used = sorted({layer.mlp.last_backend for layer in model.layers if isinstance(layer.mlp, ReluGatedMLP)})
+    model.eval()
+    ms = statistics.median(times)
+    return {"backend": backend, "mlp_paths_used": used, "ms": ms, "tokens_per_s": ids.numel() / ms * 1e3,
+            "peak_gb": mem, "times_ms": times}
+
+
+def markdown(payload: dict) -> str:
+    env, cfg = payload["environment"], payload["model"]
+    lines = [f"# Whole-model benchmark on {env['gpu']}", "",
+             f"Model: {payload['model_path']} ({payload['parameters'] / 1e6:.0f}M parameters; {cfg['n_layers']} layers, "
+             f"D={cfg['d_model']}, H={cfg['ffn_hidden']}). Inputs: {payload['batch']} x {payload['seq']} tokens of real "
+             f"text ({payload['data']}, valid split). Commit {env.get('git_commit')}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}.", "",
+             f"Sparsity: {payload['sparsity_note']}", "",
+             "| workload | dense MLP (torch) | sparse MLP | speedup | peak GB dense / sparse |",
+             "|---|---|---|---|---|"]
+    for name, dense, sparse in (("prefill (no LM head)", payload["prefill"]["torch"], payload["prefill"]["twell"]),
+                                ("training step (fwd+bwd+AdamW)", payload["train"]["torch"], payload["train"]["hybrid"])):
+        lines.append(f"| {name} | {dense['tokens_per_s']:,.0f} tok/s ({dense['ms']:.2f} ms) | "
+                     f"{sparse['tokens_per_s']:,.0f} tok/s ({sparse['ms']:.2f} ms, {sparse['backend']}) | "
+                     f"**{sparse['tokens_per_s'] / dense['tokens_per_s']:.2f}x** | "
+                     f"{dense['peak_gb']:.1f} / {sparse['peak_gb']:.1f} |")
+    err = payload["prefill_rel_err_vs_fp32"]
+    lines += ["", f"Prefill hidden states, relative error against an fp32 torch forward: torch bf16 "
+              f"{err['torch']:.2e}, twell {err['twell']:.2e}.", "",
+              "| layer | nnz/token mean | max | never fired (of H) | busiest neuron's rate |", "|---|---|---|---|---|"]
+    for row in payload["nnz_per_layer"]:
+        lines.append(f"| {row['layer']} | {row['nnz_mean']:.1f} | {row['nnz_max']} | {row['never_fired']} | "
+                     f"{row['busiest_rate']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a `megasparse export` folder")
+    ap.add_argument("--data", required=True, help="a `megasparse data preprocess` folder (real text)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--train-batch", type=int, default=None, help="sequences per training step (default --batch)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--l1-coeff", type=float, default=0.01, help="lambda of the timed training loss")
+    ap.add_argument("--lr", type=float, default=1e-7, help="AdamW lr while timing (tiny: activations stay as trained)")
+    ap.add_argument("--sparsity-note", default="as recorded in the export's config.json",
+                    help="how the model's sparsity was obtained (goes in the report)")
+    ap.add_argument("--stem", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_model needs a CUDA GPU")
+    env = environment()
+    print(env, flush=True)
+    model = load_pretrained(a.model, device="cuda", dtype=torch.bfloat16, mlp_backend="torch")
+    with open(os.path.join(a.model, "config.json")) as fh:
+        meta = json.load(fh).get("megasparse", {})
+    tokens = real_tokens(a.data, a.batch, a.seq).cuda()
+    ids = tokens[:, :-1].contiguous()
+
+    nnz = nnz_per_layer(model, ids)
+    print("nnz/token per layer:", [round(r["nnz_mean"], 1) for r in nnz], flush=True)
+    prefill, outs = {}, {}
+    for backend in ("torch", "twell"):
+        prefill[backend], outs[backend] = prefill_case(model, ids, backend, a.warmup, a.iters)
+        print("prefill", backend, f"{prefill[backend]['ms']:.2f} ms", flush=True)
+    twell_layouts = [{"n_hot": layer.mlp._twell_layout.weights.n_hot, "timings_ms": layer.mlp._twell_layout.timings_ms}
+                     for layer in model.layers if isinstance(layer.mlp, ReluGatedMLP)]
+    # fp32 reference of the same weights (torch path), for the error column
+    ref_model = load_pretrained(a.model, device="cuda", dtype=torch.float32, mlp_backend="torch")
+    with torch.no_grad():
+        ref = ref_model.hidden_states(ids)
+    err = {b: rel_err(outs[b].float(), ref) for b in outs}
+    del ref_model, ref, outs
+    torch.cuda.empty_cache()
+
+    tb = a.train_batch or a.batch
+    train_ids, labels = tokens[:tb, :-1].contiguous(), tokens[:tb, 1:].contiguous()
+    train = {}
+    for backend in ("torch", "hybrid"):
+        train[backend] = train_case(model, train_ids, labels, backend, a.l1_coeff, a.lr, a.warmup, a.iters)
+        print("train", backend, f"{train[backend]['ms']:.2f} ms", train[backend]["mlp_paths_used"], flush=True)
+
+    payload = {"environment": env, "model_path": a.model, "model": vars(model.cfg), "parameters": model.num_parameters(),
+               "export_metadata": meta, "data": a.data, "batch": a.batch, "seq": a.seq, "train_batch": tb,
+               "sparsity_note": a.sparsity_note, "nnz_per_layer": nnz, "prefill": prefill, "twell_layouts": twell_layouts,
+               "prefill_rel_err_vs_fp32": err, "train": train, "train_l1_coeff": a.l1_coeff, "train_lr": a.lr}
+    for k, v in payload["prefill"].items():
+        print(k, v["tokens_per_s"])
+    paths = write_results(a.stem or f"model_{gpu_slug()}", payload, markdown(payload))
+    print(markdown(payload))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
