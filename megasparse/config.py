@@ -39,6 +39,7 @@ class ModelConfig:
     mlp_backend: str = "auto"            # auto | torch | twell | hybrid (see model/sparse_mlp.py)
     sparse_nnz_threshold: float = 0.05   # auto: use the sparse training kernel below this nnz/H
     sparse_calibration: bool = True      # auto: ... and only if it measured faster for that layer
+    sparse_recalibration_steps: int = 200  # auto: measure each layer's choice again after this many steps (0: never)
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -59,6 +60,8 @@ class ModelConfig:
                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         _choice("model.mlp", self.mlp, ("relu_gated", "swiglu"))
         _choice("model.mlp_backend", self.mlp_backend, ("auto", "torch", "twell", "hybrid"))
+        _check(self.sparse_recalibration_steps >= 0,
+               f"model.sparse_recalibration_steps={self.sparse_recalibration_steps} must be >= 0 (0: never re-measure)")
         _check(0.0 <= self.sparse_nnz_threshold <= 1.0,
                f"model.sparse_nnz_threshold={self.sparse_nnz_threshold} is a fraction of H in [0, 1]")
 

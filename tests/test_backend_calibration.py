@@ -25,6 +25,26 @@ def test_policy_measures_once_remeasures_after_nnz_halves_and_keeps_sparse():
     assert BackendCalibration(enabled=False).backend(0.04) == "hybrid"
 
 
+def test_policy_measures_a_choice_again_after_recheck_steps():
+    cal = BackendCalibration(recheck_steps=200)
+    cal.note_step(100)
+    assert cal.backend(0.04) == "torch" and cal.wants_sample()
+    assert cal.decide(0.04, {"torch": 2.0, "hybrid": 1.0}.get) == "hybrid"
+    cal.note_step(299)
+    assert cal.backend(0.04) == "hybrid" and not cal.wants_sample()   # 199 steps old: kept
+    cal.note_step(300)
+    assert cal.backend(0.04) == "torch" and cal.wants_sample()        # due: dense once, keep input
+    assert cal.decide(0.04, {"torch": 1.0, "hybrid": 3.0}.get) == "torch"
+    cal.note_step(499)
+    assert cal.backend(0.04) == "torch" and not cal.wants_sample()
+    never = BackendCalibration(recheck_steps=0)
+    never.decide(0.04, {"torch": 2.0, "hybrid": 1.0}.get)
+    never.note_step(10**6)
+    assert never.backend(0.04) == "hybrid"
+    with pytest.raises(ValueError, match="recheck_steps"):
+        BackendCalibration(recheck_steps=-1)
+
+
 def test_timing_leaves_parameters_and_rng_untouched():
     mlp = ReluGatedMLP(16, 32)
     for w in mlp.parameters():
@@ -70,6 +90,15 @@ def test_model_plumbing_keeps_dense_when_sparse_measures_slower(monkeypatch):
     assert decided[1][1] == {"torch": 1.0, "hybrid": 5.0}
     model(ids[:, :-1], ids[:, 1:])
     assert mlps[1].last_backend == "torch" and mlps[1].calibration.sample is None
+    # model.sparse_recalibration_steps (default 200) later: the trainer's step makes it due again
+    assert mlps[1].calibration.recheck_steps == model.cfg.sparse_recalibration_steps == 200
+    assert model.set_measured_nnz([0.5, 0.01], step=150) == {}
+    model(ids[:, :-1], ids[:, 1:])
+    assert mlps[1].calibration.sample is None                  # 150 steps old: not due
+    model.set_measured_nnz([0.5, 0.01], step=200)
+    model(ids[:, :-1], ids[:, 1:])
+    assert mlps[1].calibration.sample is not None              # due: input kept for measuring
+    assert list(model.set_measured_nnz([0.5, 0.01], step=210)) == [1]
 
 
 def _agree_worker(rank, world, port):

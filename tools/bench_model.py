@@ -32,7 +32,8 @@ from bench_common import environment, gpu_slug, rel_err, write_results  # noqa: 
 
 from megasparse.data.shards import open_preprocessed  # noqa: E402
 from megasparse.inference import load_pretrained  # noqa: E402
-from megasparse.model.sparse_mlp import ReluGatedMLP  # noqa: E402
+from megasparse.model.backend_calibration import median_call_ms, time_forward_backward_ms  # noqa: E402
+from megasparse.model.sparse_mlp import ReluGatedMLP, _hybrid_forward, _twell_forward, torch_gated_mlp  # noqa: E402
 
 
 def real_tokens(data_dir: str, batch: int, seq: int, offset: int = 0) -> torch.Tensor:
@@ -47,10 +48,39 @@ def real_tokens(data_dir: str, batch: int, seq: int, offset: int = 0) -> torch.T
     raise SystemExit(f"{data_dir} holds fewer than {offset + need} tokens in one split; lower --batch/--seq")
 
 
-def set_backend(model, backend: str) -> None:
-    for layer in model.layers:
-        if isinstance(layer.mlp, ReluGatedMLP):
-            layer.mlp.backend = backend
+def sparse_mlps(model) -> list:
+    return [layer.mlp for layer in model.layers if isinstance(layer.mlp, ReluGatedMLP)]
+
+
+def set_backend(model, backend) -> None:
+    """One backend for every sparse MLP, or a list with one per sparse MLP."""
+    mlps = sparse_mlps(model)
+    for mlp, b in zip(mlps, backend if isinstance(backend, list) else [backend] * len(mlps)):
+        mlp.backend = b
+
+
+def per_layer_fwd_bwd(model, ids, warmup: int, iters: int) -> list[dict]:
+    """Each MLP alone on the input it really gets: forward+backward torch vs hybrid (the trainer's
+    `auto` measurement, backend_calibration.py) and forward torch vs twell (a prefill's)."""
+    inputs = []
+    hooks = [mlp.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+             for mlp in sparse_mlps(model)]
+    set_backend(model, "torch")
+    with torch.no_grad():
+        model.hidden_states(ids)
+    for hook in hooks:
+        hook.remove()
+    rows = []
+    for i, (mlp, x) in enumerate(zip(sparse_mlps(model), inputs)):
+        weights = [mlp.gate_weight, mlp.up_weight, mlp.down_weight]
+        ms = {name: time_forward_backward_ms(fn, x, weights, warmup, iters)
+              for name, fn in (("torch", torch_gated_mlp), ("hybrid", _hybrid_forward))}
+        with torch.no_grad():
+            fwd = {"torch": median_call_ms(lambda: torch_gated_mlp(x, *weights), True, warmup, iters),
+                   "twell": median_call_ms(lambda: _twell_forward(x, *weights, mlp._twell_layout), True, warmup, iters)}
+        rows.append({"layer": i, "torch_ms": ms["torch"], "hybrid_ms": ms["hybrid"], "faster": min(ms, key=ms.get),
+                     "fwd_torch_ms": fwd["torch"], "fwd_twell_ms": fwd["twell"]})
+    return rows
 
 
 def timed_ms(fn, warmup: int, iters: int) -> list[float]:
@@ -104,7 +134,8 @@ def prefill_case(model, ids, backend: str, warmup: int, iters: int) -> dict:
             "times_ms": times}, out
 
 
-def train_case(model, ids, labels, backend: str, l1_coeff: float, lr: float, warmup: int, iters: int) -> dict:
+def train_case(model, ids, labels, backend, l1_coeff: float, lr: float, warmup: int, iters: int,
+               label: str | None = None) -> dict:
     set_backend(model, backend)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -118,10 +149,10 @@ def train_case(model, ids, labels, backend: str, l1_coeff: float, lr: float, war
 
     times = timed_ms(step, warmup, iters)
     mem = peak_gb(step)
-    used = sorted({layer.mlp.last_backend for layer in model.layers if isinstance(layer.mlp, ReluGatedMLP)})
+    used = [mlp.last_backend for mlp in sparse_mlps(model)]
     model.eval()
     ms = statistics.median(times)
-    return {"backend": backend, "mlp_paths_used": used, "ms": ms, "tokens_per_s": ids.numel() / ms * 1e3,
+    return {"backend": label or backend, "mlp_paths_used": used, "ms": ms, "tokens_per_s": ids.numel() / ms * 1e3,
             "peak_gb": mem, "times_ms": times}
 
 
@@ -135,8 +166,10 @@ def markdown(payload: dict) -> str:
              f"Sparsity: {payload['sparsity_note']}", "",
              "| workload | dense MLP (torch) | sparse MLP | speedup | peak GB dense / sparse |",
              "|---|---|---|---|---|"]
+    train = payload["train"]
     for name, dense, sparse in (("prefill (no LM head)", payload["prefill"]["torch"], payload["prefill"]["twell"]),
-                                ("training step (fwd+bwd+AdamW)", payload["train"]["torch"], payload["train"]["hybrid"])):
+                                ("training step (fwd+bwd+AdamW), every MLP hybrid", train["torch"], train["hybrid"]),
+                                ("training step, each MLP on its faster path", train["torch"], train["auto"])):
         lines.append(f"| {name} | {dense['tokens_per_s']:,.0f} tok/s ({dense['ms']:.2f} ms) | "
                      f"{sparse['tokens_per_s']:,.0f} tok/s ({sparse['ms']:.2f} ms, {sparse['backend']}) | "
                      f"**{sparse['tokens_per_s'] / dense['tokens_per_s']:.2f}x** | "
@@ -144,10 +177,14 @@ def markdown(payload: dict) -> str:
     err = payload["prefill_rel_err_vs_fp32"]
     lines += ["", f"Prefill hidden states, relative error against an fp32 torch forward: torch bf16 "
               f"{err['torch']:.2e}, twell {err['twell']:.2e}.", "",
-              "| layer | nnz/token mean | max | never fired (of H) | busiest neuron's rate |", "|---|---|---|---|---|"]
+              "| layer | nnz/token mean | max | never fired (of H) | busiest neuron's rate | MLP fwd ms dense / twell "
+              "| MLP fwd+bwd ms dense / hybrid |", "|---|---|---|---|---|---|---|"]
+    timing, nan = {r["layer"]: r for r in payload["train_per_layer_fwd_bwd"]}, float("nan")
     for row in payload["nnz_per_layer"]:
+        t = timing.get(row["layer"], {})
         lines.append(f"| {row['layer']} | {row['nnz_mean']:.1f} | {row['nnz_max']} | {row['never_fired']} | "
-                     f"{row['busiest_rate']:.3f} |")
+                     f"{row['busiest_rate']:.3f} | {t.get('fwd_torch_ms', nan):.3f} / {t.get('fwd_twell_ms', nan):.3f} | "
+                     f"{t.get('torch_ms', nan):.2f} / {t.get('hybrid_ms', nan):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,15 +231,18 @@ def main() -> None:
 
     tb = a.train_batch or a.batch
     train_ids, labels = tokens[:tb, :-1].contiguous(), tokens[:tb, 1:].contiguous()
+    layers = per_layer_fwd_bwd(model, train_ids, a.warmup, a.iters)
+    print("per layer fwd+bwd ms (torch, hybrid):", [(round(r["torch_ms"], 2), round(r["hybrid_ms"], 2)) for r in layers])
     train = {}
-    for backend in ("torch", "hybrid"):
-        train[backend] = train_case(model, train_ids, labels, backend, a.l1_coeff, a.lr, a.warmup, a.iters)
-        print("train", backend, f"{train[backend]['ms']:.2f} ms", train[backend]["mlp_paths_used"], flush=True)
+    for name, backend in (("torch", "torch"), ("hybrid", "hybrid"), ("auto", [r["faster"] for r in layers])):
+        train[name] = train_case(model, train_ids, labels, backend, a.l1_coeff, a.lr, a.warmup, a.iters,
+                                 label="per-layer faster (auto)" if name == "auto" else None)
+        print("train", name, f"{train[name]['ms']:.2f} ms", train[name]["mlp_paths_used"], flush=True)
 
     payload = {"environment": env, "model_path": a.model, "model": vars(model.cfg), "parameters": model.num_parameters(),
                "export_metadata": meta, "data": a.data, "batch": a.batch, "seq": a.seq, "train_batch": tb,
                "sparsity_note": a.sparsity_note, "nnz_per_layer": nnz, "prefill": prefill, "twell_layouts": twell_layouts,
-               "prefill_rel_err_vs_fp32": err, "train": train, "train_l1_coeff": a.l1_coeff, "train_lr": a.lr}
+               "prefill_rel_err_vs_fp32": err, "train": train, "train_per_layer_fwd_bwd": layers, "train_l1_coeff": a.l1_coeff, "train_lr": a.lr}
     for k, v in payload["prefill"].items():
         print(k, v["tokens_per_s"])
     paths = write_results(a.stem or f"model_{gpu_slug()}", payload, markdown(payload))

@@ -18,6 +18,7 @@ fi
 export PYTHONUNBUFFERED=1 MEGASPARSE_CACHE=/tmp/megasparse_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 if [[ " $stages " == *" train "* ]]; then
+  rm -rf $run   # a warm machine may hold an earlier run: start fresh, metrics.jsonl included
   start=$(date +%s)
   timeout --signal=TERM "$seconds" python3 -m megasparse.cli train configs/sparse05b.yaml train.run_dir=$run \
     train.progress_bar=false "$@" > "$out/train.log" 2>&1

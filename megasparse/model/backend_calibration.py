@@ -6,8 +6,12 @@ layer's sparsity (bench/results/ffn_train_h100.md: 1.38x at D=2048/H=5632, 0.76x
 the nnz threshold alone: once a layer is under it, its next training forward stays dense and
 keeps its input; at the following log interval (outside any autograd graph) both paths run
 forward+backward on that input with the layer's weights, and the faster one is kept. A layer
-that stayed dense is measured again once its nnz/H has halved (sparse only gets faster as
-activations thin out); a layer that went sparse stays sparse.
+that stayed dense is measured again once its nnz/H has halved (sparse gets faster as
+activations thin out). Any choice is also measured again `recheck_steps` training steps after it
+was made: the sparse kernels' speed depends on more than the mean nnz (the largest rows, the
+popular neurons), which keep moving while the model trains. A 0.5B model switched 7 layers to
+hybrid at step ~120 (each 1.1-1.3x faster then) and by step 600, at a similar mean nnz, ran 0.9x
+of its dense step (bench/results/model_h100.md).
 
 Every rank sums the timings over the default process group before choosing, so all ranks pick
 the same path (the TP statistics collectives depend on it) and no rank waits on another's
@@ -25,10 +29,15 @@ BACKENDS = ("torch", "hybrid")
 
 
 class BackendCalibration:
-    def __init__(self, enabled: bool = True, warmup: int = 2, iters: int = 5):
+    def __init__(self, enabled: bool = True, warmup: int = 2, iters: int = 5, recheck_steps: int = 0):
+        if recheck_steps < 0:
+            raise ValueError(f"recheck_steps={recheck_steps} must be >= 0 (0: never measure a choice again)")
         self.enabled, self.warmup, self.iters = enabled, warmup, iters
+        self.recheck_steps = recheck_steps
         self.choice: str | None = None          # None: not measured yet (or due again)
         self.nnz_at_choice = 1.0
+        self.step = 0                            # the trainer's step, as last told (note_step)
+        self.step_at_choice = 0
         self.timings_ms: dict[str, float] = {}
         self.sample: torch.Tensor | None = None  # the input kept for the pending measurement
 
@@ -39,6 +48,12 @@ class BackendCalibration:
         if self.choice == "torch" and nnz_fraction <= 0.5 * self.nnz_at_choice:
             self.choice = None                   # activations have thinned out: measure again
         return "torch"
+
+    def note_step(self, step: int) -> None:
+        """The trainer's step (at each log interval): a choice older than recheck_steps is due."""
+        self.step = int(step)
+        if self.choice is not None and self.recheck_steps and self.step - self.step_at_choice >= self.recheck_steps:
+            self.choice = None   # the next eligible forward runs dense and keeps its input
 
     def wants_sample(self) -> bool:
         return self.enabled and self.choice is None
@@ -55,6 +70,7 @@ class BackendCalibration:
         self.timings_ms = dict(zip(BACKENDS, local))
         self.choice = BACKENDS[int(torch.argmin(times))]
         self.nnz_at_choice = nnz_fraction
+        self.step_at_choice = self.step
         self.sample = None
         return self.choice
 

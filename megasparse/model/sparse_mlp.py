@@ -101,7 +101,8 @@ class ReluGatedMLP(nn.Module):
     """
 
     def __init__(self, d_model: int, hidden: int, backend: str = "auto", sparse_nnz_threshold: float = 0.05,
-                 enter_region=_identity, leave_region=_identity, calibrate: bool = True):
+                 enter_region=_identity, leave_region=_identity, calibrate: bool = True,
+                 recalibrate_steps: int = 0):
         super().__init__()
         self.gate_weight = nn.Parameter(torch.empty(hidden, d_model))
         self.up_weight = nn.Parameter(torch.empty(hidden, d_model))
@@ -113,7 +114,7 @@ class ReluGatedMLP(nn.Module):
         self.measured_nnz_fraction = 1.0
         self.last_backend = "torch"
         self._twell_layout = TwellLayout()
-        self.calibration = BackendCalibration(enabled=calibrate)
+        self.calibration = BackendCalibration(enabled=calibrate, recheck_steps=recalibrate_steps)
 
     def local_forward(self, x2d: torch.Tensor) -> MLPResult:
         """The MLP on this rank's shard, before any tensor-parallel reduction of y."""

@@ -130,7 +130,8 @@ class DecoderBlock(nn.Module):
             enter, leave = plan.mlp_regions()
             # The sparse MLP owns its weights, so it is given its local width and tagged after.
             self.mlp = ReluGatedMLP(cfg.d_model, cfg.ffn_hidden // tp, cfg.mlp_backend,
-                                    cfg.sparse_nnz_threshold, enter, leave, calibrate=cfg.sparse_calibration)
+                                    cfg.sparse_nnz_threshold, enter, leave, calibrate=cfg.sparse_calibration,
+                                    recalibrate_steps=cfg.sparse_recalibration_steps)
             plan.shard_sparse_mlp(self.mlp)
         else:
             # SwiGLU builds its projections through the factory, which takes full sizes.
@@ -213,14 +214,18 @@ class SparseLlama(nn.Module):
                            tokens=input_ids.numel(),
                            logits=result if labels is None else None)
 
-    def set_measured_nnz(self, fractions: list[float]) -> dict:
+    def set_measured_nnz(self, fractions: list[float], step: int | None = None) -> dict:
         """Per-layer measured nnz/H, which the `auto` backend compares with its threshold; layers
         that became eligible since the last call are timed dense vs sparse now (all ranks call
-        this at the same log interval). Returns {layer index: (choice, {backend: ms})} for those."""
+        this at the same log interval). `step`, the trainer's step, makes choices older than
+        model.sparse_recalibration_steps due again. Returns {layer index: (choice, {backend: ms})}
+        for the layers measured now."""
         decided = {}
         for i, (layer, frac) in enumerate(zip(self.layers, fractions)):
             if isinstance(layer.mlp, ReluGatedMLP):
                 layer.mlp.measured_nnz_fraction = float(frac)
+                if step is not None:
+                    layer.mlp.calibration.note_step(step)
                 choice = layer.mlp.calibrate_pending()
                 if choice is not None:
                     decided[i] = (choice, layer.mlp.calibration.timings_ms)

@@ -233,7 +233,7 @@ class Trainer:
         sparsity = self.stats.reduce_and_reset(self.parallel.dp_group, self.parallel.tp_group)
         nnz_frac = sparsity.get("nnz_fraction_layer")
         if nnz_frac:
-            decided = self.engine.module.set_measured_nnz(nnz_frac)
+            decided = self.engine.module.set_measured_nnz(nnz_frac, self.step)
             if decided and self.is_main:
                 for layer, (choice, ms) in decided.items():
                     print(f"layer {layer} MLP: dense {ms['torch']:.3f} ms vs sparse {ms['hybrid']:.3f} ms per "
