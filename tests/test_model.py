@@ -107,6 +107,20 @@ def test_hidden_states_are_what_the_lm_head_reads(tied):
     torch.testing.assert_close(hidden @ model.head_weight().t(), logits)
 
 
+def test_mlp_without_stats_computes_the_same_output():
+    torch.manual_seed(0)
+    mlp = ReluGatedMLP(16, 40, backend="torch")
+    for w in mlp.parameters():
+        torch.nn.init.normal_(w)
+    x = torch.randn(3, 5, 16)
+    y, l1, fires, per_token = mlp(x)
+    mlp.track_stats = False
+    y_lean, l1_lean, fires_lean, per_token_lean = mlp(x)
+    torch.testing.assert_close(y_lean, y)
+    assert l1 > 0 and fires.shape == (40,) and per_token.shape == (15,)
+    assert l1_lean == 0 and fires_lean is None and per_token_lean is None
+
+
 def test_activation_checkpointing_gives_same_grads():
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 9))

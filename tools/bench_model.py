@@ -33,7 +33,8 @@ from bench_common import environment, gpu_slug, rel_err, write_results  # noqa: 
 from megasparse.data.shards import open_preprocessed  # noqa: E402
 from megasparse.inference import load_pretrained  # noqa: E402
 from megasparse.model.backend_calibration import median_call_ms, time_forward_backward_ms  # noqa: E402
-from megasparse.model.sparse_mlp import ReluGatedMLP, _hybrid_forward, _twell_forward, torch_gated_mlp  # noqa: E402
+from megasparse.model.sparse_mlp import (ReluGatedMLP, _hybrid_forward, _twell_forward, torch_gated_mlp,  # noqa: E402
+                                         torch_gated_mlp_output)
 
 
 def real_tokens(data_dir: str, batch: int, seq: int, offset: int = 0) -> torch.Tensor:
@@ -52,11 +53,26 @@ def sparse_mlps(model) -> list:
     return [layer.mlp for layer in model.layers if isinstance(layer.mlp, ReluGatedMLP)]
 
 
-def set_backend(model, backend) -> None:
-    """One backend for every sparse MLP, or a list with one per sparse MLP."""
+def set_backend(model, backend, track_stats: bool = True) -> None:
+    """One backend for every sparse MLP, or a list with one per sparse MLP. track_stats=False:
+    the torch path computes y only, as a dense inference would (the prefill's dense baseline)."""
     mlps = sparse_mlps(model)
     for mlp, b in zip(mlps, backend if isinstance(backend, list) else [backend] * len(mlps)):
-        mlp.backend = b
+        mlp.backend, mlp.track_stats = b, track_stats
+
+
+@torch.no_grad()
+def twell_overflow(x, mlp) -> dict:
+    """How often this layer's real activations overflow a TwELL (row, tile) of the sparse columns:
+    those tokens take the kernels' exact but slower overflow path (kernels/twell/ffn.py)."""
+    w = mlp._twell_layout.weights
+    g = x @ w.w_gate[w.n_hot:].t()
+    cols = g.shape[1]
+    pad = -cols % w.tile
+    fired = torch.nn.functional.pad(g > 0, (0, pad)).view(g.shape[0], -1, w.tile).sum(-1)
+    over = fired > w.cap
+    return {"n_hot": w.n_hot, "overflow_tiles": int(over.sum()), "overflow_tokens": int(over.any(1).sum()),
+            "overflow_tokens_2plus": int((over.sum(1) >= 2).sum())}
 
 
 def per_layer_fwd_bwd(model, ids, warmup: int, iters: int) -> list[dict]:
@@ -76,10 +92,12 @@ def per_layer_fwd_bwd(model, ids, warmup: int, iters: int) -> list[dict]:
         ms = {name: time_forward_backward_ms(fn, x, weights, warmup, iters)
               for name, fn in (("torch", torch_gated_mlp), ("hybrid", _hybrid_forward))}
         with torch.no_grad():
-            fwd = {"torch": median_call_ms(lambda: torch_gated_mlp(x, *weights), True, warmup, iters),
+            fwd = {"torch": median_call_ms(lambda: torch_gated_mlp_output(x, *weights), True, warmup, iters),
+                   "torch_stats": median_call_ms(lambda: torch_gated_mlp(x, *weights), True, warmup, iters),
                    "twell": median_call_ms(lambda: _twell_forward(x, *weights, mlp._twell_layout), True, warmup, iters)}
         rows.append({"layer": i, "torch_ms": ms["torch"], "hybrid_ms": ms["hybrid"], "faster": min(ms, key=ms.get),
-                     "fwd_torch_ms": fwd["torch"], "fwd_twell_ms": fwd["twell"]})
+                     "fwd_torch_ms": fwd["torch"], "fwd_torch_stats_ms": fwd["torch_stats"], "fwd_twell_ms": fwd["twell"],
+                     **twell_overflow(x, mlp)})
     return rows
 
 
@@ -123,7 +141,7 @@ def nnz_per_layer(model, ids) -> list[dict]:
 
 
 def prefill_case(model, ids, backend: str, warmup: int, iters: int) -> dict:
-    set_backend(model, backend)
+    set_backend(model, backend, track_stats=False)
     fn = lambda: model.hidden_states(ids)  # noqa: E731
     with torch.no_grad():
         times = timed_ms(fn, warmup, iters)   # the first twell calls also calibrate unexported layouts
@@ -177,13 +195,15 @@ def markdown(payload: dict) -> str:
     err = payload["prefill_rel_err_vs_fp32"]
     lines += ["", f"Prefill hidden states, relative error against an fp32 torch forward: torch bf16 "
               f"{err['torch']:.2e}, twell {err['twell']:.2e}.", "",
-              "| layer | nnz/token mean | max | never fired (of H) | busiest neuron's rate | MLP fwd ms dense / twell "
-              "| MLP fwd+bwd ms dense / hybrid |", "|---|---|---|---|---|---|---|"]
+              "| layer | nnz/token mean | max | never fired (of H) | busiest neuron's rate | twell n_hot | tokens with an "
+              "overflowed tile | MLP fwd ms dense / dense+stats / twell | MLP fwd+bwd ms dense / hybrid |",
+              "|---|---|---|---|---|---|---|---|---|"]
     timing, nan = {r["layer"]: r for r in payload["train_per_layer_fwd_bwd"]}, float("nan")
     for row in payload["nnz_per_layer"]:
         t = timing.get(row["layer"], {})
         lines.append(f"| {row['layer']} | {row['nnz_mean']:.1f} | {row['nnz_max']} | {row['never_fired']} | "
-                     f"{row['busiest_rate']:.3f} | {t.get('fwd_torch_ms', nan):.3f} / {t.get('fwd_twell_ms', nan):.3f} | "
+                     f"{row['busiest_rate']:.3f} | {t.get('n_hot', '-')} | {t.get('overflow_tokens', '-')} | "
+                     f"{t.get('fwd_torch_ms', nan):.3f} / {t.get('fwd_torch_stats_ms', nan):.3f} / {t.get('fwd_twell_ms', nan):.3f} | "
                      f"{t.get('torch_ms', nan):.2f} / {t.get('hybrid_ms', nan):.2f} |")
     return "\n".join(lines) + "\n"
 
