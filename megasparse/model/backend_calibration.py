@@ -10,8 +10,9 @@ that stayed dense is measured again once its nnz/H has halved (sparse gets faste
 activations thin out). Any choice is also measured again `recheck_steps` training steps after it
 was made: the sparse kernels' speed depends on more than the mean nnz (the largest rows, the
 popular neurons), which keep moving while the model trains. A 0.5B model switched 7 layers to
-hybrid at step ~120 (each 1.1-1.3x faster then) and by step 600, at a similar mean nnz, ran 0.9x
-of its dense step (bench/results/model_h100.md).
+hybrid at step ~110 and, with that choice kept, ran at 0.91x of its dense step by step 600;
+re-measured every 200 steps, two layers went back to dense and the step kept 1.13x
+(bench/results/model_h100.md).
 
 Every rank sums the timings over the default process group before choosing, so all ranks pick
 the same path (the TP statistics collectives depend on it) and no rank waits on another's
