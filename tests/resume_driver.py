@@ -25,14 +25,14 @@ def main() -> None:
     args = parser.parse_args()
     trainer = Trainer(load_config("configs/demo.yaml", args.overrides))
     if args.kill_in_save is not None:
-        real_fsync = checkpoint._fsync_tree
+        real_fsync = checkpoint.fsync_tree
 
         def fsync_then_die(path):
             real_fsync(path)
             if path.endswith(checkpoint.tag_for_step(args.kill_in_save)):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        checkpoint._fsync_tree = fsync_then_die
+        checkpoint.fsync_tree = fsync_then_die
     if args.kill_after_save is not None:
         real_save = trainer.save
 

@@ -20,6 +20,7 @@ from megasparse.export.calibrate import CALIBRATION_TOKENS, calibrate_and_permut
 from megasparse.export.hf_format import (CONFIG_FILE, DTYPE_NAMES, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE,
                                          hf_config, parse_dtype, to_hf_names)
 from megasparse.export.source import SourceCheckpoint, load_source
+from megasparse.train.checkpoint import fsync_tree
 
 
 @dataclass
@@ -107,17 +108,6 @@ def _unshared(tensors: dict, dtype: torch.dtype) -> dict:
     return out
 
 
-def _fsync_dir(path: str) -> None:
-    for name in os.listdir(path):
-        with open(os.path.join(path, name), "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write(tmp: str, tensors: dict, config: dict, tokenizer_path: str) -> None:
     from safetensors.torch import save_file
 
@@ -129,7 +119,7 @@ def _write(tmp: str, tensors: dict, config: dict, tokenizer_path: str) -> None:
     # safetensors creates its file owner-only (0600); give it the umask's mode like the others
     shutil.copymode(os.path.join(tmp, CONFIG_FILE), os.path.join(tmp, WEIGHTS_FILE))
     shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
-    _fsync_dir(tmp)
+    fsync_tree(tmp)
 
 
 def _publish(tmp: str, out: str) -> None:

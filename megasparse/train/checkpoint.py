@@ -39,7 +39,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_tree(path: str) -> None:
+def fsync_tree(path: str) -> None:
     for root, _dirs, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
@@ -124,7 +124,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, rank: 
         _atomic_write_text(os.path.join(tag_dir, META), json.dumps(meta, indent=1))
     _barrier()
     if rank == 0:
-        _fsync_tree(tag_dir)
+        fsync_tree(tag_dir)
         write_latest(ckpt_dir, tag)
         if keep_last:
             prune_checkpoints(ckpt_dir, keep_last, keep_every)
