@@ -230,6 +230,9 @@ def test_calibration_sorts_neurons_by_fires_and_keeps_the_function(tp1_relu, cal
     x = ids()
     torch.testing.assert_close(hf_logits(out, x), our_logits(ref, x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(our_logits(model, x), our_logits(ref, x), rtol=1e-5, atol=1e-5)
+    serving = load_pretrained(str(out), mlp_backend="torch", track_stats=False)   # y only, same logits
+    assert all(c is None for c in serving(x).fire_counts)
+    torch.testing.assert_close(our_logits(serving, x), our_logits(model, x))
 
 
 def test_calibration_counts_dead_neurons(tmp_path, tokenizer, calibration_dir):

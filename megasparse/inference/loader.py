@@ -66,8 +66,12 @@ def read_weights(path: str, device="cpu") -> dict:
                           f"re-export it with `megasparse export CHECKPOINT {path} --overwrite`")
 
 
-def load_pretrained(path: str, device="cpu", dtype=None, mlp_backend: str = "auto"):
+def load_pretrained(path: str, device="cpu", dtype=None, mlp_backend: str = "auto", track_stats: bool = True):
     """An exported folder -> SparseLlama in eval mode on `device`.
+
+    track_stats=False: the torch MLP path computes y only, as a dense inference would (no L1 term,
+    fire counts or nnz per token in the model's output); for serving. The twell path never
+    computes them.
 
     dtype: None keeps the stored dtype; else bf16 / fp32 / fp16 (or a torch dtype).
     mlp_backend: model.mlp_backend for the sparse layers (auto: twell on CUDA without grad, torch
@@ -82,6 +86,9 @@ def load_pretrained(path: str, device="cpu", dtype=None, mlp_backend: str = "aut
     tensors = read_weights(path, device)
     state = from_hf_names(tensors, cfg.mlp, cfg.tie_embeddings, os.path.join(path, WEIGHTS_FILE))
     model = model_from_state(cfg, state, device, None if dtype is None else parse_dtype(dtype))
+    for layer in model.layers:
+        if hasattr(layer.mlp, "track_stats"):
+            layer.mlp.track_stats = track_stats
     n_hot = recorded_n_hot(config, cfg, where)
     if n_hot is not None and cfg.mlp == "relu_gated":
         for layer, n in zip(model.layers, n_hot):
