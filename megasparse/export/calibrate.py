@@ -42,14 +42,11 @@ def read_calibration_tokens(path: str, n_tokens: int, seq_len: int, tokenizer_sh
                             vocab_size: int) -> CalibrationData:
     """The first n_tokens of the directory's valid split (train when valid cannot fill one sequence),
     cut into sequences of seq_len. Fewer tokens than asked is allowed (all of them are used)."""
-    from megasparse.data.shards import METADATA_FILE, open_preprocessed
+    from megasparse.data.shards import open_preprocessed
 
     if n_tokens < 1:
         raise ConfigError(f"--calibration-tokens={n_tokens} must be at least 1 (the default is {CALIBRATION_TOKENS})")
-    if not os.path.isdir(path):
-        raise DataError(f"--calibration-data {path} does not exist or is not a directory; give the output folder "
-                        f"of `megasparse data preprocess` (token shards with {METADATA_FILE})")
-    try:
+    try:   # (export_checkpoint has checked that the folder exists, before loading the checkpoint)
         data = open_preprocessed(path)
     except DataError as err:
         raise DataError(f"--calibration-data {path}: {err}") from err
@@ -112,15 +109,12 @@ def twell_n_hot(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, 
 
 def calibrate_and_permute(cfg: ModelConfig, state: dict, data: CalibrationData, device: torch.device,
                           dtype: torch.dtype, log=print) -> tuple[dict, dict]:
-    """(state with each relu_gated layer's neurons most-popular-first, the "calibration" record)."""
+    """(state with each relu_gated layer's neurons most-popular-first, the "calibration" record).
+    cfg.mlp must be relu_gated (export_checkpoint refuses a swiglu model before it gets here)."""
     import dataclasses
 
     from megasparse.export.materialize import model_from_state
 
-    if cfg.mlp != "relu_gated":
-        raise ConfigError(f"--calibration-data sorts the neurons of relu_gated layers by how often they fire; "
-                          f"this model has model.mlp={cfg.mlp} (dense, nothing to sort): export it without "
-                          f"--calibration-data")
     model = model_from_state(dataclasses.replace(cfg, mlp_backend="torch"), state, device, dtype).eval()
     log(f"calibrating on {data.tokens} tokens of {data.path} ({data.split} split, sequences of {data.seq_len}) "
         f"on {device}")

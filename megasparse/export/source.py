@@ -1,6 +1,6 @@
 """Read a megasparse training checkpoint as full (tp=1) weights, its model config and its facts.
 
-Any TP degree: the `mp_rank_XX_model_states.pt` files of every TP rank are merged with the
+Any TP degree: the `mp_rank_XX_model_states.pt` files of every TP rank are read and merged with the
 sharding recorded in megasparse.json, exactly as `megasparse convert` does (train/convert.py).
 """
 from __future__ import annotations
@@ -56,50 +56,22 @@ def locate(path: str) -> tuple[str, str]:
     return found
 
 
-def model_file(folder: str, tp_rank: int) -> str:
-    return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
-
-
-def _load_shard(path: str) -> dict:
-    import torch
-
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:   # truncated zip, pickle errors, ...: all mean a damaged file
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); the checkpoint is corrupt: "
-                              f"export an earlier step folder") from err
-    if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
-        raise CheckpointError(f"{path} holds no model state dict ('module'); it is not a megasparse/DeepSpeed "
-                              f"model-states file")
-    return saved["module"]
-
-
 def load_source(path: str) -> SourceCheckpoint:
     from megasparse.config import config_from_dict
-    from megasparse.train.convert import merge_shards
+    from megasparse.train.convert import load_model_shards, merge_shards, refuse_zero3
 
     load_dir, tag = locate(path)
     folder = os.path.join(load_dir, tag)
     meta = read_meta(load_dir, tag)
-    if meta.get("zero_stage") == 3:
-        raise CheckpointError(f"{folder} is a ZeRO-3 checkpoint: its weights live in the optimizer shards; "
-                              f"consolidate it first with the zero_to_fp32.py script DeepSpeed saved beside it")
+    refuse_zero3(folder, meta)
     try:
         model_cfg = config_from_dict(meta["config"]).model
     except (KeyError, ConfigError) as err:
         raise CheckpointError(f"{folder}/{META} records no valid config ({err}); it was not written by "
                               f"`megasparse train`") from err
-    tp = int(meta.get("tp", 1))
-    files = [model_file(folder, r) for r in range(tp)]
-    present = [f for f in files if os.path.isfile(f)]
-    if not present:
-        raise CheckpointError(f"{folder} holds no model files (mp_rank_00_model_states.pt ...); the save was "
-                              f"incomplete or the files were moved: export another step folder")
-    for f in files:
-        if f not in present:
-            raise CheckpointError(f"{f} is missing: {folder} was saved at tp={tp} and needs all {tp} model shards")
+    shards = load_model_shards(folder, int(meta.get("tp", 1)))
     try:
-        state = merge_shards([_load_shard(f) for f in files], meta.get("shards", {}))
+        state = merge_shards([saved["module"] for saved in shards], meta.get("shards", {}))
     except KeyError as err:
         raise CheckpointError(f"{folder}: the model shards do not hold the same parameters ({err} is missing from "
                               f"one); the checkpoint is damaged: export another step folder") from err

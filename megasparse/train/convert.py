@@ -24,8 +24,38 @@ _DEEPSPEED_KEYS = ("module", "optimizer", "buffer_names", "param_shapes", "froze
                    "shared_params", "frozen_param_fragments", "ds_config", "ds_version", "sparse_tensor_module_names")
 
 
-def _model_file(folder: str, tp_rank: int) -> str:
+def model_file(folder: str, tp_rank: int) -> str:
     return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
+
+
+def refuse_zero3(folder: str, meta: dict) -> None:
+    """convert and export read the model-states files, which a ZeRO-3 save leaves empty."""
+    if meta.get("zero_stage") == 3:
+        raise CheckpointError(f"{folder} is a ZeRO-3 checkpoint: its weights live in the optimizer shards; "
+                              f"consolidate it first with the zero_to_fp32.py script DeepSpeed saved beside it")
+
+
+def load_model_shards(folder: str, tp: int) -> list[dict]:
+    """The saved model-states dicts of all tp ranks of a step folder ("module" is the state dict),
+    with a clear CheckpointError for a missing, unreadable or foreign file (convert and export)."""
+    files = [model_file(folder, r) for r in range(tp)]
+    if not any(os.path.isfile(f) for f in files):
+        raise CheckpointError(f"{folder} holds no model files (mp_rank_00_model_states.pt ...); the save was "
+                              f"incomplete or the files were moved: use another step folder")
+    shards = []
+    for path in files:
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: {folder} was saved at tp={tp} and needs all {tp} model shards")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:   # truncated zip, pickle errors, ...: all mean a damaged file
+            raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
+                                  f"corrupt: use an earlier step folder") from err
+        if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
+            raise CheckpointError(f"{path} holds no model state dict ('module'); it is not a megasparse/DeepSpeed "
+                                  f"model-states file")
+        shards.append(saved)
+    return shards
 
 
 def _replicas_for(name: str, tp: int, n_kv_heads: int) -> int:
@@ -67,7 +97,7 @@ def _write_model_files(folder: str, modules: list[dict], client: dict, tp: int, 
     os.makedirs(folder, exist_ok=True)
     for rank, module in enumerate(modules):
         torch.save({**client, "module": module, "mp_world_size": tp, "dp_world_size": 1, "global_steps": step,
-                    "skipped_steps": 0}, _model_file(folder, rank))
+                    "skipped_steps": 0}, model_file(folder, rank))
 
 
 def convert(src: str, dst: str, tp: int, weights_only: bool = False) -> str:
@@ -79,18 +109,11 @@ def convert(src: str, dst: str, tp: int, weights_only: bool = False) -> str:
     load_dir, tag = found
     folder = os.path.join(load_dir, tag)
     meta = read_meta(load_dir, tag)
-    if meta["zero_stage"] == 3:
-        raise CheckpointError(f"{folder} is a ZeRO-3 checkpoint: its weights live in the optimizer shards; "
-                              f"consolidate it first with the zero_to_fp32.py script DeepSpeed saved beside it")
+    refuse_zero3(folder, meta)
     cfg_dict = dict(meta["config"])
     cfg_dict["parallel"] = {**cfg_dict["parallel"], "tp": tp}
     config_from_dict(cfg_dict)  # validates tp against heads, kv heads, H and vocab, with clear errors
-    shards = []
-    for rank in range(meta["tp"]):
-        path = _model_file(folder, rank)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path} is missing: {folder} was saved at tp={meta['tp']} and needs all its shards")
-        shards.append(torch.load(path, map_location="cpu", weights_only=False))
+    shards = load_model_shards(folder, meta["tp"])
     full = merge_shards([s["module"] for s in shards], meta.get("shards", {}))
     out_tag = tag_for_step(meta["step"])
     out_folder = os.path.join(dst, out_tag)
