@@ -32,7 +32,7 @@ from bench_common import environment, gpu_slug, rel_err, write_results  # noqa: 
 
 from megasparse.data.shards import open_preprocessed  # noqa: E402
 from megasparse.inference import load_pretrained  # noqa: E402
-from megasparse.model.backend_calibration import median_call_ms, time_forward_backward_ms  # noqa: E402
+from megasparse.model.backend_calibration import call_times_ms, median_call_ms, time_forward_backward_ms  # noqa: E402
 from megasparse.model.sparse_mlp import (ReluGatedMLP, _hybrid_forward, _twell_forward, torch_gated_mlp,  # noqa: E402
                                          torch_gated_mlp_output)
 
@@ -65,12 +65,10 @@ def set_backend(model, backend, track_stats: bool = True) -> None:
 def twell_overflow(x, mlp) -> dict:
     """How often this layer's real activations overflow a TwELL (row, tile) of the sparse columns:
     those tokens take the kernels' exact but slower overflow path (kernels/twell/ffn.py)."""
+    from kernels.twell.reference import gate_twell_reference
+
     w = mlp._twell_layout.weights
-    g = x @ w.w_gate[w.n_hot:].t()
-    cols = g.shape[1]
-    pad = -cols % w.tile
-    fired = torch.nn.functional.pad(g > 0, (0, pad)).view(g.shape[0], -1, w.tile).sum(-1)
-    over = fired > w.cap
+    over = gate_twell_reference(x, w.w_gate, w.tile, w.cap, col0=w.n_hot).overflowed()
     return {"n_hot": w.n_hot, "overflow_tiles": int(over.sum()), "overflow_tokens": int(over.any(1).sum()),
             "overflow_tokens_2plus": int((over.sum(1) >= 2).sum())}
 
@@ -101,22 +99,6 @@ def per_layer_fwd_bwd(model, ids, warmup: int, iters: int) -> list[dict]:
     return rows
 
 
-def timed_ms(fn, warmup: int, iters: int) -> list[float]:
-    """CUDA-event times of iters calls after warmup calls (each call is many ms)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def peak_gb(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -144,7 +126,7 @@ def prefill_case(model, ids, backend: str, warmup: int, iters: int) -> dict:
     set_backend(model, backend, track_stats=False)
     fn = lambda: model.hidden_states(ids)  # noqa: E731
     with torch.no_grad():
-        times = timed_ms(fn, warmup, iters)   # the first twell calls also calibrate unexported layouts
+        times = call_times_ms(fn, True, warmup, iters)   # the first twell calls also calibrate unexported layouts
         mem = peak_gb(fn)
         out = fn()
     ms = statistics.median(times)
@@ -165,7 +147,7 @@ def train_case(model, ids, labels, backend, l1_coeff: float, lr: float, warmup: 
         (out.ce_loss + l1_coeff * out.aux_loss).backward()
         opt.step()
 
-    times = timed_ms(step, warmup, iters)
+    times = call_times_ms(step, True, warmup, iters)
     mem = peak_gb(step)
     used = [mlp.last_backend for mlp in sparse_mlps(model)]
     model.eval()

@@ -76,8 +76,8 @@ class BackendCalibration:
         return self.choice
 
 
-def median_call_ms(call: Callable[[], object], cuda: bool, warmup: int, iters: int) -> float:
-    """Median ms of call() over `iters` runs after `warmup` ones. On CUDA each run is timed by
+def call_times_ms(call: Callable[[], object], cuda: bool, warmup: int, iters: int) -> list[float]:
+    """ms of each of `iters` runs of call() after `warmup` ones. On CUDA each run is timed by
     events and waited for, so it is what an eager caller waits for; else by the host clock."""
     times = []
     for i in range(warmup + iters):
@@ -95,7 +95,13 @@ def median_call_ms(call: Callable[[], object], cuda: bool, warmup: int, iters: i
             ms = (time.perf_counter() - t0) * 1e3
         if i >= warmup:
             times.append(ms)
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def median_call_ms(call: Callable[[], object], cuda: bool, warmup: int, iters: int) -> float:
+    """Median of call_times_ms."""
+    times = sorted(call_times_ms(call, cuda, warmup, iters))
+    return times[len(times) // 2]
 
 
 def time_forward_backward_ms(fn, x: torch.Tensor, weights: list[torch.Tensor], warmup: int, iters: int) -> float:
