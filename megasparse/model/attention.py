@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.rotary import rotary
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -13,10 +15,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: bf16 sums of squares lose too much precision at large d_model.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        # torch's fused RMSNorm (one pass on CUDA, forward and backward) normalises in fp32, as
+        # it must: bf16 sums of squares lose too much precision at large d_model. The torch form
+        # (upcast, square, mean, rsqrt, two products, downcast) took ~6 passes over fp32 copies.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,11 +29,9 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) ->
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.to(x.dtype)
+    """x: [B, T, heads, head_dim] (the projection's layout); cos/sin: [>= T, head_dim/2].
+    One Triton pass on CUDA (kernels/rotary.py), the fp32 torch form on CPU."""
+    return rotary(x, cos, sin)
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -71,10 +71,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
         x = self.enter_region(x)
-        q = self.q_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        # Rotary in the projections' [B, T, heads, d] layout; attention reads transposed views.
+        q = apply_rotary(self.q_proj(x).view(bsz, seq, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary(self.k_proj(x).view(bsz, seq, -1, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = q.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))

@@ -1,0 +1,71 @@
+"""The rotary kernel, its launcher and its autograd.Function (the op is described in __init__.py)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import interpreting
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, n_rows, seq, heads,
+                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ROWS: tl.constexpr, INVERSE: tl.constexpr):
+    """ROWS (token, head) rows per program; row r is token (r // heads) % seq of its sequence."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
+    pos = (rows // heads) % seq
+    x_at = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+    table_at = pos[:, None] * HALF + cols[None, :]
+    x1 = tl.load(x_ptr + x_at, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_at + HALF, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + table_at, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + table_at, mask=mask, other=0.0)
+    if INVERSE:   # the backward: rotate by -angle
+        s = -s
+    tl.store(out_ptr + x_at, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + x_at + HALF, (x1 * s + x2 * c).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"rotary input has shape {list(x.shape)}; expected [batch, seq, heads, head_dim] "
+                         f"with an even head_dim")
+    half = x.shape[-1] // 2
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() != 2 or table.shape[1] != half or table.shape[0] < x.shape[1]:
+            raise ValueError(f"rotary {name} table has shape {list(table.shape)}; expected [>= seq={x.shape[1]}, "
+                             f"head_dim/2={half}] (model.rotary_tables)")
+        if table.dtype != torch.float32 or table.device != x.device:
+            raise ValueError(f"rotary {name} table is {table.dtype} on {table.device}; expected float32 on "
+                             f"{x.device}")
+
+
+def rotary_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Launch the kernel (no autograd): the rotation of x, or its inverse."""
+    _check(x, cos, sin)
+    x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)
+    batch, seq, heads, d = x.shape
+    n_rows = batch * seq * heads
+    if n_rows == 0:
+        return out
+    rows = 4 if interpreting() else max(1, min(64, 4096 // d))   # a few KB of x per program
+    _rotary_kernel[(triton.cdiv(n_rows, rows),)](x, out, cos, sin, n_rows, seq, heads, HALF=d // 2,
+                                                 BLOCK_HALF=triton.next_power_of_2(d // 2), ROWS=rows,
+                                                 INVERSE=inverse, num_warps=4)
+    return out
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotary_apply(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotary_apply(grad, cos, sin, inverse=True), None, None
