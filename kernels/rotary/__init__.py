@@ -1,6 +1,6 @@
 """Rotary position embedding (rotate-half form, as Llama and Hugging Face write it) in one pass.
 
-For x [B, T, heads, d] and tables cos, sin [>= T, d/2] (fp32), with x1, x2 the two halves of the
+For x [B, T, heads, d] and tables cos, sin [>= T, d/2] (fp32, or bf16 in a model cast whole), with x1, x2 the two halves of the
 last dimension:
 
     out = cat(x1 * cos[t] - x2 * sin[t],  x1 * sin[t] + x2 * cos[t])

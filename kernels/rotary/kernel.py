@@ -20,8 +20,8 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, n_rows, seq, heads,
     table_at = pos[:, None] * HALF + cols[None, :]
     x1 = tl.load(x_ptr + x_at, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_at + HALF, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + table_at, mask=mask, other=0.0)
-    s = tl.load(sin_ptr + table_at, mask=mask, other=0.0)
+    c = tl.load(cos_ptr + table_at, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + table_at, mask=mask, other=0.0).to(tl.float32)
     if INVERSE:   # the backward: rotate by -angle
         s = -s
     tl.store(out_ptr + x_at, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
@@ -37,9 +37,11 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         if table.dim() != 2 or table.shape[1] != half or table.shape[0] < x.shape[1]:
             raise ValueError(f"rotary {name} table has shape {list(table.shape)}; expected [>= seq={x.shape[1]}, "
                              f"head_dim/2={half}] (model.rotary_tables)")
-        if table.dtype != torch.float32 or table.device != x.device:
-            raise ValueError(f"rotary {name} table is {table.dtype} on {table.device}; expected float32 on "
-                             f"{x.device}")
+        # A model cast with .to(bf16) casts its tables too (buffers): any float dtype is read as is
+        # and upcast, which is what the torch form's type promotion did.
+        if not table.is_floating_point() or table.device != x.device:
+            raise ValueError(f"rotary {name} table is {table.dtype} on {table.device}; expected a float table "
+                             f"on {x.device}")
 
 
 def rotary_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
