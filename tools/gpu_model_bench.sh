@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The whole-model benchmark on one GPU (BENCHMARKS.md): train configs/sparse05b.yaml briefly on
 # real text with a strong L1, export it (neurons reordered on calibration tokens), then time the
-# exported model dense vs sparse with tools/bench_model.py.
+# exported model dense vs sparse with tools/bench_model.py, and probe where the time goes.
 # Usage (repo root; wheels for deepspeed & co. in .whl/, token shards in data/shards32k):
 #   bash tools/gpu_model_bench.sh OUT_DIR [TRAIN_SECONDS] [train overrides...]
-# STAGES="train export bench" picks stages (a warm machine keeps /tmp between calls).
+# STAGES="train export bench probe" picks stages (a warm machine keeps /tmp between calls).
 # Training stops at train.max_steps or after TRAIN_SECONDS, whichever is first; its checkpoints
 # are atomic, so a run stopped by the time limit exports the last complete one.
 set -uo pipefail
 out=${1:?output folder}; seconds=${2:-400}; shift 2 || shift $#
-stages=${STAGES:-train export bench}
+stages=${STAGES:-train export bench probe}
 run=/tmp/runs/sparse05b; export_dir=/tmp/export/sparse05b
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -37,4 +37,9 @@ if [[ " $stages " == *" bench "* ]]; then
     --sparsity-note "${SPARSITY_NOTE:-trained by tools/gpu_model_bench.sh (configs/sparse05b.yaml; see train.metrics.jsonl)}" \
     > "$out/bench.log" 2>&1; echo "bench exit $?" | tee -a "$out/bench.log"
   tail -30 "$out/bench.log"
+fi
+if [[ " $stages " == *" probe "* ]]; then   # where the time goes (tools/probe_model_time.py)
+  BENCH_RESULTS_DIR=$out python3 tools/probe_model_time.py --export $export_dir --data data/shards32k \
+    > "$out/probe.log" 2>&1; echo "probe exit $?" | tee -a "$out/probe.log"
+  tail -30 "$out/probe.log"
 fi

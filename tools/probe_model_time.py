@@ -115,9 +115,11 @@ def whole_model(model, ids, labels, backends, iters: int) -> list[dict]:
                     if name == "fwd+bwd" and backend == "twell":
                         continue   # twell is inference-only
                     ms = statistics.median(call_times_ms(fn, True, 2, iters))
-                    cats = by_category(kernel_ms(fn))
+                    kernels = kernel_ms(fn)
+                    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
                     rows.append({"workload": name, "mlp": backend, "norm_rotary": forms, "ms": round(ms, 3),
-                                 "gpu_ms_by_category": cats})
+                                 "gpu_ms_by_category": by_category(kernels),
+                                 "top_kernels_ms": {k: round(v, 3) for k, v in top}})
                     print(rows[-1], flush=True)
     return rows
 
