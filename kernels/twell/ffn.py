@@ -2,7 +2,7 @@
 
 Pipeline:
   1. gate on the sparse columns [n_hot, H) into TwELL: by default a cuBLAS GEMM into a bounded
-     row-chunk buffer (64 MiB), packed by pack.py. gate_impl="tma_persist" uses the fused
+     row-chunk buffer (256 MiB), packed by pack.py. gate_impl="tma_persist" uses the fused
      Triton GEMM whose epilogue packs, so no dense gate reaches memory; it measured slower
      (NOTES.md run 11);
   2. up/down kernel ("the walk"), chunk by chunk as the gate packs them: per token, gathers only

@@ -35,10 +35,12 @@ EPILOGUE = int(os.environ.get("TWELL_GATE_EPILOGUE", "3"))  # see gate_twell
 GATE_IMPL = os.environ.get("TWELL_GATE_IMPL", "cublas")
 HOT_IMPL = os.environ.get("TWELL_HOT_IMPL", "tma")
 # impl="cublas": the dense gate buffer's size bound, so a chunk is CHUNK_MIB / ((H - col0) * 2 B)
-# rows of x: 8192 rows for hot1536's 4096 bf16 columns, the fastest of 2048-32768 at M=16384 and
-# 131072 (NOTES.md run 11; part of a chunk's gate is still in L2 when the pack reads it).
-# Narrow (tensor-parallel) widths get longer chunks, so fewer launches.
-CHUNK_MIB = int(os.environ.get("TWELL_CHUNK_MIB", "64"))
+# rows of x. 256 MiB makes M=16384 one chunk at every H <= 8192 (a 545M model's prefill), with
+# 3 launches fewer per chunk saved, and keeps M=131072 to ~5 chunks. Against 64 MiB (NOTES.md run
+# 13, H100): equal on BENCHMARKS.md's generator (hot1536, from graphs: 1.066 vs 1.076 ms at
+# M=16384, 8.60 vs 8.70 ms at M=131072), and 5-17% less GPU time on all 8 layers of a trained
+# model, whose cold columns (~5400) split M=16384 into 3 uneven 64 MiB chunks.
+CHUNK_MIB = int(os.environ.get("TWELL_CHUNK_MIB", "256"))
 
 
 def _configs():
