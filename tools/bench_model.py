@@ -74,19 +74,24 @@ def twell_overflow(x, mlp) -> dict:
             "overflow_tokens_2plus": int((over.sum(1) >= 2).sum())}
 
 
-def per_layer_fwd_bwd(model, ids, warmup: int, iters: int) -> list[dict]:
-    """Each MLP alone on the input it really gets: forward+backward torch vs hybrid (the trainer's
-    `auto` measurement, backend_calibration.py) and forward torch vs twell (a prefill's)."""
+@torch.no_grad()
+def mlp_inputs(model, ids) -> list[torch.Tensor]:
+    """The [tokens, D] input each sparse MLP really gets for ids (one dense forward)."""
     inputs = []
     hooks = [mlp.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
              for mlp in sparse_mlps(model)]
-    set_backend(model, "torch")
-    with torch.no_grad():
-        model.hidden_states(ids)
+    set_backend(model, "torch", track_stats=False)
+    model.hidden_states(ids)
     for hook in hooks:
         hook.remove()
+    return inputs
+
+
+def per_layer_fwd_bwd(model, ids, warmup: int, iters: int) -> list[dict]:
+    """Each MLP alone on the input it really gets: forward+backward torch vs hybrid (the trainer's
+    `auto` measurement, backend_calibration.py) and forward torch vs twell (a prefill's)."""
     rows = []
-    for i, (mlp, x) in enumerate(zip(sparse_mlps(model), inputs)):
+    for i, (mlp, x) in enumerate(zip(sparse_mlps(model), mlp_inputs(model, ids))):
         weights = [mlp.gate_weight, mlp.up_weight, mlp.down_weight]
         ms = {name: time_forward_backward_ms(fn, x, weights, warmup, iters)
               for name, fn in (("torch", torch_gated_mlp), ("hybrid", _hybrid_forward))}

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import environment, gpu_slug, graph_replay_ms, write_results  # noqa: E402
-from bench_model import real_tokens, set_backend, sparse_mlps, twell_overflow  # noqa: E402
+from bench_model import mlp_inputs, real_tokens, set_backend, sparse_mlps, twell_overflow  # noqa: E402
 
 from kernels.rotary import rotary_reference  # noqa: E402
 from kernels.twell import twell_ffn  # noqa: E402
@@ -134,16 +134,8 @@ class _nothing:
 
 
 def per_layer(model, ids, iters: int) -> list[dict]:
-    inputs = []
-    hooks = [mlp.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
-             for mlp in sparse_mlps(model)]
-    set_backend(model, "torch", track_stats=False)
-    with torch.no_grad():
-        model.hidden_states(ids)
-    for hook in hooks:
-        hook.remove()
     rows = []
-    for i, (mlp, x) in enumerate(zip(sparse_mlps(model), inputs)):
+    for i, (mlp, x) in enumerate(zip(sparse_mlps(model), mlp_inputs(model, ids))):
         w = (mlp.gate_weight, mlp.up_weight, mlp.down_weight)
         layout = mlp._twell_layout
         _twell_forward(x, *w, layout)   # builds the layout
