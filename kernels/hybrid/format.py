@@ -24,6 +24,16 @@ changes speed. The new K is copied to pinned memory after each call and picked u
 call once its copy has landed (an event query, not a wait). So forward and backward have no
 host sync at all and the whole layer can be captured in a CUDA graph. With SYNC_FREE off, every
 call reads K (one host sync per forward).
+
+ELL width. A heavy token costs ~1 ms per kernel of its dense backup (three kernels per step) as
+soon as one is present, and a trained layer can have thousands (a 0.5B model's last layer, with a
+mean of 124 nonzeros per token, had 1,483 of 16,384 tokens over 256: 54 ms per fwd+bwd against
+7.5 dense; bench/results/probe_hybrid_width_h100.md). With ell_width="auto" (the default of
+sparse_gated_mlp) each layer picks its width from AUTO_WIDTHS: the largest per-token count of a
+call travels back with K (same copy, no wait), and the next call grows to the smallest width that
+holds it, or shrinks once it fits in 3/8 of the current width (a change of width reads K once).
+Wider is not free (ELL arrays are [M, width]), so the first width is the smallest. A token past
+the largest width still takes the exact backup.
 """
 from __future__ import annotations
 
@@ -46,6 +56,9 @@ SYNC_FREE = {"enabled": True}
 _CAPS: dict = {}               # layer key -> K (hot neurons), from an earlier call
 _PENDING: dict = {}            # layer key -> (pinned [K_needed, heavy rows] copy, its event)
 LAST_STATS: dict = {}          # layer key -> (K_needed, heavy rows) of the last call read back
+_MAX_COUNT: dict = {}          # layer key -> the largest per-token nonzero count of that call
+_WIDTHS: dict = {}             # layer key without the width -> ell_width="auto"'s next width
+AUTO_WIDTHS = (256, 512, 1024, 2048)   # ell_width="auto" picks among these (see the docstring)
 
 
 # How the gate GEMM is done: the fused Triton GEMM+pack epilogue, or cuBLAS then a pack pass
@@ -97,10 +110,32 @@ def _remembered_hot_count(key, multiple: int, H: int):
         pending = None     # no event queries inside a graph capture
     if pending is not None and (pending[1] is None or pending[1].query()):
         del _PENDING[key]
-        over, heavy = (int(v) for v in pending[0].tolist())
+        over, heavy, max_count = (int(v) for v in pending[0].tolist())
         _CAPS[key] = _panel_size(over, multiple, H)
         LAST_STATS[key] = (_CAPS[key], heavy)
+        _MAX_COUNT[key] = max_count
     return _CAPS.get(key)
+
+
+def next_auto_width(width: int, max_count: int | None) -> int:
+    """ell_width="auto": the width after a call at `width` whose largest per-token count was
+    max_count (None: not read back yet, keep it)."""
+    if max_count is None:
+        return width
+    fit = next((w for w in AUTO_WIDTHS if w >= max_count), AUTO_WIDTHS[-1])
+    if fit > width or (fit < width and max_count <= 3 * width // 8):
+        return fit
+    return width
+
+
+def _auto_width(layer, multiple: int, H: int) -> int:
+    """The width of this call for layer key `layer`, from what its previous call sent back."""
+    width = _WIDTHS.get(layer, AUTO_WIDTHS[0])
+    prev = layer + (min(width, H),)
+    _remembered_hot_count(prev, multiple, H)      # picks up the previous call's copy if it landed
+    width = next_auto_width(width, _MAX_COUNT.pop(prev, None))
+    _WIDTHS[layer] = width
+    return width
 
 
 def _send_back(key, stats):
@@ -109,7 +144,7 @@ def _send_back(key, stats):
     if stats.is_cuda:
         if torch.cuda.is_current_stream_capturing():
             return    # a replayed graph keeps the K it was captured with
-        host = torch.empty(2, dtype=torch.int32, pin_memory=True)
+        host = torch.empty(stats.numel(), dtype=torch.int32, pin_memory=True)
         host.copy_(stats, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -117,14 +152,15 @@ def _send_back(key, stats):
     else:
         _PENDING[key] = (stats, None)
     if len(_CAPS) > 4096:       # e.g. a run that keeps changing M: forget, re-learn per layer
-        for d in (_CAPS, _PENDING, LAST_STATS):
+        for d in (_CAPS, _PENDING, LAST_STATS, _MAX_COUNT, _WIDTHS):
             d.clear()
 
 
-def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_frac: float | None,
+def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int | str, hot_frac: float | None,
                   _packed=None, _use_reference: bool = False, hot_multiple: int = 64) -> HybridPattern:
     """Run the gate GEMM + epilogue pack, then split into hot / heavy / cold parts.
 
+    `ell_width` is an int or "auto" (per layer, from AUTO_WIDTHS; see the module docstring).
     `hot_frac=None` disables the hot dense panel (every neuron goes through the CSC path).
     `_packed` lets tests inject gate_pack's output (e.g. from its reference), and
     `_use_reference` then builds the split with the pure-torch reference.
@@ -132,12 +168,18 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     M = x.shape[0]
     H = w_gate.shape[0]
     dev = x.device
+    layer = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
+             hot_frac, hot_multiple)
+    if ell_width == "auto":
+        ell_width = _auto_width(layer, hot_multiple, H) if SYNC_FREE["enabled"] and not _use_reference \
+            else AUTO_WIDTHS[0]
     width = min(ell_width, H)    # no token has more than H nonzeros: a wider ELL only costs memory
     g_dense = ccnt = g_hot = None
-    # One memset for every counter of the call: [neurons over the hot threshold, heavy rows]
-    # (copied back to the host in one piece), the fire counts, the split's three [H] counters.
-    zeroed = torch.zeros(2 + H + 3 * H + 1, dtype=torch.int32, device=dev)
-    stats, fire_buf, split_counters = zeroed[:2], zeroed[2:2 + H], zeroed[2 + H:]
+    # One memset for every counter of the call: [neurons over the hot threshold, heavy rows, the
+    # largest per-token count] (copied back to the host in one piece), the fire counts, the
+    # split's three [H] counters.
+    zeroed = torch.zeros(3 + H + 3 * H + 1, dtype=torch.int32, device=dev)
+    stats, fire_buf, split_counters = zeroed[:3], zeroed[3:3 + H], zeroed[3 + H:]
     if _packed is not None:
         fire = _packed[0]
     elif GATE["fused_epilogue"]:
@@ -156,8 +198,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     # for GEMM sizes like 2K = 490; NOTES.md). The count stays on device; the set is the K most
     # popular neurons (hot_select.py), K from the host (see the module docstring).
     threshold = M if hot_frac is None else int(hot_frac * M)   # (no neuron fires on more than M)
-    key = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
-           width, hot_frac, hot_multiple)
+    key = layer + (width,)
     K = (_remembered_hot_count(key, hot_multiple, H) if SYNC_FREE["enabled"] and not _use_reference
          else None)
     if K is None:
@@ -173,7 +214,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
     else:
         _, cnt0, idx0, val0 = _packed
     W0 = idx0.shape[1]
-    n_heavy = stats[1:]
+    n_heavy = stats[1:2]
     if _use_reference:
         cnt, idx, g, csc_ptr, csc_slot = split_reference(cnt0, idx0, val0, cold == 0, W0)
         rows = (cnt0 > W0).nonzero().flatten()
@@ -184,5 +225,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int, hot_fra
         cnt, idx, g, csc_ptr, csc_slot, heavy, _ = split_pack(cnt0, idx0, val0, cold, W0, n_heavy=n_heavy,
                                                              counters=split_counters)
     if SYNC_FREE["enabled"] and not _use_reference:
+        if M:
+            torch.amax(cnt0, dim=0, keepdim=True, out=stats[2:3])   # the true counts, heavy tokens included
         _send_back(key, stats)
     return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy, cold, hot_pos, g_hot)

@@ -33,7 +33,9 @@ from .heavy_rows import heavy_backward, heavy_forward
 from .hot_panel import gather_hot_rows, hot_backward, hot_forward
 from .transpose import transpose
 
-DEFAULT_ELL_WIDTH = 256   # epilogue capacity per token; heavier tokens take the dense backup
+# epilogue capacity per token; heavier tokens take the dense backup. "auto": per layer, the
+# smallest of format.AUTO_WIDTHS (256 ... 2048) that held the previous call's heaviest token
+DEFAULT_ELL_WIDTH = "auto"
 DEFAULT_HOT_FRAC = 0.01   # neurons firing on > 1% of the tokens take the dense hot panel (NOTES.md)
 
 
@@ -125,16 +127,19 @@ class SparseGatedMLPFunction(torch.autograd.Function):
         return dx, dw_gate, dw_up, dw_down_t.t(), None, None
 
 
-def sparse_gated_mlp(x, w_gate, w_up, w_down, *, ell_width: int = DEFAULT_ELL_WIDTH,
+def sparse_gated_mlp(x, w_gate, w_up, w_down, *, ell_width: int | str = DEFAULT_ELL_WIDTH,
                      hot_frac: float | None = DEFAULT_HOT_FRAC):
     """(y [M, D], l1 0-dim fp32, fire_counts [H] int32): the hybrid-sparse training MLP.
 
     ell_width: per-token capacity of the gate epilogue; tokens with more nonzeros go to the dense
-    backup (never truncated). hot_frac: neurons firing on more than this fraction of the tokens
+    backup (never truncated). "auto" (default): each layer grows or shrinks it between calls to
+    hold its heaviest token (format.py). hot_frac: neurons firing on more than this fraction of the tokens
     go to the dense hot panel (None: none). Both change speed only, never the result.
     fire_counts may be a view into a larger int32 buffer of the layer's counters: copy it
     (e.g. torch.stack, .clone()) before keeping or saving it on its own.
     """
+    if ell_width != "auto" and (isinstance(ell_width, bool) or not isinstance(ell_width, int) or ell_width < 1):
+        raise ValueError(f"ell_width={ell_width!r}; expected a positive int or 'auto'")
     M, D = x.shape if x.dim() == 2 else (None, None)
     x = check_matrix("x", x)
     H = w_gate.shape[0] if w_gate.dim() == 2 else None

@@ -321,3 +321,52 @@ def test_gpu_cuda_graph_capture_with_heavy_rows():
     ref = torch.autograd.grad([y, l1], pr, [dy.float(), torch.full((), LAM, device=DEV)])
     for name, a, b in zip(("dx", "dW_g", "dW_u", "dW_d"), captured, ref):
         assert _rel(a, b) < 1e-2, f"{name}: graph replay vs fp32 reference {_rel(a, b)}"
+
+
+def test_auto_width_rule_grows_at_once_and_shrinks_with_a_margin():
+    from kernels.hybrid.format import AUTO_WIDTHS, next_auto_width
+    assert AUTO_WIDTHS[0] == 256
+    assert next_auto_width(256, None) == 256              # nothing read back yet
+    assert next_auto_width(256, 256) == 256
+    assert next_auto_width(256, 257) == 512               # a heavy token: grow to hold it
+    assert next_auto_width(256, 1262) == 2048
+    assert next_auto_width(2048, 5023) == 2048            # past the largest width: exact backup
+    assert next_auto_width(1024, 400) == 1024             # 512 would hold it, but not with the margin
+    assert next_auto_width(1024, 384) == 512
+    assert next_auto_width(2048, 100) == 256
+
+
+def test_auto_width_learns_each_layers_width_and_stays_exact(monkeypatch):
+    """ell_width="auto" with small widths (8, 16, 32): the first call has heavy tokens at width 8
+    (exact through the backup), the next call of the same layer holds them all at 32, and every
+    call equals the reference."""
+    from kernels.hybrid import format as fmt
+    monkeypatch.setattr(fmt, "SYNC_FREE", {"enabled": True})
+    for name in ("_CAPS", "_PENDING", "LAST_STATS", "_MAX_COUNT", "_WIDTHS"):
+        monkeypatch.setattr(fmt, name, {})
+    monkeypatch.setattr(fmt, "AUTO_WIDTHS", (8, 16, 32))
+    inp = make_ffn_inputs(24, 16, 64, target_nnz=14, seed=5, dtype=torch.float32)
+    p = [t.to(DEV) for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
+    per_token = (p[0] @ p[1].t() > 0).sum(1)
+    assert 16 < int(per_token.max()) <= 32 and int((per_token > 8).sum()) > 0   # the case's premise
+    y_ref, l1_ref, _ = sparse_gated_mlp_reference(*p)
+    widths, heavy = [], []
+    for _ in range(3):
+        y, l1, _ = sparse_gated_mlp(*p, hot_frac=None)
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        (layer, width), = fmt._WIDTHS.items()
+        widths.append(width)
+        heavy.append(fmt.LAST_STATS.get(layer + (width,), (None, None))[1])
+        assert _rel(y, y_ref) < 1e-4 and abs(float(l1) - float(l1_ref)) < 1e-4 * float(l1_ref)
+    assert widths == [8, 32, 32]
+    assert fmt.LAST_STATS[layer + (8,)][1] == int((per_token > 8).sum())   # the heavy tokens it had
+    assert heavy[2] == 0                                  # at 32, none
+
+
+def test_bad_ell_width_is_a_clear_error():
+    inp = make_ffn_inputs(8, 16, 32, target_nnz=4, seed=1, dtype=torch.float32)
+    p = [t.to(DEV) for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
+    for bad in (0, "wide", 2.5, True):
+        with pytest.raises(ValueError, match="ell_width"):
+            sparse_gated_mlp(*p, ell_width=bad)
