@@ -205,12 +205,17 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_model_and_data_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments every tool on an exported model shares: the model, real text, the batch."""
+    ap.add_argument("model", help="a `megasparse export` folder of a trained sparse model")
+    ap.add_argument("--data", required=True, help="a `megasparse data preprocess` folder (real text)")
+    ap.add_argument("--batch", type=int, default=8, help="sequences of real text per call")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="a `megasparse export` folder")
-    ap.add_argument("--data", required=True, help="a `megasparse data preprocess` folder (real text)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
+    add_model_and_data_args(ap)
     ap.add_argument("--train-batch", type=int, default=None, help="sequences per training step (default --batch)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import environment, gpu_slug, write_results  # noqa: E402
-from bench_model import mlp_inputs, real_tokens, sparse_mlps  # noqa: E402
+from bench_model import add_model_and_data_args, mlp_inputs, real_tokens, sparse_mlps  # noqa: E402
 
 from megasparse.model.backend_calibration import time_forward_backward_ms  # noqa: E402
 from megasparse.model.sparse_mlp import MLPResult, torch_gated_mlp  # noqa: E402
@@ -40,10 +40,7 @@ def hybrid_at(width: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="a `megasparse export` folder of a trained sparse model")
-    ap.add_argument("--data", required=True, help="a `megasparse data preprocess` folder (real text)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
+    add_model_and_data_args(ap)
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--iters", type=int, default=5)
     a = ap.parse_args()
