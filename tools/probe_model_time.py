@@ -12,13 +12,15 @@ Reports (bench/results/probe_model_time_<gpu>.json and .md; BENCH_RESULTS_DIR ov
    the fused ones replaced (monkeypatched in this process), so the change is measured in one
    process;
 3. for an export, per layer on its real input: the dense MLP and twell, each eager (what a
-   caller sees, host cost included) and replayed from a CUDA graph (GPU time alone), twell's GPU
+   caller sees, host cost included) and replayed from a CUDA graph (no host cost; do_bench, L2
+   flushed), twell's GPU
    time per kernel, and the layer's overflowed TwELL tiles.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 import re
 import statistics
 import sys
@@ -111,7 +113,7 @@ def whole_model(model, ids, labels, backends, iters: int) -> list[dict]:
     for backend in backends:
         set_backend(model, backend, track_stats=False)
         for forms in ("fused", "torch forms"):
-            with TorchForms() if forms == "torch forms" else _nothing():
+            with TorchForms() if forms == "torch forms" else nullcontext():
                 for name, fn in workloads(model, ids, labels).items():
                     if name == "fwd+bwd" and backend == "twell":
                         continue   # twell is inference-only
@@ -123,14 +125,6 @@ def whole_model(model, ids, labels, backends, iters: int) -> list[dict]:
                                  "top_kernels_ms": {k: round(v, 3) for k, v in top}})
                     print(rows[-1], flush=True)
     return rows
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def per_layer(model, ids, iters: int) -> list[dict]:

@@ -25,13 +25,15 @@ call once its copy has landed (an event query, not a wait). So forward and backw
 host sync at all and the whole layer can be captured in a CUDA graph. With SYNC_FREE off, every
 call reads K (one host sync per forward).
 
-ELL width. A heavy token costs ~1 ms per kernel of its dense backup (three kernels per step) as
+ELL width (sync-free path only; with SYNC_FREE off "auto" stays at the first width). A heavy token costs ~1 ms per kernel of its dense backup (three kernels per step) as
 soon as one is present, and a trained layer can have thousands (a 0.5B model's last layer, with a
 mean of 124 nonzeros per token, had 1,483 of 16,384 tokens over 256: 54 ms per fwd+bwd against
 7.5 dense; bench/results/probe_hybrid_width_h100.md). With ell_width="auto" (the default of
 sparse_gated_mlp) each layer picks its width from AUTO_WIDTHS: the largest per-token count of a
 call travels back with K (same copy, no wait), and the next call grows to the smallest width that
-holds it, or shrinks once it fits in 3/8 of the current width (a change of width reads K once).
+holds it, or shrinks once it fits in 3/8 of the current width (a change of width reads K once;
+a CUDA graph capture keeps the width it starts with). When no width holds it (fully dense
+tokens), it grows one step only while more than 1/512 of the tokens are heavy.
 Wider is not free (ELL arrays are [M, width]), so the first width is the smallest. A token past
 the largest width still takes the exact backup.
 """
@@ -54,9 +56,9 @@ from .split_pack import split_pack
 # on every call.
 SYNC_FREE = {"enabled": True}
 _CAPS: dict = {}               # layer key -> K (hot neurons), from an earlier call
-_PENDING: dict = {}            # layer key -> (pinned [K_needed, heavy rows] copy, its event)
+_PENDING: dict = {}            # layer key -> (pinned [K_needed, heavy rows, max count] copy, its event)
 LAST_STATS: dict = {}          # layer key -> (K_needed, heavy rows) of the last call read back
-_MAX_COUNT: dict = {}          # layer key -> the largest per-token nonzero count of that call
+_MAX_COUNT: dict = {}          # layer key -> (largest per-token nonzero count, heavy rows) of that call
 _WIDTHS: dict = {}             # layer key without the width -> ell_width="auto"'s next width
 AUTO_WIDTHS = (256, 512, 1024, 2048)   # ell_width="auto" picks among these (see the docstring)
 
@@ -113,34 +115,48 @@ def _remembered_hot_count(key, multiple: int, H: int):
         over, heavy, max_count = (int(v) for v in pending[0].tolist())
         _CAPS[key] = _panel_size(over, multiple, H)
         LAST_STATS[key] = (_CAPS[key], heavy)
-        _MAX_COUNT[key] = max_count
+        _MAX_COUNT[key] = (max_count, heavy)
     return _CAPS.get(key)
 
 
-def next_auto_width(width: int, max_count: int | None) -> int:
+def next_auto_width(width: int, max_count: int | None, heavy: int = 0, tokens: int = 0) -> int:
     """ell_width="auto": the width after a call at `width` whose largest per-token count was
-    max_count (None: not read back yet, keep it)."""
+    max_count, with `heavy` of its `tokens` tokens over the width (max_count None: nothing read
+    back yet, keep it).
+
+    The smallest width that holds the heaviest token, grown at once and shrunk with a margin. If
+    no width holds it (fully dense tokens), the backup's fixed cost is paid anyway: then grow
+    one step only while more than 1/512 of the tokens are heavy (a 0.5B model's first layer,
+    whose tokens reach 5023 nonzeros: 7.01 ms at 512 with 37 of 16,384 heavy, 7.73 at 2048 with
+    3; probe_hybrid_width_h100.md), so one outlier does not buy an [M, 2048] ELL."""
     if max_count is None:
         return width
-    fit = next((w for w in AUTO_WIDTHS if w >= max_count), AUTO_WIDTHS[-1])
+    fit = next((w for w in AUTO_WIDTHS if w >= max_count), None)
+    if fit is None:
+        wider = [w for w in AUTO_WIDTHS if w > width]
+        return wider[0] if wider and heavy * 512 > tokens else width
     if fit > width or (fit < width and max_count <= 3 * width // 8):
         return fit
     return width
 
 
-def _auto_width(layer, multiple: int, H: int) -> int:
-    """The width of this call for layer key `layer`, from what its previous call sent back."""
+def _auto_width(layer, multiple: int, H: int, M: int) -> int:
+    """The width of this call for layer key `layer`, from what its previous call sent back.
+    Inside a CUDA graph capture it stays put: a new width would need a host read of K."""
     width = _WIDTHS.get(layer, AUTO_WIDTHS[0])
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return width
     prev = layer + (min(width, H),)
     _remembered_hot_count(prev, multiple, H)      # picks up the previous call's copy if it landed
-    width = next_auto_width(width, _MAX_COUNT.pop(prev, None))
+    max_count, heavy = _MAX_COUNT.pop(prev, (None, 0))
+    width = next_auto_width(width, max_count, heavy, M)
     _WIDTHS[layer] = width
     return width
 
 
 def _send_back(key, stats):
-    """Start the copy of this call's stats ([neurons over the hot threshold, heavy rows], int32
-    on the device) to the host; nobody waits for it."""
+    """Start the copy of this call's stats ([neurons over the hot threshold, heavy rows, largest
+    per-token count], int32 on the device) to the host; nobody waits for it."""
     if stats.is_cuda:
         if torch.cuda.is_current_stream_capturing():
             return    # a replayed graph keeps the K it was captured with
@@ -171,7 +187,9 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int | str, h
     layer = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
              hot_frac, hot_multiple)
     if ell_width == "auto":
-        ell_width = _auto_width(layer, hot_multiple, H) if SYNC_FREE["enabled"] and not _use_reference \
+        # without the sync-free copy back (SYNC_FREE off, or the reference split) nothing is
+        # learned: "auto" is then the first width
+        ell_width = _auto_width(layer, hot_multiple, H, M) if SYNC_FREE["enabled"] and not _use_reference \
             else AUTO_WIDTHS[0]
     width = min(ell_width, H)    # no token has more than H nonzeros: a wider ELL only costs memory
     g_dense = ccnt = g_hot = None

@@ -44,8 +44,17 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
                              f"on {x.device}")
 
 
-def rotary_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Launch the kernel (no autograd): the rotation of x, or its inverse."""
+def rows_per_program(head_dim: int) -> int:
+    """(token, head) rows per program on a GPU: ~4096 elements of x, and a power of two (it is a
+    tl.arange length), so head_dim 96 gets 32 rows, not 42."""
+    rows = max(1, min(64, 4096 // head_dim))
+    return 1 << (rows.bit_length() - 1)
+
+
+def rotary_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
+                 rows: int | None = None) -> torch.Tensor:
+    """Launch the kernel (no autograd): the rotation of x, or its inverse. rows: rows per program
+    (a power of two; default rows_per_program, or 4 under the interpreter)."""
     _check(x, cos, sin)
     x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -54,7 +63,7 @@ def rotary_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse:
     n_rows = batch * seq * heads
     if n_rows == 0:
         return out
-    rows = 4 if interpreting() else max(1, min(64, 4096 // d))   # a few KB of x per program
+    rows = rows or (4 if interpreting() else rows_per_program(d))
     _rotary_kernel[(triton.cdiv(n_rows, rows),)](x, out, cos, sin, n_rows, seq, heads, HALF=d // 2,
                                                  BLOCK_HALF=triton.next_power_of_2(d // 2), ROWS=rows,
                                                  INVERSE=inverse, num_warps=4)

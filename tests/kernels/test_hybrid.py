@@ -19,6 +19,15 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LAM = 0.37  # weight of l1 in the test loss, so the L1 gradient path is exercised
 
 
+@pytest.fixture(autouse=True)
+def _fresh_layer_memory(monkeypatch):
+    """Each test starts with no remembered hot counts or widths (the layer keys hold storage
+    addresses, which a later test's tensors can reuse)."""
+    from kernels.hybrid import format as fmt
+    for name in ("_CAPS", "_PENDING", "LAST_STATS", "_MAX_COUNT", "_WIDTHS"):
+        monkeypatch.setattr(fmt, name, {})
+
+
 def _loss(fn, params, dy, **kw):
     y, l1, fire = fn(*params, **kw)
     return (y.float() * dy).sum() + LAM * l1, y, l1, fire
@@ -287,13 +296,16 @@ def test_gpu_realistic_bf16_vs_fp32(H, dense_rows):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture_with_heavy_rows():
+@pytest.mark.parametrize("width", [64, "auto"])
+def test_gpu_cuda_graph_capture_with_heavy_rows(width):
     """After its first call the layer has no host sync: forward+backward capture in a CUDA graph
-    (a sync would abort the capture), and replays give the eager gradients, heavy rows included."""
+    (a sync would abort the capture), and replays give the eager gradients, heavy rows included
+    (width 64); with "auto" the eager calls grow the width past the dense rows' 1408 nonzeros
+    first, and the capture keeps it."""
     inp = make_ffn_inputs(2048, 256, 1408, target_nnz=8, dense_rows=5, seed=16, dtype=torch.float32)
     base = [t.to(DEV, torch.bfloat16) for t in (inp.x, inp.w_gate, inp.w_up, inp.w_down)]
     dy = torch.randn(base[0].shape, device=DEV, dtype=torch.bfloat16)
-    kw = dict(ell_width=64, hot_frac=0.01)
+    kw = dict(ell_width=width, hot_frac=0.01)
 
     def step(p):
         y, l1, _ = sparse_gated_mlp(*p, **kw)
@@ -303,7 +315,9 @@ def test_gpu_cuda_graph_capture_with_heavy_rows():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         p = [t.clone().requires_grad_() for t in base]
-        eager = [step(p) for _ in range(3)][-1]
+        for _ in range(3):
+            eager = step(p)
+            torch.cuda.synchronize()   # so each call's stats copy has landed for the next one
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):
             captured = step(p)
@@ -312,8 +326,12 @@ def test_gpu_cuda_graph_capture_with_heavy_rows():
         graph.replay()
     torch.cuda.synchronize()
     from kernels.hybrid import format as fmt
-    pat = fmt.build_pattern(base[0], base[1], kw["ell_width"], kw["hot_frac"])
-    assert pat.heavy_rows().numel() >= 5
+    if width == "auto":
+        (layer, grown), = fmt._WIDTHS.items()
+        assert grown > 256 and fmt.LAST_STATS[layer + (min(grown, 1408),)][1] == 0   # holds the dense rows
+    else:
+        pat = fmt.build_pattern(base[0], base[1], kw["ell_width"], kw["hot_frac"])
+        assert pat.heavy_rows().numel() >= 5
     for name, a, b in zip(("dx", "dW_g", "dW_u", "dW_d"), captured, eager):
         assert _rel(a, b) < 1e-3, f"{name}: graph replay vs eager {_rel(a, b)}"
     pr = [t.float().requires_grad_() for t in base]
@@ -331,6 +349,10 @@ def test_auto_width_rule_grows_at_once_and_shrinks_with_a_margin():
     assert next_auto_width(256, 257) == 512               # a heavy token: grow to hold it
     assert next_auto_width(256, 1262) == 2048
     assert next_auto_width(2048, 5023) == 2048            # past the largest width: exact backup
+    # past the largest width, grow one step only while > 1/512 of the tokens are heavy
+    assert next_auto_width(256, 5023, heavy=225, tokens=16384) == 512
+    assert next_auto_width(512, 5023, heavy=37, tokens=16384) == 1024
+    assert next_auto_width(1024, 5023, heavy=6, tokens=16384) == 1024
     assert next_auto_width(1024, 400) == 1024             # 512 would hold it, but not with the margin
     assert next_auto_width(1024, 384) == 512
     assert next_auto_width(2048, 100) == 256
