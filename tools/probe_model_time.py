@@ -13,8 +13,7 @@ Reports (bench/results/probe_model_time_<gpu>.json and .md; BENCH_RESULTS_DIR ov
    process;
 3. for an export, per layer on its real input: the dense MLP and twell, each eager (what a
    caller sees, host cost included) and replayed from a CUDA graph (no host cost; do_bench, L2
-   flushed), twell's GPU
-   time per kernel, and the layer's overflowed TwELL tiles.
+   flushed), twell's GPU time per kernel, and the layer's overflowed TwELL tiles.
 """
 from __future__ import annotations
 
