@@ -58,7 +58,7 @@ SYNC_FREE = {"enabled": True}
 _CAPS: dict = {}               # layer key -> K (hot neurons), from an earlier call
 _PENDING: dict = {}            # layer key -> (pinned [K_needed, heavy rows, max count] copy, its event)
 LAST_STATS: dict = {}          # layer key -> (K_needed, heavy rows) of the last call read back
-_MAX_COUNT: dict = {}          # layer key -> (largest per-token nonzero count, heavy rows) of that call
+_MAX_COUNT: dict = {}          # layer key -> largest per-token nonzero count of that call (0 unless "auto")
 _WIDTHS: dict = {}             # layer key without the width -> ell_width="auto"'s next width
 AUTO_WIDTHS = (256, 512, 1024, 2048)   # ell_width="auto" picks among these (see the docstring)
 
@@ -115,7 +115,7 @@ def _remembered_hot_count(key, multiple: int, H: int):
         over, heavy, max_count = (int(v) for v in pending[0].tolist())
         _CAPS[key] = _panel_size(over, multiple, H)
         LAST_STATS[key] = (_CAPS[key], heavy)
-        _MAX_COUNT[key] = (max_count, heavy)
+        _MAX_COUNT[key] = max_count
     return _CAPS.get(key)
 
 
@@ -148,8 +148,7 @@ def _auto_width(layer, multiple: int, H: int, M: int) -> int:
         return width
     prev = layer + (min(width, H),)
     _remembered_hot_count(prev, multiple, H)      # picks up the previous call's copy if it landed
-    max_count, heavy = _MAX_COUNT.pop(prev, (None, 0))
-    width = next_auto_width(width, max_count, heavy, M)
+    width = next_auto_width(width, _MAX_COUNT.pop(prev, None), LAST_STATS.get(prev, (0, 0))[1], M)
     _WIDTHS[layer] = width
     return width
 
@@ -186,7 +185,8 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int | str, h
     dev = x.device
     layer = (dev.type, dev.index, w_gate.untyped_storage().data_ptr(), w_gate.storage_offset(), M, H,
              hot_frac, hot_multiple)
-    if ell_width == "auto":
+    auto = ell_width == "auto"
+    if auto:
         # without the sync-free copy back (SYNC_FREE off, or the reference split) nothing is
         # learned: "auto" is then the first width
         ell_width = _auto_width(layer, hot_multiple, H, M) if SYNC_FREE["enabled"] and not _use_reference \
@@ -243,7 +243,7 @@ def build_pattern(x: torch.Tensor, w_gate: torch.Tensor, ell_width: int | str, h
         cnt, idx, g, csc_ptr, csc_slot, heavy, _ = split_pack(cnt0, idx0, val0, cold, W0, n_heavy=n_heavy,
                                                              counters=split_counters)
     if SYNC_FREE["enabled"] and not _use_reference:
-        if M:
+        if auto and M:   # what the next call's width is chosen from; one launch, so only here
             torch.amax(cnt0, dim=0, keepdim=True, out=stats[2:3])   # the true counts, heavy tokens included
         _send_back(key, stats)
     return HybridPattern(fire, cnt, idx, g, csc_ptr, csc_slot, hot, heavy, n_heavy, cold, hot_pos, g_hot)
