@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 
 import torch
 
@@ -26,16 +27,7 @@ from bench_common import environment, gpu_slug, write_results  # noqa: E402
 from bench_model import add_model_and_data_args, mlp_inputs, real_tokens, sparse_mlps  # noqa: E402
 
 from megasparse.model.backend_calibration import time_forward_backward_ms  # noqa: E402
-from megasparse.model.sparse_mlp import MLPResult, torch_gated_mlp  # noqa: E402
-
-
-def hybrid_at(width: int):
-    from kernels.hybrid import sparse_gated_mlp
-
-    def fn(x, wg, wu, wd):
-        y, l1, fire = sparse_gated_mlp(x, wg, wu, wd, ell_width=width)
-        return MLPResult(y, l1, fire)
-    return fn
+from megasparse.model.sparse_mlp import _hybrid_forward, torch_gated_mlp  # noqa: E402
 
 
 def main() -> None:
@@ -54,11 +46,12 @@ def main() -> None:
     for i, (mlp, x) in enumerate(zip(sparse_mlps(model), mlp_inputs(model, ids))):
         w = [mlp.gate_weight, mlp.up_weight, mlp.down_weight]
         with torch.no_grad():
-            per_token = (x @ w[0].t() > 0).sum(1)
+            per_token = torch_gated_mlp(x, *w).token_nnz
         row = {"layer": i, "nnz_mean": per_token.float().mean().item(), "nnz_max": int(per_token.max()),
                "dense_ms": time_forward_backward_ms(torch_gated_mlp, x, w, 2, a.iters), "hybrid": {}}
         for width in a.widths:
-            row["hybrid"][width] = {"ms": time_forward_backward_ms(hybrid_at(width), x, w, 2, a.iters),
+            row["hybrid"][width] = {"ms": time_forward_backward_ms(partial(_hybrid_forward, ell_width=width), x, w,
+                                                                   2, a.iters),
                                     "tokens_over": int((per_token > width).sum())}
         rows.append(row)
         print(row, flush=True)

@@ -64,10 +64,11 @@ def _twell_forward(x, w_gate, w_up, w_down, layout: TwellLayout) -> MLPResult:
     return MLPResult(layout(x, w_gate, w_up, w_down), x.new_zeros((), dtype=torch.float32), None)
 
 
-def _hybrid_forward(x, w_gate, w_up, w_down) -> MLPResult:
+def _hybrid_forward(x, w_gate, w_up, w_down, **options) -> MLPResult:
+    """options: kernels.hybrid.sparse_gated_mlp's speed-only keywords (ell_width, hot_frac)."""
     import kernels.hybrid as hybrid
 
-    y, l1, fire_counts = hybrid.sparse_gated_mlp(x, w_gate, w_up, w_down)
+    y, l1, fire_counts = hybrid.sparse_gated_mlp(x, w_gate, w_up, w_down, **options)
     return MLPResult(y, l1, fire_counts)
 
 
