@@ -218,6 +218,7 @@ class TrainConfig:
     reset_optimizer_on_resume: bool = False  # load weights only: fresh optimizer and LR schedule state
     keep_last: int = 3                   # checkpoints kept (0 keeps all)
     keep_every: int | None = None        # also keep every step that is a multiple of this, for good
+    profile_steps: list | None = None    # [first, last]: profile these steps (train/profiling.py)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval",
@@ -230,6 +231,11 @@ class TrainConfig:
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _check(self.keep_last >= 0, f"train.keep_last={self.keep_last} must be >= 0 (0 keeps every checkpoint)")
         _check(self.keep_every is None or self.keep_every > 0, f"train.keep_every={self.keep_every} must be positive")
+        p = self.profile_steps
+        _check(p is None or (isinstance(p, list) and len(p) == 2 and all(type(s) is int and s > 0 for s in p)
+                             and p[0] <= p[1]),
+               f"train.profile_steps={p!r} must be [first, last], two step numbers with 0 < first <= last "
+               f"(e.g. train.profile_steps=[20,22])")
 
 
 @dataclass

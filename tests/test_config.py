@@ -45,6 +45,9 @@ def test_wrong_type_is_reported():
     (["model.mlp=gelu"], "model.mlp"),
     (["data.seq_len=4096"], "exceeds model.max_seq_len"),
     (["parallel.tp=3"], "parallel.tp=3"),
+    (["train.profile_steps=[5,2]"], "first <= last"),
+    (["train.profile_steps=7"], "must be \\[first, last\\]"),
+    (["train.profile_steps=[0,2]"], "profile_steps"),
 ])
 def test_invalid_combinations(override, needle):
     with pytest.raises(ConfigError, match=needle):

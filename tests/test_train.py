@@ -51,3 +51,30 @@ def test_deepspeed_launcher_two_processes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     saved = json.loads(json.dumps(rows[-1]))
     assert saved["consumed_samples"] == 8
+
+
+def test_profile_steps_writes_trace_and_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run(train_cmd(run_dir, "train.max_steps=4", "train.profile_steps=[2,3]"))
+    check(proc)
+    prof = run_dir / "profile"
+    summary = json.loads((prof / "steps2-3.json").read_text())
+    assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0
+    assert summary["gpu_busy_fraction"] is None            # CPU run: no kernels to time
+    names = " ".join(r["name"] for r in summary["top_host_ops"])
+    assert "aten::" in names                               # the model's ops were recorded
+    assert json.loads((prof / "steps2-3.trace.json").read_text())["traceEvents"]
+    assert "profiled steps 2-3" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]   # training went on
+
+
+def test_profile_steps_outside_the_run_is_an_error(tmp_path):
+    proc = run(train_cmd(tmp_path / "run", "train.max_steps=3", "train.profile_steps=[2,5]"))
+    assert proc.returncode != 0 and "train.profile_steps=[2, 5] lies outside" in proc.stderr + proc.stdout
+
+
+def test_profile_busy_time_is_the_union_of_kernel_intervals():
+    from megasparse.train.profiling import busy_ms
+
+    assert busy_ms([(30, 40), (0, 10), (5, 20)]) == pytest.approx(0.030)   # µs in, ms out; overlap once
+    assert busy_ms([]) == 0.0

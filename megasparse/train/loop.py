@@ -28,6 +28,7 @@ from megasparse.train.distributed import DistInfo, init_distributed, shutdown_di
 from megasparse.train.flops import executed_flops_per_token, model_flops_per_token, peak_flops
 from megasparse.train.metrics import MetricsLogger
 from megasparse.train.optimizer import build_lr_scheduler, build_optimizer
+from megasparse.train.profiling import StepProfiler
 from megasparse.train.resume import apply_resume, plan_resume
 from megasparse.train.universal import universal_info
 
@@ -76,6 +77,7 @@ class Trainer:
                                    tp_group=self.parallel.tp_group)
         self.reinit = DeadNeuronReinit(cfg.sparsity, cfg.model.init_std, cfg.train.seed, self.parallel.tp_rank)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.profiler = StepProfiler(cfg.train.profile_steps, self.run_dir, self.dist.device, self.is_main)
         self.step = 0
         self.consumed_samples = 0
         self.stop_signal_received = False  # set by the handler, never cleared: a signal is not lost
@@ -280,13 +282,16 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict:
         cfg = self.cfg.train
+        self.profiler.check_window(self.step + 1, cfg.max_steps)
         sampler = iter(self.data.sampler(self.batch.global_batch_size, self.parallel.dp_rank, self.batch.dp,
                                          consumed_samples=self.consumed_samples))
         totals, last_record = self._new_totals(), {}
         t0, steps_in_window = time.perf_counter(), 0
         bar = self._progress()
         while self.step < cfg.max_steps:
+            self.profiler.before_step(self.step + 1)
             self.train_step(next(sampler), totals)
+            self.profiler.after_step(self.step)
             steps_in_window += 1
             if bar is not None:
                 bar.update(1)
