@@ -173,6 +173,7 @@ class OptimConfig:
     grad_clip: float = 1.0               # 0 disables clipping
     decay_norms: bool = False            # apply weight decay to norm gains
     decay_embeddings: bool = False       # apply weight decay to embeddings and the LM head
+    implementation: str = "auto"         # AdamW kernels: auto (fused on CUDA, foreach on CPU) | fused | foreach | for-loop
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr={self.lr} must be positive")
@@ -181,6 +182,7 @@ class OptimConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "for-loop"))
 
 
 @dataclass

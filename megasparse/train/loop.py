@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from megasparse import __version__
 from megasparse.config import Config, resolve_batch, save_config
@@ -147,9 +148,12 @@ class Trainer:
     def train_step(self, indices: list[int], totals: StepTotals) -> None:
         lam = self.l1_schedule.coeff(self.step)
         for inputs, labels in self._micro_batches(self.data.train, indices):
-            out = self.engine(inputs, labels)
-            loss = out.ce_loss + lam * out.aux_loss
-            if not self._finite_everywhere(loss):
+            with record_function("megasparse.forward"):
+                out = self.engine(inputs, labels)
+                loss = out.ce_loss + lam * out.aux_loss
+            with record_function("megasparse.nonfinite_vote"):
+                finite = self._finite_everywhere(loss)
+            if not finite:
                 if self.cfg.train.on_nonfinite == "stop":
                     raise TrainingError(
                         f"non-finite loss ({loss.item()}) at step {self.step + 1}; lower optim.lr, check the data, "
@@ -163,9 +167,12 @@ class Trainer:
                 totals.ce += out.ce_loss.detach().float()
                 totals.aux += out.aux_loss.detach().float()
                 totals.micro_batches += 1
-                self.stats.update(out.fire_counts, out.l1_per_layer, out.tokens, out.token_nnz)
-            self.engine.backward(loss)
-            self.engine.step()
+                with record_function("megasparse.statistics"):
+                    self.stats.update(out.fire_counts, out.l1_per_layer, out.tokens, out.token_nnz)
+            with record_function("megasparse.backward"):
+                self.engine.backward(loss)
+            with record_function("megasparse.engine_step"):   # the optimizer step at the last micro-batch
+                self.engine.step()
         self.step += 1
         self.consumed_samples += self.batch.global_batch_size
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import defaultdict
 
 import torch
 
+PHASE_PREFIX = "megasparse."   # record_function names the training step marks its phases with
 # Host-side calls that wait for the GPU: each one drains the launch queue.
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
 
@@ -77,7 +79,9 @@ class StepProfiler:
 
 
 def _is_gpu(evt) -> bool:
-    return getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
+    """A kernel, memcpy or memset on the GPU (not a user annotation's GPU span, which covers idle time)."""
+    return (getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(evt, "is_user_annotation", False))
 
 
 def busy_ms(intervals: list[tuple[float, float]]) -> float:
@@ -97,12 +101,21 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
 
 def summarize(prof, wall_ms: float, steps: int, top: int = 20) -> dict:
     events = prof.events()
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if _is_gpu(e)]
-    gpu_ms = busy_ms(kernels) if kernels else None
+    gpu = [e for e in events if _is_gpu(e)]
+    gpu_ms = busy_ms([(e.time_range.start, e.time_range.end) for e in gpu]) if gpu else None
+    kernels: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in gpu:
+        kernels[e.name][0] += e.time_range.elapsed_us()
+        kernels[e.name][1] += 1
+    # The trainer's own phases (record_function names "megasparse.*"): GPU time of every kernel
+    # launched inside, and host time.
+    phases: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
+    for e in events:
+        if e.name.startswith(PHASE_PREFIX) and getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU:
+            phases[e.name][0] += e.device_time_total
+            phases[e.name][1] += e.cpu_time_total
     averages = prof.key_averages()
     syncs = {a.key: a.count / steps for a in averages if a.key in SYNC_OPS}
-    gpu_rows = sorted((a for a in averages if (getattr(a, "self_device_time_total", 0) or 0) > 0),
-                      key=lambda a: -a.self_device_time_total)
     cpu_rows = sorted(averages, key=lambda a: -a.self_cpu_time_total)
     return {
         "steps": steps, "wall_ms_per_step": wall_ms / steps,
@@ -110,8 +123,10 @@ def summarize(prof, wall_ms: float, steps: int, top: int = 20) -> dict:
         "gpu_busy_fraction": gpu_ms / wall_ms if gpu_ms is not None else None,
         "host_syncs_per_step": sum(v for k, v in syncs.items() if k != "aten::_local_scalar_dense"),
         "syncs_per_step": syncs,
-        "top_gpu_kernels": [{"name": a.key[:120], "ms_per_step": a.self_device_time_total / 1e3 / steps,
-                             "calls_per_step": a.count / steps} for a in gpu_rows[:top]],
+        "phases": {k: {"gpu_ms_per_step": v[0] / 1e3 / steps, "host_ms_per_step": v[1] / 1e3 / steps}
+                   for k, v in phases.items()},
+        "top_gpu_kernels": [{"name": k[:120], "ms_per_step": v[0] / 1e3 / steps, "calls_per_step": v[1] / steps}
+                            for k, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
         "top_host_ops": [{"name": a.key[:120], "self_ms_per_step": a.self_cpu_time_total / 1e3 / steps,
                           "calls_per_step": a.count / steps} for a in cpu_rows[:top]],
     }
@@ -128,7 +143,9 @@ def markdown(s: dict) -> str:
              "- GPU busy: " + ("n/a (no GPU)" if busy is None
                                else f"{busy:.2f} ms per step ({_pct(s['gpu_busy_fraction'])} of the wall time)"),
              "- host syncs per step: " + (", ".join(f"{k} {v:g}" for k, v in s["syncs_per_step"].items()) or "none"),
-             "", "| GPU kernel | ms/step | calls/step |", "|---|---|---|"]
+             "", "| phase of the step | GPU ms/step (kernels launched inside) | host ms/step |", "|---|---|---|"]
+    lines += [f"| {k} | {v['gpu_ms_per_step']:.2f} | {v['host_ms_per_step']:.2f} |" for k, v in s["phases"].items()]
+    lines += ["", "| GPU kernel | ms/step | calls/step |", "|---|---|---|"]
     lines += [f"| `{r['name']}` | {r['ms_per_step']:.3f} | {r['calls_per_step']:g} |" for r in s["top_gpu_kernels"]]
     lines += ["", "| host op (self time) | ms/step | calls/step |", "|---|---|---|"]
     lines += [f"| `{r['name']}` | {r['self_ms_per_step']:.3f} | {r['calls_per_step']:g} |" for r in s["top_host_ops"]]
