@@ -221,6 +221,10 @@ class TrainConfig:
     keep_last: int = 3                   # checkpoints kept (0 keeps all)
     keep_every: int | None = None        # also keep every step that is a multiple of this, for good
     profile_steps: list | None = None    # [first, last]: profile these steps (train/profiling.py)
+    # bf16: DeepSpeed scans every gradient for inf/NaN before each optimizer step and skips the
+    # step if it finds any. False saves that scan's host time; a non-finite gradient then reaches
+    # the weights, and the run stops at the next non-finite loss (train.on_nonfinite=stop).
+    check_grad_overflow: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval",
@@ -233,6 +237,9 @@ class TrainConfig:
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _check(self.keep_last >= 0, f"train.keep_last={self.keep_last} must be >= 0 (0 keeps every checkpoint)")
         _check(self.keep_every is None or self.keep_every > 0, f"train.keep_every={self.keep_every} must be positive")
+        _check(self.check_grad_overflow or self.on_nonfinite == "stop",
+               "train.check_grad_overflow=false needs train.on_nonfinite=stop: without the scan a non-finite "
+               "gradient reaches the weights, and skipping every later micro-batch would hide it")
         p = self.profile_steps
         _check(p is None or (isinstance(p, list) and len(p) == 2 and all(type(s) is int and s > 0 for s in p)
                              and p[0] <= p[1]),

@@ -48,6 +48,7 @@ def test_wrong_type_is_reported():
     (["train.profile_steps=[5,2]"], "first <= last"),
     (["train.profile_steps=7"], "must be \\[first, last\\]"),
     (["train.profile_steps=[0,2]"], "profile_steps"),
+    (["train.check_grad_overflow=false", "train.on_nonfinite=skip"], "needs train.on_nonfinite=stop"),
 ])
 def test_invalid_combinations(override, needle):
     with pytest.raises(ConfigError, match=needle):

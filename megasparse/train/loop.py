@@ -127,7 +127,12 @@ class Trainer:
     def _micro_batches(self, dataset, indices: list[int]):
         mb = self.batch.micro_batch_size
         for start in range(0, len(indices), mb):
-            seqs = torch.stack([dataset[i] for i in indices[start:start + mb]]).to(self.dist.device, non_blocking=True)
+            seqs = torch.stack([dataset[i] for i in indices[start:start + mb]])
+            if self.dist.device.type == "cuda":
+                # A copy from pageable memory waits for the stream to drain first; from pinned
+                # memory it is queued behind the previous micro-batch's backward.
+                seqs = seqs.pin_memory()
+            seqs = seqs.to(self.dist.device, non_blocking=True)
             yield seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
 
     # ------------------------------------------------------------------ steps
