@@ -125,6 +125,10 @@ def summarize(prof, wall_ms: float, steps: int, top: int = 20) -> dict:
         "syncs_per_step": syncs,
         "phases": {k: {"gpu_ms_per_step": v[0] / 1e3 / steps, "host_ms_per_step": v[1] / 1e3 / steps}
                    for k, v in phases.items()},
+        # Kernels launched outside the phases' host-side tree: the backward's, which autograd
+        # launches from its own thread, and anything between phases.
+        "unattributed_gpu_ms_per_step": (sum(v[0] for v in kernels.values()) - sum(v[0] for v in phases.values()))
+        / 1e3 / steps,
         "top_gpu_kernels": [{"name": k[:120], "ms_per_step": v[0] / 1e3 / steps, "calls_per_step": v[1] / steps}
                             for k, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
         "top_host_ops": [{"name": a.key[:120], "self_ms_per_step": a.self_cpu_time_total / 1e3 / steps,
@@ -145,6 +149,8 @@ def markdown(s: dict) -> str:
              "- host syncs per step: " + (", ".join(f"{k} {v:g}" for k, v in s["syncs_per_step"].items()) or "none"),
              "", "| phase of the step | GPU ms/step (kernels launched inside) | host ms/step |", "|---|---|---|"]
     lines += [f"| {k} | {v['gpu_ms_per_step']:.2f} | {v['host_ms_per_step']:.2f} |" for k, v in s["phases"].items()]
+    lines.append(f"| other (the backward's kernels: autograd launches them from its own thread) | "
+                 f"{s['unattributed_gpu_ms_per_step']:.2f} | |")
     lines += ["", "| GPU kernel | ms/step | calls/step |", "|---|---|---|"]
     lines += [f"| `{r['name']}` | {r['ms_per_step']:.3f} | {r['calls_per_step']:g} |" for r in s["top_gpu_kernels"]]
     lines += ["", "| host op (self time) | ms/step | calls/step |", "|---|---|---|"]
