@@ -102,7 +102,7 @@ def layer_report(x_cal: torch.Tensor, x_held: torch.Tensor, w_gate: torch.Tensor
 
 def markdown(payload: dict) -> str:
     env = payload["environment"]
-    lines = [f"# Can a low-rank bound prove cold neurons off? {env.get('gpu', 'cpu')} (commit {env.get('commit', '?')})",
+    lines = [f"# Can a low-rank bound prove cold neurons off? {env.get('gpu', 'cpu')} (commit {env.get('git_commit', '?')})",
              "", f"Model: {payload['source']}; calibration {payload['calibration_tokens']} tokens, held out "
              f"{payload['held_out_tokens']} tokens. A pair (token, neuron) is certified off when "
              "(xV)(V^T w) + |x_perp| |w_perp| < -1e-3 |x| |w|, V the top-k directions of the calibration inputs.", "",
