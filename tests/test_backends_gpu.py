@@ -155,3 +155,28 @@ def test_auto_backend_measures_before_switching():
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in mlp.parameters())
     mlp(x[None])
     assert mlp.last_backend == "hybrid"
+
+
+def test_model_loss_on_cuda_is_the_fused_cross_entropy():
+    """On CUDA the model's loss runs kernels/cross_entropy (backward written over its own logits):
+    the same loss and parameter gradients as F.cross_entropy on the logits it returns."""
+    from megasparse.config import ModelConfig
+    from megasparse.model.transformer import SparseLlama
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=1000, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=512,
+                      max_seq_len=64, mlp_backend="torch")
+    model = SparseLlama(cfg).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 1000, (4, 65), device="cuda")
+    grads = {}
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        if fused:
+            loss = model(ids[:, :-1], ids[:, 1:]).ce_loss
+        else:
+            logits = model(ids[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 1000), ids[:, 1:].reshape(-1))
+        loss.backward()
+        grads[fused] = (loss.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+    assert abs(grads[True][0] - grads[False][0]) < 1e-4 * grads[False][0]
+    assert rel(grads[True][1], grads[False][1]) < 1e-2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.cross_entropy import KERNEL_DTYPES, grad_logits, row_stats
 from megasparse.parallel.mappings import all_reduce_, all_reduce_max_
 
 
@@ -19,6 +20,9 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, group):
+        ctx.fused = _fused_wanted(logits)
+        if ctx.fused:
+            return _fused_forward(ctx, logits, labels, vocab_start, group)
         ctx.input_dtype = logits.dtype
         # At least fp32 (bf16 log-sum-exp is too coarse); fp64 stays fp64 for exact tests.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -45,12 +49,39 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.fused:
+            logits, labels, shift, log_sum_exp = ctx.saved_tensors
+            # ignore_index labels own no column, and the caller's mean gives their rows a zero
+            # grad_loss, so the kernel's own ignore handling is not needed here (-1: no label is)
+            grad = grad_logits(logits, labels, log_sum_exp, grad_loss, ctx.vocab_start, -1, shift=shift)
+            return grad, None, None, None
         softmax, local_labels, owned = ctx.saved_tensors
         grad = softmax.clone()
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows, local_labels] -= owned.to(grad.dtype)
         grad.mul_(grad_loss.unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None, None
+
+
+def _fused_wanted(logits: torch.Tensor) -> bool:
+    """The Triton passes on CUDA (bf16/fp16/fp32); the torch form on CPU and for fp64."""
+    return logits.is_cuda and logits.dtype in KERNEL_DTYPES
+
+
+def _fused_forward(ctx, logits, labels, vocab_start, group):
+    """The same losses from kernels/cross_entropy's two Triton passes (CUDA): per-row max,
+    sum of exponentials and target logit of this rank's slice, combined across ranks by the same
+    two all-reduces; the backward recomputes the softmax from the saved bf16 logits instead of
+    keeping an [N, V_local] fp32 one."""
+    row_max, sum_exp, target = row_stats(logits, labels, vocab_start, ignore_index=-1)
+    shift = row_max.clone()
+    all_reduce_max_(shift, group)
+    sums = torch.stack([sum_exp * torch.exp(row_max - shift), target])
+    all_reduce_(sums, group)
+    log_sum_exp = torch.log(sums[0])
+    ctx.save_for_backward(logits, labels, shift, log_sum_exp)
+    ctx.vocab_start = vocab_start
+    return (shift - sums[1]) + log_sum_exp
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group,

@@ -1,0 +1,98 @@
+"""The language-model loss, torch against kernels/cross_entropy, forward+backward, one process.
+
+    python tools/bench_cross_entropy.py [--tokens 16384] [--vocab 32768 131072]
+
+Torch's form is what the trainer ran before: F.cross_entropy(logits.float(), labels), which casts
+the bf16 logits to fp32, writes fp32 log-probabilities, a dense fp32 gradient and a bf16 copy of
+it. The fused form reads the bf16 logits once forward and once backward and writes the bf16
+gradient. Both are timed as the trainer calls them (loss, then backward into the logits), with
+do_bench (L2 flushed between calls); the peak memory above the logits and the gradient's and
+loss's error against an fp64 reference are reported beside. Results: bench/results/
+cross_entropy_<gpu>.json and .md (BENCH_RESULTS_DIR overrides).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_common import environment, gpu_slug, median_ms, rel_err, write_results  # noqa: E402
+
+from kernels.cross_entropy import cross_entropy  # noqa: E402
+
+
+def torch_loss(logits, labels):
+    return F.cross_entropy(logits.float(), labels)
+
+
+def case(n: int, vocab: int) -> dict:
+    torch.manual_seed(0)
+    base = (torch.randn(n, vocab, device="cuda") * 2).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,), device="cuda")
+    ref_logits = base.double().requires_grad_()
+    F.cross_entropy(ref_logits, labels).backward()
+    ref_loss = F.cross_entropy(base.double(), labels)
+    row = {"tokens": n, "vocab": vocab}
+    for name, fn in (("torch", torch_loss), ("fused", cross_entropy)):
+        logits = base.clone().requires_grad_()
+
+        def fwd_bwd():
+            logits.grad = None
+            fn(logits, labels).backward()
+
+        fwd_bwd()
+        loss = fn(logits, labels)
+        row[f"{name}_loss_abs_err"] = abs(float(loss.double() - ref_loss))
+        row[f"{name}_grad_rel_err"] = rel_err(logits.grad, ref_logits.grad)
+        row[f"{name}_ms"] = median_ms(fwd_bwd)
+        row[f"{name}_fwd_ms"] = median_ms(lambda: fn(logits.detach(), labels))
+        logits.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        row[f"{name}_peak_extra_gb"] = (torch.cuda.max_memory_allocated() - start) / 2**30
+    row["speedup"] = row["torch_ms"] / row["fused_ms"]
+    return row
+
+
+def markdown(payload: dict) -> str:
+    env = payload["environment"]
+    lines = [f"# LM loss forward+backward, {env['gpu']} (commit {env.get('git_commit', '?')})", "",
+             "bf16 logits; torch = F.cross_entropy(logits.float(), labels); fused = kernels/cross_entropy. "
+             "ms: do_bench median (L2 flushed). Peak: memory allocated above the logits during one "
+             "forward+backward. Errors against fp64.", "",
+             "| tokens x vocab | torch fwd+bwd ms | fused fwd+bwd ms | speedup | fwd only torch / fused | "
+             "peak GB torch / fused | grad rel err torch / fused | loss abs err torch / fused |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in payload["cases"]:
+        lines.append(f"| {r['tokens']} x {r['vocab']} | {r['torch_ms']:.3f} | {r['fused_ms']:.3f} | "
+                     f"**{r['speedup']:.2f}x** | {r['torch_fwd_ms']:.3f} / {r['fused_fwd_ms']:.3f} | "
+                     f"{r['torch_peak_extra_gb']:.2f} / {r['fused_peak_extra_gb']:.2f} | "
+                     f"{r['torch_grad_rel_err']:.1e} / {r['fused_grad_rel_err']:.1e} | "
+                     f"{r['torch_loss_abs_err']:.1e} / {r['fused_loss_abs_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_cross_entropy needs a CUDA GPU")
+    payload = {"environment": environment(), "cases": [case(a.tokens, v) for v in a.vocab]}
+    paths = write_results(f"cross_entropy_{gpu_slug()}", payload, markdown(payload))
+    print(markdown(payload))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
