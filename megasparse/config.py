@@ -221,9 +221,10 @@ class TrainConfig:
     keep_last: int = 3                   # checkpoints kept (0 keeps all)
     keep_every: int | None = None        # also keep every step that is a multiple of this, for good
     profile_steps: list | None = None    # [first, last]: profile these steps (train/profiling.py)
-    # bf16: DeepSpeed scans every gradient for inf/NaN before each optimizer step and skips the
-    # step if it finds any. False saves that scan's host time; a non-finite gradient then reaches
-    # the weights, and the run stops at the next non-finite loss (train.on_nonfinite=stop).
+    # bf16 with ZeRO-1/2: DeepSpeed scans every gradient for inf/NaN before each optimizer step
+    # and skips the step if it finds any (ZeRO-3 never scans bf16 gradients). False saves that
+    # scan's host time; a non-finite gradient then reaches the weights, and the run stops at the
+    # next non-finite loss (train.on_nonfinite=stop).
     check_grad_overflow: bool = True
 
     def __post_init__(self) -> None:

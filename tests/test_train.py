@@ -1,6 +1,5 @@
 """The real trainer end to end: single process, torchrun with ZeRO-1/2, the deepspeed launcher."""
 import json
-import os
 
 import pytest
 
@@ -68,9 +67,29 @@ def test_profile_steps_writes_trace_and_summary(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]   # training went on
 
 
-def test_profile_steps_outside_the_run_is_an_error(tmp_path):
+def test_profile_steps_past_the_run_is_an_error_and_a_resume_past_the_start_skips_it(tmp_path):
     proc = run(train_cmd(tmp_path / "run", "train.max_steps=3", "train.profile_steps=[2,5]"))
-    assert proc.returncode != 0 and "train.profile_steps=[2, 5] lies outside" in proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "ends after train.max_steps=3" in proc.stderr + proc.stdout
+    # a pre-empted run restarted with its own config must not fail on a window it already passed
+    check(run(train_cmd(tmp_path / "run", "train.max_steps=3", "train.profile_steps=[2,3]")))
+    proc = run(train_cmd(tmp_path / "run", "train.max_steps=5", "train.profile_steps=[2,3]", "train.resume=auto"))
+    check(proc)
+    assert "starts at step 4, past the window's start; not profiling" in proc.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-2:] == [4, 5]
+
+
+def test_a_profile_window_cut_short_is_still_written(tmp_path):
+    import torch
+
+    from megasparse.train.profiling import StepProfiler
+
+    prof = StepProfiler([2, 4], str(tmp_path), torch.device("cpu"), is_main=True)
+    prof.before_step(2)
+    torch.ones(8).sum()
+    prof.after_step(2)
+    assert prof.close(2).endswith("steps2-2.md")            # the run stopped after step 2 of [2, 4]
+    assert json.loads((tmp_path / "profile" / "steps2-2.json").read_text())["steps"] == 1
+    assert prof.close(3) is None                             # closed once
 
 
 def test_profile_busy_time_is_the_union_of_kernel_intervals():

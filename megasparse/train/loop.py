@@ -300,30 +300,33 @@ class Trainer:
         totals, last_record = self._new_totals(), {}
         t0, steps_in_window = time.perf_counter(), 0
         bar = self._progress()
-        while self.step < cfg.max_steps:
-            self.profiler.before_step(self.step + 1)
-            self.train_step(next(sampler), totals)
-            self.profiler.after_step(self.step)
-            steps_in_window += 1
-            if bar is not None:
-                bar.update(1)
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                if self.dist.device.type == "cuda":
-                    torch.cuda.synchronize()
-                last_record = self._log_record(totals, steps_in_window, time.perf_counter() - t0)
-                self.metrics.log(last_record)
-                totals, steps_in_window = self._new_totals(), 0
-                t0 = time.perf_counter()
-            pause = time.perf_counter()
-            if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                self.metrics.log(self.evaluate(), prefix="valid")
-            if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps or self.stop_requested:
-                self.save()
-            if self.stop_requested:
-                if self.is_main:
-                    print(f"stop requested by a signal: saved step {self.step} and exiting", flush=True)
-                break
-            t0 += time.perf_counter() - pause  # keep eval and save time out of tokens/s
+        try:
+            while self.step < cfg.max_steps:
+                self.profiler.before_step(self.step + 1)
+                self.train_step(next(sampler), totals)
+                self.profiler.after_step(self.step)
+                steps_in_window += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    if self.dist.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    last_record = self._log_record(totals, steps_in_window, time.perf_counter() - t0)
+                    self.metrics.log(last_record)
+                    totals, steps_in_window = self._new_totals(), 0
+                    t0 = time.perf_counter()
+                pause = time.perf_counter()
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                    self.metrics.log(self.evaluate(), prefix="valid")
+                if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps or self.stop_requested:
+                    self.save()
+                if self.stop_requested:
+                    if self.is_main:
+                        print(f"stop requested by a signal: saved step {self.step} and exiting", flush=True)
+                    break
+                t0 += time.perf_counter() - pause  # keep eval and save time out of tokens/s
+        finally:
+            self.profiler.close(self.step)   # a window cut short by a signal or an error
         if bar is not None:
             bar.close()
         self.metrics.close()

@@ -33,12 +33,20 @@ class StepProfiler:
         self._t0 = 0.0
 
     def check_window(self, next_step: int, max_steps: int) -> None:
-        """The window must lie in the steps this run will take, or nothing would be profiled."""
+        """A window past max_steps is a config error. One whose start this run has already passed
+        (a resume, e.g. after pre-emption, with the same config) is skipped with a note."""
         from megasparse.errors import ConfigError
 
-        if self.first is not None and not (next_step <= self.first and self.last <= max_steps):
-            raise ConfigError(f"train.profile_steps=[{self.first}, {self.last}] lies outside the steps this run "
-                              f"takes ({next_step} to {max_steps}); pick steps in that range")
+        if self.first is None:
+            return
+        if self.last > max_steps:
+            raise ConfigError(f"train.profile_steps=[{self.first}, {self.last}] ends after train.max_steps="
+                              f"{max_steps}; pick steps up to {max_steps}")
+        if next_step > self.first:
+            if self.is_main:
+                print(f"train.profile_steps=[{self.first}, {self.last}]: this run starts at step {next_step}, "
+                      f"past the window's start; not profiling", flush=True)
+            self.first = self.last = None
 
     def before_step(self, step: int) -> None:
         """Called with the number of the step about to run (1-based)."""
@@ -57,6 +65,26 @@ class StepProfiler:
         the profiled window (rank 0)."""
         if self._prof is None or step != self.last:
             return None
+        return self._finish(step)
+
+    def close(self, last_done: int) -> str | None:
+        """End a window the run left early (a stop signal, an error): write what was recorded of
+        the steps completed in it, if any."""
+        if self._prof is None:
+            return None
+        try:
+            if last_done < self.first:
+                self._prof.__exit__(None, None, None)
+                self._prof = None
+                return None
+            self.last = last_done
+            return self._finish(last_done)
+        except Exception as err:   # never mask the error that ended the run
+            self._prof = None
+            print(f"train.profile_steps: the cut-short profile was not written ({err})", flush=True)
+            return None
+
+    def _finish(self, step: int) -> str | None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall_ms = (time.perf_counter() - self._t0) * 1e3

@@ -86,6 +86,27 @@ def _group_hyperparameters(optimizer) -> list[dict]:
     return [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMETERS} for g in optimizer.param_groups]
 
 
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+
+
+def _restore_adamw_implementation(optimizer, groups: list[dict]) -> None:
+    """The AdamW kernels come from this run's config (optim.implementation), not the checkpoint:
+    torch's load_state_dict puts the saved groups' fused/foreach flags back. The step counters
+    then go where the chosen kernels want them, by torch's own rule: on the parameter's device
+    in fp32 for fused (a universal checkpoint, loaded with map_location=cpu, has them on the CPU,
+    and the fused kernel refuses that), on the CPU otherwise."""
+    for group, hyper in zip(optimizer.param_groups, groups):
+        for key in _IMPLEMENTATION_KEYS:
+            if key in hyper:
+                group[key] = hyper[key]
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            step = state.get("step")
+            if torch.is_tensor(step):
+                state["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+
+
 def apply_resume(trainer, plan: ResumePlan) -> None:
     reset = plan.reset
     # DeepSpeed's ZeRO-3 universal loader copies param group 0's hyperparameters into EVERY
@@ -107,6 +128,7 @@ def apply_resume(trainer, plan: ResumePlan) -> None:
         for state in scheduler.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+    _restore_adamw_implementation(scheduler.optimizer, groups)
     if not reset:
         # DeepSpeed's universal ZeRO loader restores the optimizer's moments but not its param
         # groups, so the first resumed step would use the LR of step 0; take it from the
