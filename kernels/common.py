@@ -2,16 +2,12 @@
 (L2-friendly) order in which GEMM-shaped grids visit their tiles."""
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
+from .interpreter import interpreting
 
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU tests): kernels then upcast tl.dot operands to fp32,
-    because the interpreter's bf16 dot gives garbage, and use a single launch config."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+__all__ = ["interpreting", "grouped_tile_ids"]   # interpreting re-exported: the kernel modules import it here
 
 
 @triton.jit

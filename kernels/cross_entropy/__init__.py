@@ -37,10 +37,11 @@ call): they own no column, so their target is 0 and their gradient has no -1 ter
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+
+from ..interpreter import interpreting
 
 __all__ = [
     "IGNORE_INDEX", "KERNEL_DTYPES", "row_stats", "row_stats_reference", "grad_logits", "grad_reference",
@@ -55,13 +56,8 @@ _DTYPES = KERNEL_DTYPES + (torch.float64,)
 Stats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _interpreting() -> bool:
-    # kernels.common.interpreting(), without importing Triton (that module imports it)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _use_kernel(logits: torch.Tensor) -> bool:
-    return logits.dtype in KERNEL_DTYPES and (logits.is_cuda or (_interpreting() and logits.device.type == "cpu"))
+    return logits.dtype in KERNEL_DTYPES and (logits.is_cuda or (interpreting() and logits.device.type == "cpu"))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
