@@ -65,7 +65,7 @@ class StepProfiler:
         the profiled window (rank 0)."""
         if self._prof is None or step != self.last:
             return None
-        return self._finish(step)
+        return self._finish()
 
     def close(self, last_done: int) -> str | None:
         """End a window the run left early (a stop signal, an error): write what was recorded of
@@ -78,13 +78,14 @@ class StepProfiler:
                 self._prof = None
                 return None
             self.last = last_done
-            return self._finish(last_done)
+            return self._finish()
         except Exception as err:   # never mask the error that ended the run
             self._prof = None
             print(f"train.profile_steps: the cut-short profile was not written ({err})", flush=True)
             return None
 
-    def _finish(self, step: int) -> str | None:
+    def _finish(self) -> str | None:
+        """Stop the profiler and write the trace and summary of steps first..last (rank 0)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall_ms = (time.perf_counter() - self._t0) * 1e3
