@@ -94,17 +94,23 @@ def _restore_adamw_implementation(optimizer, groups: list[dict]) -> None:
     torch's load_state_dict puts the saved groups' fused/foreach flags back. The step counters
     then go where the chosen kernels want them, by torch's own rule: on the parameter's device
     in fp32 for fused (a universal checkpoint, loaded with map_location=cpu, has them on the CPU,
-    and the fused kernel refuses that), on the CPU otherwise."""
+    and the fused kernel refuses that), on the CPU otherwise.
+
+    Each parameter gets its own copy: DeepSpeed's universal loader hands ONE step tensor to every
+    parameter's state, and torch's Adam increments it in place once per parameter, so the bias
+    correction would run ahead (found by the ZeRO-3 DP-change test: the step went 4 -> 6 in one
+    step). The states are walked directly: under ZeRO-3 the groups' "params" are empty between
+    steps (DeepSpeed fills them per sub-group at step time), and one config sets every group's
+    kernels."""
     for group, hyper in zip(optimizer.param_groups, groups):
         for key in _IMPLEMENTATION_KEYS:
             if key in hyper:
                 group[key] = hyper[key]
-        on_device = bool(group.get("fused") or group.get("capturable"))
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            step = state.get("step")
-            if torch.is_tensor(step):
-                state["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for p, state in optimizer.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32, copy=True)
 
 
 def apply_resume(trainer, plan: ResumePlan) -> None:
@@ -122,13 +128,7 @@ def apply_resume(trainer, plan: ResumePlan) -> None:
     if plan.universal:
         for group, hyper in zip(scheduler.optimizer.param_groups, groups):
             group.update(hyper)
-        # The same loader also hands ONE step tensor to every parameter's state; torch's Adam
-        # increments it in place once per parameter, so the bias correction would run ahead
-        # (found by the ZeRO-3 DP-change test: the step went 4 -> 6 in one step).
-        for state in scheduler.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-    _restore_adamw_implementation(scheduler.optimizer, groups)
+    _restore_adamw_implementation(scheduler.optimizer, groups)   # also unshares the loader's step tensor
     if not reset:
         # DeepSpeed's universal ZeRO loader restores the optimizer's moments but not its param
         # groups, so the first resumed step would use the LR of step 0; take it from the
