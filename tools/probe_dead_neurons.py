@@ -38,13 +38,11 @@ RANKS = (1, 4, 16, 64, 256)   # k = 0 is plain Cauchy-Schwarz: it never certifie
 SAFETY = 1e-3   # certify only when the bound is below -SAFETY * ||x|| ||w||: covers fp32 rounding
 
 
-def leading_directions(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[D, k]: the top-k right singular vectors of the (uncentered) calibration inputs, so the
-    inputs' mean direction is among them."""
-    if k == 0:
-        return x.new_zeros(x.shape[1], 0)
+def leading_directions(x: torch.Tensor) -> torch.Tensor:
+    """[D, D]: the right singular vectors of the (uncentered) calibration inputs, largest first,
+    so the inputs' mean direction is among the leading ones; the rank-k basis is [:, :k]."""
     _, vecs = torch.linalg.eigh(x.T @ x)      # ascending eigenvalues
-    return vecs[:, -k:].flip(1).contiguous()
+    return vecs.flip(1)
 
 
 @torch.no_grad()
@@ -83,10 +81,11 @@ def layer_report(x_cal: torch.Tensor, x_held: torch.Tensor, w_gate: torch.Tensor
            "cold_nnz_per_token_held_out": float(on_held[:, cold].sum() / tokens),
            "dead_max_cos_quantiles": {q: float(cos.quantile(q)) for q in (0.0, 0.5, 0.9, 1.0)} if cos.numel() else {},
            "ranks": []}
+    directions = leading_directions(x_cal)   # one decomposition for every rank
     for k in ranks:
         if k > x_cal.shape[1]:
             continue
-        off = certified_off(x_held, w, leading_directions(x_cal, k))
+        off = certified_off(x_held, w, directions[:, :k].contiguous())
         assert not (off & on_held).any(), "a certified-off pair fired: the bound is wrong"
         r = {"k": k}
         for name, mask in (("dead", dead), ("cold", cold)):
