@@ -19,6 +19,13 @@ per-token walk, each block computes up and down as dense products restricted to 
 Nothing has a capacity: a fully dense row only makes its block's union all of H, so there is no
 overflow path. Exact up to bf16 rounding, like the dense FFN: the products are the same, only the
 neurons with g <= 0 for every row of the block are skipped, and their h is 0.
+
+Measured SLOWER than twell_ffn's hot/cold layout on an H100 (NOTES.md run 15: 1.20x at B=32,
+1.09x at B=64, against 1.69x for hot1536 at M=16384), and for a reason no tuning removes: the
+gathered weight rows are re-read once per block, so the up and down GEMMs are bound by L2
+bandwidth, not by the tensor cores. Not wired into the model; kept, with its tests, so that
+tools/probe_union_ffn.py can measure it again (on other GPUs, or activations whose neighbouring
+tokens share neurons more than the generator's independent tokens do).
 """
 from __future__ import annotations
 
@@ -184,8 +191,8 @@ def union_ffn(x: torch.Tensor, weights: TwellWeights, *, block_rows: int = BLOCK
     y = torch.empty(m, d, dtype=x.dtype, device=x.device)
     rows = chunk_rows or default_chunk_rows(h, x.element_size())
     rows = max(block_rows, rows - rows % block_rows)
-    rows = min(rows, -(-m // block_rows) * block_rows)
-    buf = torch.empty(max(rows, 1), h, dtype=x.dtype, device=x.device)
+    rows = max(block_rows, min(rows, -(-m // block_rows) * block_rows))
+    buf = torch.empty(rows, h, dtype=x.dtype, device=x.device)
     sizes = []
     for s in range(0, m, rows):
         e = min(m, s + rows)
