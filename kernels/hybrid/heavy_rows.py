@@ -13,15 +13,25 @@ count on the host, so the forward+backward stays free of host syncs (CUDA-graph 
   with dh = dy_r . W_d^T[j] + scale * sign(h), du = dh g, dg = dh u on active (j, r), as the
   cold ELL kernels and the reference do.
 
-Nothing is stored per heavy row, so there is no capacity to overflow: a program owns a block of
-BR heavy rows and a slice of D, and recomputes g and u over all of H for them (the work is
-repeated once per D slice). That costs about 1 ms per kernel on an H100 whenever heavy rows
-exist (one program streams all of W_g and W_u; 4 dense rows in 16384 tokens take the training
-step from 2.7 to 5.6 ms), against one empty launch when there are none; the
-weight-gradient kernel instead owns a (neuron block, D slice) tile and loops over the heavy
-rows, so its tiles are private (no atomics) and only touched when heavy rows exist.
+Two paths, both in every launch, split by the heavy row's position in the list:
+  * the first FAST_ROWS heavy rows (all of them, in practice: a layer keeps its heavy tokens
+    under 1/512 of M by growing its ELL width, and only fully dense tokens stay heavy) go through
+    a scratch of [FAST_ROWS, H]: _heavy_act_kernel spreads (row block, neuron block) tiles over the
+    GPU and writes h (forward), or h, du and dg (backward), for the cold active pairs; then the
+    output kernels read the scratch. Before this path, one program per D slice recomputed g and u
+    over all of H, so 16 programs streamed W_g and W_u 16 times over: ~1 ms per kernel for
+    any number of heavy rows up to 16, ~3 ms per training step (NOTES.md round 7);
+  * rows past FAST_ROWS keep that recomputing path: a program owns a block of BR heavy rows and a
+    slice of D, and recomputes g and u over all of H for them (the work is repeated once per D
+    slice). Nothing is stored per row, so there is no capacity to overflow.
+The weight-gradient kernel owns a (neuron block, D slice) tile and loops over the heavy rows,
+reading the scratch for the first FAST_ROWS and recomputing the rest, so its tiles are private
+(no atomics). Both paths sum in the same order (neuron blocks of BH, in order), so a row gives
+the same bits on either path. Without heavy rows every kernel exits at once.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -74,58 +84,127 @@ def _active(g, u, e, cold_ptr, hj, h_ok, r_ok, scale):
 
 
 @triton.jit
-def _heavy_rows_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_ptr, nheavy_ptr,
-                       out_ptr, l1_ptr, scale_ptr, D, H,
-                       BR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                       BWD: tl.constexpr, F32: tl.constexpr):
-    # Program (p, d slice): heavy-row blocks p, p + P, ...; for each, a [BR, BD] accumulator
-    # over all neuron blocks. Forward: out = y, += h W_d^T. Backward: out = dx, += du W_u + dg W_g.
-    R = tl.load(nheavy_ptr)
-    rd = tl.program_id(1) * BD + tl.arange(0, BD)
-    d_ok = rd < D
-    scale = 0.0
-    if BWD:
-        scale = tl.load(scale_ptr)
-    for r0 in range(tl.program_id(0) * BR, R, tl.num_programs(0) * BR):
+def _heavy_act_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_ptr, nheavy_ptr, scale_ptr,
+                      sh_ptr, sdu_ptr, sdg_ptr, sl1_ptr, D, H, NHB, FAST,
+                      BR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr,
+                      F32: tl.constexpr):
+    # Program (row block, neuron block) of the first FAST heavy rows: h (and du, dg) of its tile
+    # into the scratch, rows by list position. Forward also writes the tile's L1 per row.
+    R = tl.minimum(tl.load(nheavy_ptr), FAST)
+    r0 = tl.program_id(0) * BR
+    if r0 < R:
         ri = r0 + tl.arange(0, BR)
         r_ok = ri < R
         rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
-        acc = tl.zeros((BR, BD), dtype=tl.float32)
-        l1 = tl.zeros((BR,), dtype=tl.float32)
-        for h0 in range(0, H, BH):
-            hj = h0 + tl.arange(0, BH)
-            h_ok = hj < H
-            g, u, e = _gate_up(x_ptr, wg_ptr, wu_ptr, dy_ptr, wdt_ptr, rows, r_ok, hj, h_ok, D,
-                               BR, BH, BK, BWD, F32)
-            h, du, dg = _active(g, u, e, cold_ptr, hj, h_ok, r_ok, scale)
-            o_off = hj[:, None] * D + rd[None, :]
-            o_m = h_ok[:, None] & d_ok[None, :]
-            if BWD:
-                wu = tl.load(wu_ptr + o_off, mask=o_m, other=0.0)
-                wg = tl.load(wg_ptr + o_off, mask=o_m, other=0.0)
-                acc = _dot(du.to(wu.dtype), wu, acc, F32)
-                acc = _dot(dg.to(wg.dtype), wg, acc, F32)
-            else:
-                wd = tl.load(wdt_ptr + o_off, mask=o_m, other=0.0)
-                acc = _dot(h.to(wd.dtype), wd, acc, F32)
-                l1 += tl.sum(tl.abs(h), axis=1)
-        o = out_ptr + rows[:, None] * D + rd[None, :]
-        m = r_ok[:, None] & d_ok[None, :]
-        acc += tl.load(o, mask=m, other=0.0).to(tl.float32)
-        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=m)
-        if not BWD:
-            # every D slice computes the same l1; slice 0 adds it (to the hot panel's part)
-            l1_m = r_ok & (tl.program_id(1) == 0)
-            tl.store(l1_ptr + rows, l1 + tl.load(l1_ptr + rows, mask=l1_m, other=0.0), mask=l1_m)
+        hj = tl.program_id(1) * BH + tl.arange(0, BH)
+        h_ok = hj < H
+        scale = 0.0
+        if BWD:
+            scale = tl.load(scale_ptr)
+        g, u, e = _gate_up(x_ptr, wg_ptr, wu_ptr, dy_ptr, wdt_ptr, rows, r_ok, hj, h_ok, D,
+                           BR, BH, BK, BWD, F32)
+        h, du, dg = _active(g, u, e, cold_ptr, hj, h_ok, r_ok, scale)
+        s_off = ri[:, None].to(tl.int64) * H + hj[None, :]
+        s_m = r_ok[:, None] & h_ok[None, :]
+        tl.store(sh_ptr + s_off, h.to(sh_ptr.dtype.element_ty), mask=s_m)
+        if BWD:
+            tl.store(sdu_ptr + s_off, du.to(sdu_ptr.dtype.element_ty), mask=s_m)
+            tl.store(sdg_ptr + s_off, dg.to(sdg_ptr.dtype.element_ty), mask=s_m)
+        else:
+            tl.store(sl1_ptr + ri * NHB + tl.program_id(1), tl.sum(tl.abs(h), axis=1), mask=r_ok)
+
+
+@triton.jit
+def _heavy_rows_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_ptr, nheavy_ptr,
+                       out_ptr, l1_ptr, scale_ptr, sh_ptr, sdu_ptr, sdg_ptr, sl1_ptr, D, H, NHB, FAST,
+                       FAST_PROGS: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                       BD: tl.constexpr, BWD: tl.constexpr, F32: tl.constexpr):
+    # Programs 0 .. FAST_PROGS-1 of axis 0: row block p of the first FAST heavy rows, from the
+    # scratch. The others: heavy-row blocks past FAST, persistent, recomputing g and u. Each has a
+    # [BR, BD] accumulator over all neuron blocks. Forward: out = y, += h W_d^T. Backward:
+    # out = dx, += du W_u + dg W_g.
+    R = tl.load(nheavy_ptr)
+    rd = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = rd < D
+    pid = tl.program_id(0)
+    if pid < FAST_PROGS:
+        RF = tl.minimum(R, FAST)
+        r0 = pid * BR
+        if r0 < RF:
+            ri = r0 + tl.arange(0, BR)
+            r_ok = ri < RF
+            rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
+            acc = tl.zeros((BR, BD), dtype=tl.float32)
+            l1 = tl.zeros((BR,), dtype=tl.float32)
+            for h0 in range(0, H, BH):
+                hj = h0 + tl.arange(0, BH)
+                h_ok = hj < H
+                s_off = ri[:, None].to(tl.int64) * H + hj[None, :]
+                s_m = r_ok[:, None] & h_ok[None, :]
+                o_off = hj[:, None] * D + rd[None, :]
+                o_m = h_ok[:, None] & d_ok[None, :]
+                if BWD:
+                    acc = _dot(tl.load(sdu_ptr + s_off, mask=s_m, other=0.0),
+                               tl.load(wu_ptr + o_off, mask=o_m, other=0.0), acc, F32)
+                    acc = _dot(tl.load(sdg_ptr + s_off, mask=s_m, other=0.0),
+                               tl.load(wg_ptr + o_off, mask=o_m, other=0.0), acc, F32)
+                else:
+                    acc = _dot(tl.load(sh_ptr + s_off, mask=s_m, other=0.0),
+                               tl.load(wdt_ptr + o_off, mask=o_m, other=0.0), acc, F32)
+            if not BWD:
+                for hb in range(0, NHB):   # in neuron-block order, as the slow path sums it
+                    l1 += tl.load(sl1_ptr + ri * NHB + hb, mask=r_ok, other=0.0)
+            _add_rows(out_ptr, l1_ptr, rows, r_ok, rd, d_ok, acc, l1, D, BWD)
+    else:
+        scale = 0.0
+        if BWD:
+            scale = tl.load(scale_ptr)
+        for r0 in range(FAST + (pid - FAST_PROGS) * BR, R, (tl.num_programs(0) - FAST_PROGS) * BR):
+            ri = r0 + tl.arange(0, BR)
+            r_ok = ri < R
+            rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
+            acc = tl.zeros((BR, BD), dtype=tl.float32)
+            l1 = tl.zeros((BR,), dtype=tl.float32)
+            for h0 in range(0, H, BH):
+                hj = h0 + tl.arange(0, BH)
+                h_ok = hj < H
+                g, u, e = _gate_up(x_ptr, wg_ptr, wu_ptr, dy_ptr, wdt_ptr, rows, r_ok, hj, h_ok, D,
+                                   BR, BH, BK, BWD, F32)
+                h, du, dg = _active(g, u, e, cold_ptr, hj, h_ok, r_ok, scale)
+                o_off = hj[:, None] * D + rd[None, :]
+                o_m = h_ok[:, None] & d_ok[None, :]
+                if BWD:
+                    wu = tl.load(wu_ptr + o_off, mask=o_m, other=0.0)
+                    wg = tl.load(wg_ptr + o_off, mask=o_m, other=0.0)
+                    acc = _dot(du.to(wu.dtype), wu, acc, F32)
+                    acc = _dot(dg.to(wg.dtype), wg, acc, F32)
+                else:
+                    wd = tl.load(wdt_ptr + o_off, mask=o_m, other=0.0)
+                    acc = _dot(h.to(wd.dtype), wd, acc, F32)
+                    l1 += tl.sum(tl.abs(h), axis=1)
+            _add_rows(out_ptr, l1_ptr, rows, r_ok, rd, d_ok, acc, l1, D, BWD)
+
+
+@triton.jit
+def _add_rows(out_ptr, l1_ptr, rows, r_ok, rd, d_ok, acc, l1, D, BWD: tl.constexpr):
+    o = out_ptr + rows[:, None] * D + rd[None, :]
+    m = r_ok[:, None] & d_ok[None, :]
+    acc += tl.load(o, mask=m, other=0.0).to(tl.float32)
+    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=m)
+    if not BWD:
+        # every D slice computes the same l1; slice 0 adds it (to the hot panel's part)
+        l1_m = r_ok & (tl.program_id(1) == 0)
+        tl.store(l1_ptr + rows, l1 + tl.load(l1_ptr + rows, mask=l1_m, other=0.0), mask=l1_m)
 
 
 @triton.jit
 def _heavy_wgrad_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_ptr, nheavy_ptr,
-                        scale_ptr, dwg_ptr, dwu_ptr, dwdt_ptr, D, H,
+                        scale_ptr, dwg_ptr, dwu_ptr, dwdt_ptr, sh_ptr, sdu_ptr, sdg_ptr, D, H, FAST,
                         BR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                         F32: tl.constexpr):
     # Program (neuron block, D slice) owns those tiles of dW_u, dW_g and dW_d^T and loops over
-    # the heavy rows: private tiles, no atomics. Without heavy rows it touches nothing.
+    # the heavy rows: private tiles, no atomics. The first FAST rows' h, du, dg come from the
+    # scratch; later rows recompute them. Without heavy rows it touches nothing.
     R = tl.load(nheavy_ptr)
     if R > 0:
         hj = tl.program_id(0) * BH + tl.arange(0, BH)
@@ -136,7 +215,21 @@ def _heavy_wgrad_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_p
         acc_u = tl.zeros((BH, BD), dtype=tl.float32)
         acc_g = tl.zeros((BH, BD), dtype=tl.float32)
         acc_d = tl.zeros((BH, BD), dtype=tl.float32)
-        for r0 in range(0, R, BR):
+        RF = tl.minimum(R, FAST)
+        for r0 in range(0, RF, BR):
+            ri = r0 + tl.arange(0, BR)
+            r_ok = ri < RF
+            rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
+            s_off = ri[:, None].to(tl.int64) * H + hj[None, :]
+            s_m = r_ok[:, None] & h_ok[None, :]
+            a_off = rows[:, None] * D + rd[None, :]
+            a_m = r_ok[:, None] & d_ok[None, :]
+            xr = tl.load(x_ptr + a_off, mask=a_m, other=0.0)
+            dyr = tl.load(dy_ptr + a_off, mask=a_m, other=0.0)
+            acc_u = _dot(tl.trans(tl.load(sdu_ptr + s_off, mask=s_m, other=0.0)), xr, acc_u, F32)
+            acc_g = _dot(tl.trans(tl.load(sdg_ptr + s_off, mask=s_m, other=0.0)), xr, acc_g, F32)
+            acc_d = _dot(tl.trans(tl.load(sh_ptr + s_off, mask=s_m, other=0.0)), dyr, acc_d, F32)
+        for r0 in range(FAST, R, BR):
             ri = r0 + tl.arange(0, BR)
             r_ok = ri < R
             rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
@@ -169,41 +262,68 @@ def _config():
     return dict(BR=16, BH=64, BK=64, BD=128)
 
 
-# Programs per D slice walking the heavy-row blocks (persistent): enough to spread a few
-# hundred heavy rows, few enough that the no-heavy-row case is one cheap launch.
+# Programs per D slice walking the heavy-row blocks past FAST_ROWS (persistent): enough to spread a
+# few hundred heavy rows, few enough that the no-heavy-row case is one cheap launch.
 ROW_PROGRAMS = 8
+# Heavy rows served from the [FAST_ROWS, H] scratch (three of them in backward: 2.1 MB in bf16 at
+# H=5632). A layer keeps its heavy rows under M/512 = 32 at M=16384 while it can still grow its ELL
+# width; the rest are fully dense tokens, a handful per batch on a trained model (NOTES.md round 7).
+# HYBRID_HEAVY_FAST_ROWS=0 gives the recomputing path alone (the design before round 7), to measure.
+FAST_ROWS = int(os.environ.get("HYBRID_HEAVY_FAST_ROWS", "64"))
 
 
 def _f32(t):
     return INTERPRET or t.dtype == torch.float32
 
 
-def _rows_kernel(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, out, l1row, scale, bwd):
+def _scratch(x, H, bwd):
+    """(fast rows, h, du, dg, l1 partials) scratch for the first FAST_ROWS heavy rows; the unused
+    ones are 1-element placeholders."""
+    rows = min(FAST_ROWS, x.shape[0])
+    c = _config()
+    nhb = triton.cdiv(H, c["BH"])
+    sh = torch.empty(rows, H, dtype=x.dtype, device=x.device)
+    one = torch.empty(1, dtype=x.dtype, device=x.device)
+    sdu = torch.empty_like(sh) if bwd else one
+    sdg = torch.empty_like(sh) if bwd else one
+    sl1 = one.float() if bwd else torch.empty(rows, nhb, dtype=torch.float32, device=x.device)
+    return rows, sh, sdu, sdg, sl1, nhb
+
+
+def _rows_kernels(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, out, l1row, scale, bwd):
     M, D = x.shape
     H = w_gate.shape[0]
     c = _config()
-    grid = (ROW_PROGRAMS, triton.cdiv(D, c["BD"]))
+    fast, sh, sdu, sdg, sl1, nhb = _scratch(x, H, bwd)
     if M and D and H:
+        fast_progs = triton.cdiv(fast, c["BR"])
+        if fast_progs:
+            _heavy_act_kernel[(fast_progs, nhb)](x, w_gate, w_up, w_down_t, dy, cold_i8, heavy_list, n_heavy, scale,
+                                                 sh, sdu, sdg, sl1, D, H, nhb, fast, BR=c["BR"], BH=c["BH"],
+                                                 BK=c["BK"], BWD=bwd, F32=_f32(x))
+        grid = (fast_progs + ROW_PROGRAMS, triton.cdiv(D, c["BD"]))
         _heavy_rows_kernel[grid](x, w_gate, w_up, w_down_t, dy, cold_i8, heavy_list, n_heavy, out, l1row,
-                                 scale, D, H, **c, BWD=bwd, F32=_f32(x))
-    return c
+                                 scale, sh, sdu, sdg, sl1, D, H, nhb, fast, FAST_PROGS=fast_progs, **c, BWD=bwd,
+                                 F32=_f32(x))
+    return c, fast, sh, sdu, sdg
 
 
 def heavy_forward(x, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, y, l1row):
     """y[r] += the cold part of heavy row r; l1row[r] += its cold L1 (in place, device count)."""
-    _rows_kernel(x, x, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, y, l1row, l1row, bwd=False)
+    _rows_kernels(x, x, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, y, l1row, l1row, bwd=False)
 
 
 def heavy_backward(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, scale,
                    dx, dw_gate, dw_up, dw_down_t):
     """Adds the heavy rows' cold part to dx, dW_g, dW_u and dW_d^T in place (device count)."""
-    c = _rows_kernel(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, dx, scale, scale, bwd=True)
+    c, fast, sh, sdu, sdg = _rows_kernels(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, dx,
+                                          scale, scale, bwd=True)
     M, D = x.shape
     H = w_gate.shape[0]
     if M and D and H:
         grid = (triton.cdiv(H, c["BH"]), triton.cdiv(D, c["BD"]))
         _heavy_wgrad_kernel[grid](x, w_gate, w_up, w_down_t, dy, cold_i8, heavy_list, n_heavy, scale,
-                                  dw_gate, dw_up, dw_down_t, D, H, **c, F32=_f32(x))
+                                  dw_gate, dw_up, dw_down_t, sh, sdu, sdg, D, H, fast, **c, F32=_f32(x))
 
 
 def reference(x, dy, w_gate, w_up, w_down_t, cold_mask, rows, scale):

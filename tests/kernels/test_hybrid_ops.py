@@ -199,9 +199,39 @@ def test_gather_hot_rows_matches_indexing():
     assert none[0].shape == (0, wg.shape[1]) and none[1].shape == (0, wg.shape[1])
 
 
-def test_heavy_row_kernels_match_reference():
+def _heavy_case(fast_rows, monkeypatch):
+    """heavy_forward / heavy_backward outputs on a fixed case, with FAST_ROWS = fast_rows."""
+    monkeypatch.setattr(heavy_rows, "FAST_ROWS", fast_rows)
+    gen = torch.Generator().manual_seed(5)
+    M, D, H = 23, 40, 70
+    x, dy = torch.randn(M, D, generator=gen).to(DEV), torch.randn(M, D, generator=gen).to(DEV)
+    wg = (torch.randn(H, D, generator=gen) * 0.3).to(DEV)
+    wu, wdt = torch.randn(H, D, generator=gen).to(DEV), torch.randn(H, D, generator=gen).to(DEV)
+    cold = (torch.rand(H, generator=gen) > 0.3).to(DEV).to(torch.int8)
+    lst = torch.randperm(M, generator=gen).int().to(DEV)
+    n = torch.tensor([20], dtype=torch.int32, device=DEV)
+    y, l1 = torch.zeros(M, D, device=DEV), torch.zeros(M, device=DEV)
+    heavy_rows.heavy_forward(x, wg, wu, wdt, cold, lst, n, y, l1)
+    dx, dws = torch.zeros(M, D, device=DEV), [torch.zeros(H, D, device=DEV) for _ in range(3)]
+    heavy_rows.heavy_backward(x, dy, wg, wu, wdt, cold, lst, n, torch.tensor(0.37, device=DEV), dx, *dws)
+    return [y, l1, dx] + dws
+
+
+def test_heavy_rows_fast_and_recomputing_paths_agree_bit_for_bit(monkeypatch):
+    """20 heavy rows all from the scratch, 16 from it and 4 recomputed, all recomputed: the same
+    bits. Both paths sum over the same neuron blocks in the same order, and a FAST_ROWS that is a
+    multiple of the row block (the interpreter's is 16, the GPU's 16 too) keeps the row blocks."""
+    assert heavy_rows._config()["BR"] == 16 and heavy_rows.FAST_ROWS % 16 == 0
+    outs = [_heavy_case(f, monkeypatch) for f in (64, 16, 0)]
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+@pytest.mark.parametrize("fast_rows", [64, 2, 0])   # every row fast; 2 fast + 3 recomputed; none fast
+def test_heavy_row_kernels_match_reference(fast_rows, monkeypatch):
     """The device-count dense backup: forward (y, l1) and backward (dx, dW) of the listed rows
     against the torch reference; rows not listed and the no-heavy-row case are left untouched."""
+    monkeypatch.setattr(heavy_rows, "FAST_ROWS", fast_rows)
     gen = torch.Generator().manual_seed(5)
     M, D, H = 23, 40, 70
     x, dy = torch.randn(M, D, generator=gen).to(DEV), torch.randn(M, D, generator=gen).to(DEV)
