@@ -75,7 +75,9 @@ def _union_kernel(g_ptr, idx_ptr, cnt_ptr, M, H, BM: tl.constexpr, BC: tl.conste
     tl.store(cnt_ptr + b, n)
 
 
-@triton.autotune(configs=_gemm_configs((64, 128)), key=["M_BUCKET", "D", "H"])
+# restore_value: the kernel overwrites its input (the compacted gate becomes h), so each of the
+# autotuner's trial runs must start from the same gate
+@triton.autotune(configs=_gemm_configs((64, 128)), key=["M_BUCKET", "D", "H"], restore_value=["hc_ptr"])
 @triton.jit
 def _union_up_kernel(x_ptr, wu_ptr, hc_ptr, idx_ptr, cnt_ptr, M, D, H, M_BUCKET,
                      IEEE: tl.constexpr, INTERPRET: tl.constexpr, BM: tl.constexpr,
