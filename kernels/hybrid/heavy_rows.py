@@ -14,18 +14,20 @@ count on the host, so the forward+backward stays free of host syncs (CUDA-graph 
   cold ELL kernels and the reference do.
 
 Two paths, both in every launch, split by the heavy row's position in the list:
-  * the first FAST_ROWS heavy rows (all of them, in practice: a layer keeps its heavy tokens
-    under 1/512 of M by growing its ELL width, and only fully dense tokens stay heavy) go through
-    a scratch of [FAST_ROWS, H]: _heavy_act_kernel spreads (row block, neuron block) tiles over the
-    GPU and writes h (forward), or h, du and dg (backward), for the cold active pairs; then the
-    output kernels read the scratch. Before this path, one program per D slice recomputed g and u
-    over all of H, so 16 programs streamed W_g and W_u 16 times over: ~1 ms per kernel for
-    any number of heavy rows up to 16, ~3 ms per training step (NOTES.md round 7);
-  * rows past FAST_ROWS keep that recomputing path: a program owns a block of BR heavy rows and a
+  * the first F heavy rows, F = max(FAST_ROWS, M / 512) rounded up to a whole row block, go
+    through a scratch of [F, H]: _heavy_act_kernel spreads (row block, neuron block) tiles over
+    the GPU and writes h (forward), or h, du and dg (backward), for the cold active pairs; then
+    the output kernels read the scratch. A layer whose ELL width can still grow keeps its heavy
+    tokens under M/512 (format.next_auto_width), so F holds them all; only a layer at the largest
+    width with more fully dense tokens than that goes past it. Before this path, one program per
+    D slice recomputed g and u over all of H, so 16 programs streamed W_g and W_u 16 times over:
+    ~1 ms per kernel for any number of heavy rows up to 16, ~3 ms per training step (NOTES.md
+    round 7);
+  * rows past F keep that recomputing path: a program owns a block of BR heavy rows and a
     slice of D, and recomputes g and u over all of H for them (the work is repeated once per D
     slice). Nothing is stored per row, so there is no capacity to overflow.
 The weight-gradient kernel owns a (neuron block, D slice) tile and loops over the heavy rows,
-reading the scratch for the first FAST_ROWS and recomputing the rest, so its tiles are private
+reading the scratch for the first F rows and recomputing the rest, so its tiles are private
 (no atomics). Both paths sum in the same order (neuron blocks of BH, in order), so a row gives
 the same bits on either path. Without heavy rows every kernel exits at once.
 """
@@ -265,11 +267,34 @@ def _config():
 # Programs per D slice walking the heavy-row blocks past FAST_ROWS (persistent): enough to spread a
 # few hundred heavy rows, few enough that the no-heavy-row case is one cheap launch.
 ROW_PROGRAMS = 8
-# Heavy rows served from the [FAST_ROWS, H] scratch (three of them in backward: 2.1 MB in bf16 at
-# H=5632). A layer keeps its heavy rows under M/512 = 32 at M=16384 while it can still grow its ELL
-# width; the rest are fully dense tokens, a handful per batch on a trained model (NOTES.md round 7).
+# Heavy rows served from the scratch, at least (three [F, H] buffers in backward: 2.1 MB in bf16
+# at F=64, H=5632); F also covers M/512 heavy rows, the most a layer keeps while its ELL width can
+# grow. A multiple of the row block (16), so the rows past F are blocked as the recomputing path
+# alone would block them, and both give the same bits.
 # HYBRID_HEAVY_FAST_ROWS=0 gives the recomputing path alone (the design before round 7), to measure.
-FAST_ROWS = int(os.environ.get("HYBRID_HEAVY_FAST_ROWS", "64"))
+_ROW_BLOCK = 16
+
+
+def _fast_rows_setting(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"HYBRID_HEAVY_FAST_ROWS={text!r} must be an integer >= 0 (heavy rows served "
+                         f"from the scratch; 0 = the recomputing path alone)") from None
+    if n < 0:
+        raise ValueError(f"HYBRID_HEAVY_FAST_ROWS={n} must be >= 0 (0 = the recomputing path alone)")
+    return -(-n // _ROW_BLOCK) * _ROW_BLOCK
+
+
+FAST_ROWS = _fast_rows_setting(os.environ.get("HYBRID_HEAVY_FAST_ROWS", "64"))
+
+
+def fast_rows(m: int) -> int:
+    """F for a call of m tokens (0 if FAST_ROWS is 0): see FAST_ROWS."""
+    if FAST_ROWS == 0:
+        return 0
+    f = max(FAST_ROWS, -(-m // 512))
+    return min(-(-f // _ROW_BLOCK) * _ROW_BLOCK, m)
 
 
 def _f32(t):
@@ -277,9 +302,9 @@ def _f32(t):
 
 
 def _scratch(x, H, bwd):
-    """(fast rows, h, du, dg, l1 partials) scratch for the first FAST_ROWS heavy rows; the unused
-    ones are 1-element placeholders."""
-    rows = min(FAST_ROWS, x.shape[0])
+    """(fast rows, h, du, dg, l1 partials) scratch for the first fast_rows(M) heavy rows; the
+    unused ones are 1-element placeholders."""
+    rows = fast_rows(x.shape[0])
     c = _config()
     nhb = triton.cdiv(H, c["BH"])
     sh = torch.empty(rows, H, dtype=x.dtype, device=x.device)
@@ -294,6 +319,11 @@ def _rows_kernels(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, o
     M, D = x.shape
     H = w_gate.shape[0]
     c = _config()
+    assert c["BR"] == _ROW_BLOCK
+    # the scratch holds h, du, dg in x's dtype, which the dots then meet as the weights' dtype
+    if not (x.dtype == dy.dtype == w_gate.dtype == w_up.dtype == w_down_t.dtype):
+        raise ValueError(f"heavy rows: x, dy and the weights must share one dtype, got x {x.dtype}, dy {dy.dtype}, "
+                         f"w_gate {w_gate.dtype}, w_up {w_up.dtype}, w_down_t {w_down_t.dtype}")
     fast, sh, sdu, sdg, sl1, nhb = _scratch(x, H, bwd)
     if M and D and H:
         fast_progs = triton.cdiv(fast, c["BR"])

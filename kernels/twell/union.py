@@ -77,7 +77,7 @@ def _union_kernel(g_ptr, idx_ptr, cnt_ptr, M, H, BM: tl.constexpr, BC: tl.conste
 
 # restore_value: the kernel overwrites its input (the compacted gate becomes h), so each of the
 # autotuner's trial runs must start from the same gate
-@triton.autotune(configs=_gemm_configs((64, 128)), key=["M_BUCKET", "D", "H"], restore_value=["hc_ptr"])
+@triton.autotune(configs=_gemm_configs((64, 128)), key=["M_BUCKET", "D", "H", "BM"], restore_value=["hc_ptr"])
 @triton.jit
 def _union_up_kernel(x_ptr, wu_ptr, hc_ptr, idx_ptr, cnt_ptr, M, D, H, M_BUCKET,
                      IEEE: tl.constexpr, INTERPRET: tl.constexpr, BM: tl.constexpr,
@@ -110,7 +110,7 @@ def _union_up_kernel(x_ptr, wu_ptr, hc_ptr, idx_ptr, cnt_ptr, M, D, H, M_BUCKET,
     tl.store(h_ptrs, (g * acc).to(hc_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_gemm_configs((128, 256)), key=["M_BUCKET", "D", "H"])
+@triton.autotune(configs=_gemm_configs((128, 256)), key=["M_BUCKET", "D", "H", "BM"])
 @triton.jit
 def _union_down_kernel(hc_ptr, wdt_ptr, y_ptr, idx_ptr, cnt_ptr, M, D, H, M_BUCKET,
                        IEEE: tl.constexpr, INTERPRET: tl.constexpr, BM: tl.constexpr,
@@ -144,7 +144,8 @@ def union_blocks(g: torch.Tensor, block_rows: int = BLOCK_ROWS):
     idx = torch.empty(nb, h, dtype=torch.int32, device=g.device)
     cnt = torch.empty(nb, dtype=torch.int32, device=g.device)
     if nb:
-        _union_kernel[(nb,)](g, idx, cnt, m, h, BM=block_rows, BC=32 if _INTERPRET else 256,
+        # a [BM, BC] tile of 16K elements: BC = 256 at BM = 64
+        _union_kernel[(nb,)](g, idx, cnt, m, h, BM=block_rows, BC=32 if _INTERPRET else 16384 // block_rows,
                              num_warps=4)
     return idx, cnt
 
@@ -181,7 +182,8 @@ def union_ffn(x: torch.Tensor, weights: TwellWeights, *, block_rows: int = BLOCK
     from .reference import twell_ffn_reference
     _check(x, weights)
     _check_block_rows(block_rows)
-    if chunk_rows is not None and not (isinstance(chunk_rows, int) and chunk_rows >= 1):
+    if chunk_rows is not None and not (isinstance(chunk_rows, int) and not isinstance(chunk_rows, bool)
+                                       and chunk_rows >= 1):
         raise ValueError(f"chunk_rows={chunk_rows!r} must be an int >= 1 (rows of x per gate chunk)")
     m, d = x.shape
     h = weights.hidden
@@ -193,7 +195,8 @@ def union_ffn(x: torch.Tensor, weights: TwellWeights, *, block_rows: int = BLOCK
     y = torch.empty(m, d, dtype=x.dtype, device=x.device)
     rows = chunk_rows or default_chunk_rows(h, x.element_size())
     rows = max(block_rows, rows - rows % block_rows)
-    rows = max(block_rows, min(rows, -(-m // block_rows) * block_rows))
+    # whole blocks; at most 65535 blocks per chunk (the launch grid's second axis)
+    rows = max(block_rows, min(rows, -(-m // block_rows) * block_rows, 65535 * block_rows))
     buf = torch.empty(rows, h, dtype=x.dtype, device=x.device)
     sizes = []
     for s in range(0, m, rows):

@@ -199,49 +199,67 @@ def test_gather_hot_rows_matches_indexing():
     assert none[0].shape == (0, wg.shape[1]) and none[1].shape == (0, wg.shape[1])
 
 
-def _heavy_case(fast_rows, monkeypatch):
-    """heavy_forward / heavy_backward outputs on a fixed case, with FAST_ROWS = fast_rows."""
+def _heavy_inputs(M, D, H, n_heavy, dtype=torch.float32, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    x, dy = torch.randn(M, D, generator=gen), torch.randn(M, D, generator=gen)
+    wg = torch.randn(H, D, generator=gen) * 0.3
+    wu, wdt = torch.randn(H, D, generator=gen), torch.randn(H, D, generator=gen)
+    x, dy, wg, wu, wdt = (t.to(DEV, dtype) for t in (x, dy, wg, wu, wdt))
+    cold = (torch.rand(H, generator=gen) > 0.3).to(DEV)
+    lst = torch.randperm(M, generator=gen).int().to(DEV)        # the first n_heavy are the heavy rows
+    n = torch.tensor([n_heavy], dtype=torch.int32, device=DEV)
+    return x, dy, wg, wu, wdt, cold, lst, n
+
+
+def _heavy_outputs(fast_rows, monkeypatch, M=23, D=40, H=70, n_heavy=20, dtype=torch.float32):
+    """heavy_forward / heavy_backward outputs, from zeros, with FAST_ROWS = fast_rows."""
     monkeypatch.setattr(heavy_rows, "FAST_ROWS", fast_rows)
-    gen = torch.Generator().manual_seed(5)
-    M, D, H = 23, 40, 70
-    x, dy = torch.randn(M, D, generator=gen).to(DEV), torch.randn(M, D, generator=gen).to(DEV)
-    wg = (torch.randn(H, D, generator=gen) * 0.3).to(DEV)
-    wu, wdt = torch.randn(H, D, generator=gen).to(DEV), torch.randn(H, D, generator=gen).to(DEV)
-    cold = (torch.rand(H, generator=gen) > 0.3).to(DEV).to(torch.int8)
-    lst = torch.randperm(M, generator=gen).int().to(DEV)
-    n = torch.tensor([20], dtype=torch.int32, device=DEV)
-    y, l1 = torch.zeros(M, D, device=DEV), torch.zeros(M, device=DEV)
-    heavy_rows.heavy_forward(x, wg, wu, wdt, cold, lst, n, y, l1)
-    dx, dws = torch.zeros(M, D, device=DEV), [torch.zeros(H, D, device=DEV) for _ in range(3)]
-    heavy_rows.heavy_backward(x, dy, wg, wu, wdt, cold, lst, n, torch.tensor(0.37, device=DEV), dx, *dws)
+    x, dy, wg, wu, wdt, cold, lst, n = _heavy_inputs(M, D, H, n_heavy, dtype)
+    y, l1 = torch.zeros(M, D, device=DEV, dtype=dtype), torch.zeros(M, device=DEV)
+    heavy_rows.heavy_forward(x, wg, wu, wdt, cold.to(torch.int8), lst, n, y, l1)
+    dx, dws = torch.zeros_like(x), [torch.zeros_like(wg) for _ in range(3)]
+    heavy_rows.heavy_backward(x, dy, wg, wu, wdt, cold.to(torch.int8), lst, n, torch.tensor(0.37, device=DEV),
+                              dx, *dws)
     return [y, l1, dx] + dws
 
 
 def test_heavy_rows_fast_and_recomputing_paths_agree_bit_for_bit(monkeypatch):
     """20 heavy rows all from the scratch, 16 from it and 4 recomputed, all recomputed: the same
-    bits. Both paths sum over the same neuron blocks in the same order, and a FAST_ROWS that is a
-    multiple of the row block (the interpreter's is 16, the GPU's 16 too) keeps the row blocks."""
-    assert heavy_rows._config()["BR"] == 16 and heavy_rows.FAST_ROWS % 16 == 0
-    outs = [_heavy_case(f, monkeypatch) for f in (64, 16, 0)]
+    bits. Both paths sum over the same neuron blocks in the same order, and the scratch's row
+    count is a whole number of row blocks, so the rows past it are blocked as before."""
+    assert heavy_rows._config()["BR"] == 16
+    outs = [_heavy_outputs(f, monkeypatch) for f in (64, 16, 0)]
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
 
 
-@pytest.mark.parametrize("fast_rows", [64, 2, 0])   # every row fast; 2 fast + 3 recomputed; none fast
+@pytest.mark.gpu
+def test_gpu_heavy_rows_paths_agree_bit_for_bit_in_bf16(monkeypatch):
+    """The same on the GPU in bf16, with the real block sizes (BH=64, BD=128) and 150 heavy rows
+    (64 fast + 86 recomputed, against all recomputed)."""
+    fast, slow = (_heavy_outputs(f, monkeypatch, M=300, D=256, H=700, n_heavy=150, dtype=torch.bfloat16)
+                  for f in (64, 0))
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_heavy_rows_scratch_size_and_setting():
+    assert heavy_rows.FAST_ROWS == 64     # the default (HYBRID_HEAVY_FAST_ROWS unset)
+    assert heavy_rows.fast_rows(16384) == 64 and heavy_rows.fast_rows(131072) == 256   # M / 512 at large M
+    assert heavy_rows.fast_rows(23) == 23 and heavy_rows.fast_rows(40000) == 80        # rounded to 16, at most M
+    assert heavy_rows._fast_rows_setting("20") == 32 and heavy_rows._fast_rows_setting("0") == 0
+    for bad in ("-1", "many"):
+        with pytest.raises(ValueError, match="HYBRID_HEAVY_FAST_ROWS"):
+            heavy_rows._fast_rows_setting(bad)
+
+
+@pytest.mark.parametrize("fast_rows", [64, 16, 0])   # all 20 fast (2 row blocks); 16 fast + 4 recomputed; none
 def test_heavy_row_kernels_match_reference(fast_rows, monkeypatch):
     """The device-count dense backup: forward (y, l1) and backward (dx, dW) of the listed rows
     against the torch reference; rows not listed and the no-heavy-row case are left untouched."""
     monkeypatch.setattr(heavy_rows, "FAST_ROWS", fast_rows)
-    gen = torch.Generator().manual_seed(5)
     M, D, H = 23, 40, 70
-    x, dy = torch.randn(M, D, generator=gen).to(DEV), torch.randn(M, D, generator=gen).to(DEV)
-    wg = (torch.randn(H, D, generator=gen) * 0.3).to(DEV)
-    wu, wdt = torch.randn(H, D, generator=gen).to(DEV), torch.randn(H, D, generator=gen).to(DEV)
-    cold = (torch.rand(H, generator=gen) > 0.3).to(DEV)
-    rows = torch.tensor([3, 17, 5, 22, 0], device=DEV)
-    lst = torch.zeros(M, dtype=torch.int32, device=DEV)
-    lst[:5] = rows.int()
-    n = torch.tensor([5], dtype=torch.int32, device=DEV)
+    x, dy, wg, wu, wdt, cold, lst, n = _heavy_inputs(M, D, H, 20)
+    rows = lst[:20].long()
     scale = torch.tensor(0.37, device=DEV)
     ref = heavy_rows.reference(x, dy, wg, wu, wdt, cold, rows, scale)
     y0, l10 = torch.randn(M, D, device=DEV), torch.randn(M, device=DEV)
@@ -265,6 +283,8 @@ def test_heavy_row_kernels_match_reference(fast_rows, monkeypatch):
     heavy_rows.heavy_forward(x, wg, wu, wdt, cold.to(torch.int8), lst, n, y2, l1)
     heavy_rows.heavy_backward(x, dy, wg, wu, wdt, cold.to(torch.int8), lst, n, scale, dx2, *dws2)
     assert torch.equal(y2, y0) and torch.equal(dx2, dx0) and all(torch.equal(a, b) for a, b in zip(dws2, dws0))
+    with pytest.raises(ValueError, match="share one dtype"):
+        heavy_rows.heavy_forward(x, wg.half(), wu, wdt, cold.to(torch.int8), lst, n, y2, l1)
 
 
 @pytest.mark.parametrize("H,K", [(5632, 832), (200, 7), (64, 64), (137, 1)])

@@ -79,8 +79,9 @@ def test_union_clear_errors():
     f, w = layer(8, 64, 100, 5.0, torch.float32)
     with pytest.raises(ValueError, match="block_rows"):
         union_ffn(f.x, w, block_rows=48)
-    with pytest.raises(ValueError, match="chunk_rows"):
-        union_ffn(f.x, w, chunk_rows=0)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="chunk_rows"):
+            union_ffn(f.x, w, chunk_rows=bad)
     with pytest.raises(ValueError, match="not contiguous"):
         union_ffn(f.x.t().contiguous().t(), w)
     with pytest.raises(TypeError, match="prepare_weights"):
