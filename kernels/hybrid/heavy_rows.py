@@ -302,16 +302,21 @@ def _f32(t):
 
 
 def _scratch(x, H, bwd):
-    """(fast rows, h, du, dg, l1 partials) scratch for the first fast_rows(M) heavy rows; the
-    unused ones are 1-element placeholders."""
+    """(fast rows, h, du, dg, l1 partials, neuron blocks): the scratch for the first fast_rows(M)
+    heavy rows. This runs on every call, heavy rows or not, so it is one allocation (views of one
+    byte buffer) and no kernel. du and dg are only used in backward, the L1 partials in forward;
+    the unused ones are empty views."""
     rows = fast_rows(x.shape[0])
-    c = _config()
-    nhb = triton.cdiv(H, c["BH"])
-    sh = torch.empty(rows, H, dtype=x.dtype, device=x.device)
-    one = torch.empty(1, dtype=x.dtype, device=x.device)
-    sdu = torch.empty_like(sh) if bwd else one
-    sdg = torch.empty_like(sh) if bwd else one
-    sl1 = one.float() if bwd else torch.empty(rows, nhb, dtype=torch.float32, device=x.device)
+    nhb = triton.cdiv(H, _config()["BH"])
+    n_vals = 3 if bwd else 1
+    val_bytes = rows * H * x.element_size()
+    l1_at = -(-(n_vals * val_bytes) // 16) * 16            # the fp32 partials start 16-byte aligned
+    l1_bytes = 0 if bwd else rows * nhb * 4
+    buf = torch.empty(max(l1_at + l1_bytes, 16), dtype=torch.uint8, device=x.device)
+    vals = [buf[i * val_bytes:(i + 1) * val_bytes].view(x.dtype).view(rows, H) for i in range(n_vals)]
+    empty = buf[:0].view(x.dtype)
+    sh, sdu, sdg = vals if bwd else (vals[0], empty, empty)
+    sl1 = empty if bwd else buf[l1_at:l1_at + l1_bytes].view(torch.float32).view(rows, nhb)
     return rows, sh, sdu, sdg, sl1, nhb
 
 
