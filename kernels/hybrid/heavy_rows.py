@@ -29,7 +29,9 @@ Two paths, both in every launch, split by the heavy row's position in the list:
 The weight-gradient kernel owns a (neuron block, D slice) tile and loops over the heavy rows,
 reading the scratch for the first F rows and recomputing the rest, so its tiles are private
 (no atomics). Both paths sum in the same order (neuron blocks of BH, in order), so a row gives
-the same bits on either path. Without heavy rows every kernel exits at once.
+the same bits on either path under the interpreter and in fp32 on an H100; in bf16 the H100 put
+one element of y in 76,800 one ulp apart, with dx and the weight gradients equal (tests). Without
+heavy rows every kernel exits at once.
 """
 from __future__ import annotations
 
