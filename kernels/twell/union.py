@@ -20,8 +20,8 @@ Nothing has a capacity: a fully dense row only makes its block's union all of H,
 overflow path. Exact up to bf16 rounding, like the dense FFN: the products are the same, only the
 neurons with g <= 0 for every row of the block are skipped, and their h is 0.
 
-Measured SLOWER than twell_ffn's hot/cold layout on an H100 (NOTES.md run 15: 1.20x at B=32,
-1.09x at B=64, against 1.69x for hot1536 at M=16384), and for a reason no tuning removes: the
+Measured SLOWER than twell_ffn's hot/cold layout on an H100 (NOTES.md run 15: 1.24x at B=32,
+1.16x at B=64, against 1.67x for hot1536 at M=16384), and for a reason no tuning removes: the
 gathered weight rows are re-read once per block, so the up and down GEMMs are bound by L2
 bandwidth, not by the tensor cores. Not wired into the model; kept, with its tests, so that
 tools/probe_union_ffn.py can measure it again (on other GPUs, or activations whose neighbouring
