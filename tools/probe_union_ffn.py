@@ -39,19 +39,12 @@ def union_pieces(x, w, block):
     out["union_pass_ms"] = median_ms(lambda: (gate(), U.union_blocks(g, block))) - out["gate_ms"]
     gate()
     idx, cnt = U.union_blocks(g, block)
-    flags = dict(IEEE=False, INTERPRET=False, BM=block)
-    mb = 1 << max(m - 1, 1).bit_length()
-    nb = cnt.shape[0]
-    up = U._union_up_kernel
-    down = U._union_down_kernel
     # the up kernel overwrites the compacted gate with h; timing it on its own output only changes
     # the values, not the work (the same unions)
-    out["up_ms"] = median_ms(lambda: up[lambda meta: (-(-h // meta["BN"]), nb)](
-        x, w.w_up, g, idx, cnt, m, x.shape[1], h, mb, **flags))
-    out["down_ms"] = median_ms(lambda: down[lambda meta: (-(-x.shape[1] // meta["BN"]), nb)](
-        g, w.w_down_t, y, idx, cnt, m, x.shape[1], h, mb, **flags))
-    out["up_config"] = str(up.best_config)
-    out["down_config"] = str(down.best_config)
+    out["up_ms"] = median_ms(lambda: U.union_up(x, w.w_up, g, idx, cnt, block))
+    out["down_ms"] = median_ms(lambda: U.union_down(g, w.w_down_t, idx, cnt, y, block))
+    out["up_config"] = str(U._union_up_kernel.best_config)
+    out["down_config"] = str(U._union_down_kernel.best_config)
     c = cnt.float()
     out["union_mean"], out["union_max"] = float(c.mean()), int(cnt.max())
     return out

@@ -36,8 +36,11 @@ import triton
 import triton.language as tl
 
 from ..common import interpreting
+from ._common import m_bucket
 from .epilogue import _dot
+from .ffn import _check
 from .gate import default_chunk_rows
+from .reference import twell_ffn_reference
 from .weights import TwellWeights
 
 _INTERPRET = interpreting()
@@ -150,18 +153,26 @@ def union_blocks(g: torch.Tensor, block_rows: int = BLOCK_ROWS):
     return idx, cnt
 
 
-def union_updown(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, g: torch.Tensor,
-                 idx: torch.Tensor, cnt: torch.Tensor, y: torch.Tensor, block_rows: int = BLOCK_ROWS) -> None:
-    """Steps 3 and 4 on one chunk: y [rows, D] = (relu(g) * x W_u^T) W_d^T over each block's union."""
+def union_up(x: torch.Tensor, w_up: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor,
+             block_rows: int = BLOCK_ROWS) -> None:
+    """Step 3 on one chunk: the compacted gate g becomes h = relu(g) * x W_u^T, in place."""
     m, d = x.shape
     h = w_up.shape[0]
-    nb = cnt.shape[0]
-    if m == 0:
-        return
-    flags = dict(IEEE=x.dtype == torch.float32, INTERPRET=_INTERPRET, BM=block_rows)
-    mb = 1 << max(m - 1, 1).bit_length()
-    _union_up_kernel[lambda meta: (triton.cdiv(h, meta["BN"]), nb)](x, w_up, g, idx, cnt, m, d, h, mb, **flags)
-    _union_down_kernel[lambda meta: (triton.cdiv(d, meta["BN"]), nb)](g, w_down_t, y, idx, cnt, m, d, h, mb, **flags)
+    if m:
+        _union_up_kernel[lambda meta: (triton.cdiv(h, meta["BN"]), cnt.shape[0])](
+            x, w_up, g, idx, cnt, m, d, h, m_bucket(m), IEEE=x.dtype == torch.float32, INTERPRET=_INTERPRET,
+            BM=block_rows)
+
+
+def union_down(h_c: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, y: torch.Tensor,
+               block_rows: int = BLOCK_ROWS) -> None:
+    """Step 4 on one chunk: y [rows, D] = h W_d^T over each block's union (h_c from union_up)."""
+    m, d = y.shape
+    h = w_down_t.shape[0]
+    if m:
+        _union_down_kernel[lambda meta: (triton.cdiv(d, meta["BN"]), cnt.shape[0])](
+            h_c, w_down_t, y, idx, cnt, m, d, h, m_bucket(m), IEEE=y.dtype == torch.float32, INTERPRET=_INTERPRET,
+            BM=block_rows)
 
 
 def _check_block_rows(block_rows: int) -> None:
@@ -178,8 +189,6 @@ def union_ffn(x: torch.Tensor, weights: TwellWeights, *, block_rows: int = BLOCK
     Any internal neuron order and n_hot are accepted: the union path treats every neuron alike.
     chunk_rows: rows of x per gate buffer chunk (default: gate.CHUNK_MIB of buffer), rounded down
     to whole blocks. return_union_sizes adds the per-block union sizes [ceil(M / B)] int32."""
-    from .ffn import _check
-    from .reference import twell_ffn_reference
     _check(x, weights)
     _check_block_rows(block_rows)
     if chunk_rows is not None and not (isinstance(chunk_rows, int) and not isinstance(chunk_rows, bool)
@@ -204,7 +213,8 @@ def union_ffn(x: torch.Tensor, weights: TwellWeights, *, block_rows: int = BLOCK
         g = buf[: e - s]
         torch.mm(x[s:e], weights.w_gate.t(), out=g)
         idx, cnt = union_blocks(g, block_rows)
-        union_updown(x[s:e], weights.w_up, weights.w_down_t, g, idx, cnt, y[s:e], block_rows)
+        union_up(x[s:e], weights.w_up, g, idx, cnt, block_rows)
+        union_down(g, weights.w_down_t, idx, cnt, y[s:e], block_rows)
         sizes.append(cnt)
     if return_union_sizes:
         return y, torch.cat(sizes) if sizes else torch.zeros(0, dtype=torch.int32, device=x.device)
