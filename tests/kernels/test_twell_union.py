@@ -8,13 +8,9 @@ from conftest import kernel_device
 from kernels import twell
 from kernels.synthetic import make_ffn_inputs
 from kernels.twell.union import union_blocks, union_ffn, union_sizes_reference
+from test_twell import TOL, rel   # the twell_ffn tests' tolerances: the same rounding steps
 
 DEV = kernel_device()
-TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.5e-2}
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def layer(m, d, h, nnz, dtype, dense_rows=0, seed=0):
