@@ -88,6 +88,28 @@ def _active(g, u, e, cold_ptr, hj, h_ok, r_ok, scale):
 
 
 @triton.jit
+def _row_block(list_ptr, r0, n, BR: tl.constexpr):
+    """Heavy-list positions r0 .. r0 + BR - 1 (valid below n) and their token rows."""
+    ri = r0 + tl.arange(0, BR)
+    r_ok = ri < n
+    return ri, r_ok, tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
+
+
+@triton.jit
+def _scratch_tile(ri, r_ok, hj, h_ok, H):
+    """Offsets and mask of the scratch tile [list positions ri, neurons hj]."""
+    return ri[:, None].to(tl.int64) * H + hj[None, :], r_ok[:, None] & h_ok[None, :]
+
+
+@triton.jit
+def _x_dy_rows(x_ptr, dy_ptr, rows, r_ok, rd, d_ok, D):
+    """x and dy of the token rows `rows`, columns rd."""
+    off = rows[:, None] * D + rd[None, :]
+    m = r_ok[:, None] & d_ok[None, :]
+    return tl.load(x_ptr + off, mask=m, other=0.0), tl.load(dy_ptr + off, mask=m, other=0.0)
+
+
+@triton.jit
 def _heavy_act_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_ptr, nheavy_ptr, scale_ptr,
                       sh_ptr, sdu_ptr, sdg_ptr, sl1_ptr, D, H, NHB, FAST,
                       BR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr,
@@ -97,9 +119,7 @@ def _heavy_act_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_ptr
     R = tl.minimum(tl.load(nheavy_ptr), FAST)
     r0 = tl.program_id(0) * BR
     if r0 < R:
-        ri = r0 + tl.arange(0, BR)
-        r_ok = ri < R
-        rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
+        ri, r_ok, rows = _row_block(list_ptr, r0, R, BR)
         hj = tl.program_id(1) * BH + tl.arange(0, BH)
         h_ok = hj < H
         scale = 0.0
@@ -108,8 +128,7 @@ def _heavy_act_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_ptr
         g, u, e = _gate_up(x_ptr, wg_ptr, wu_ptr, dy_ptr, wdt_ptr, rows, r_ok, hj, h_ok, D,
                            BR, BH, BK, BWD, F32)
         h, du, dg = _active(g, u, e, cold_ptr, hj, h_ok, r_ok, scale)
-        s_off = ri[:, None].to(tl.int64) * H + hj[None, :]
-        s_m = r_ok[:, None] & h_ok[None, :]
+        s_off, s_m = _scratch_tile(ri, r_ok, hj, h_ok, H)
         tl.store(sh_ptr + s_off, h.to(sh_ptr.dtype.element_ty), mask=s_m)
         if BWD:
             tl.store(sdu_ptr + s_off, du.to(sdu_ptr.dtype.element_ty), mask=s_m)
@@ -135,16 +154,13 @@ def _heavy_rows_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_pt
         RF = tl.minimum(R, FAST)
         r0 = pid * BR
         if r0 < RF:
-            ri = r0 + tl.arange(0, BR)
-            r_ok = ri < RF
-            rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
+            ri, r_ok, rows = _row_block(list_ptr, r0, RF, BR)
             acc = tl.zeros((BR, BD), dtype=tl.float32)
             l1 = tl.zeros((BR,), dtype=tl.float32)
             for h0 in range(0, H, BH):
                 hj = h0 + tl.arange(0, BH)
                 h_ok = hj < H
-                s_off = ri[:, None].to(tl.int64) * H + hj[None, :]
-                s_m = r_ok[:, None] & h_ok[None, :]
+                s_off, s_m = _scratch_tile(ri, r_ok, hj, h_ok, H)
                 o_off = hj[:, None] * D + rd[None, :]
                 o_m = h_ok[:, None] & d_ok[None, :]
                 if BWD:
@@ -164,9 +180,7 @@ def _heavy_rows_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_pt
         if BWD:
             scale = tl.load(scale_ptr)
         for r0 in range(FAST + (pid - FAST_PROGS) * BR, R, (tl.num_programs(0) - FAST_PROGS) * BR):
-            ri = r0 + tl.arange(0, BR)
-            r_ok = ri < R
-            rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
+            ri, r_ok, rows = _row_block(list_ptr, r0, R, BR)
             acc = tl.zeros((BR, BD), dtype=tl.float32)
             l1 = tl.zeros((BR,), dtype=tl.float32)
             for h0 in range(0, H, BH):
@@ -221,29 +235,18 @@ def _heavy_wgrad_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, dy_ptr, cold_ptr, list_p
         acc_d = tl.zeros((BH, BD), dtype=tl.float32)
         RF = tl.minimum(R, FAST)
         for r0 in range(0, RF, BR):
-            ri = r0 + tl.arange(0, BR)
-            r_ok = ri < RF
-            rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
-            s_off = ri[:, None].to(tl.int64) * H + hj[None, :]
-            s_m = r_ok[:, None] & h_ok[None, :]
-            a_off = rows[:, None] * D + rd[None, :]
-            a_m = r_ok[:, None] & d_ok[None, :]
-            xr = tl.load(x_ptr + a_off, mask=a_m, other=0.0)
-            dyr = tl.load(dy_ptr + a_off, mask=a_m, other=0.0)
+            ri, r_ok, rows = _row_block(list_ptr, r0, RF, BR)
+            s_off, s_m = _scratch_tile(ri, r_ok, hj, h_ok, H)
+            xr, dyr = _x_dy_rows(x_ptr, dy_ptr, rows, r_ok, rd, d_ok, D)
             acc_u = _dot(tl.trans(tl.load(sdu_ptr + s_off, mask=s_m, other=0.0)), xr, acc_u, F32)
             acc_g = _dot(tl.trans(tl.load(sdg_ptr + s_off, mask=s_m, other=0.0)), xr, acc_g, F32)
             acc_d = _dot(tl.trans(tl.load(sh_ptr + s_off, mask=s_m, other=0.0)), dyr, acc_d, F32)
         for r0 in range(FAST, R, BR):
-            ri = r0 + tl.arange(0, BR)
-            r_ok = ri < R
-            rows = tl.load(list_ptr + ri, mask=r_ok, other=0).to(tl.int64)
+            ri, r_ok, rows = _row_block(list_ptr, r0, R, BR)
             g, u, e = _gate_up(x_ptr, wg_ptr, wu_ptr, dy_ptr, wdt_ptr, rows, r_ok, hj, h_ok, D,
                                BR, BH, BK, True, F32)
             h, du, dg = _active(g, u, e, cold_ptr, hj, h_ok, r_ok, scale)
-            a_off = rows[:, None] * D + rd[None, :]
-            a_m = r_ok[:, None] & d_ok[None, :]
-            xr = tl.load(x_ptr + a_off, mask=a_m, other=0.0)
-            dyr = tl.load(dy_ptr + a_off, mask=a_m, other=0.0)
+            xr, dyr = _x_dy_rows(x_ptr, dy_ptr, rows, r_ok, rd, d_ok, D)
             acc_u = _dot(tl.trans(du).to(xr.dtype), xr, acc_u, F32)
             acc_g = _dot(tl.trans(dg).to(xr.dtype), xr, acc_g, F32)
             acc_d = _dot(tl.trans(h).to(dyr.dtype), dyr, acc_d, F32)
@@ -262,8 +265,8 @@ def _add_tile(ptrs, acc, mask):
 
 def _config():
     if INTERPRET:
-        return dict(BR=16, BH=16, BK=16, BD=16)
-    return dict(BR=16, BH=64, BK=64, BD=128)
+        return dict(BR=_ROW_BLOCK, BH=16, BK=16, BD=16)
+    return dict(BR=_ROW_BLOCK, BH=64, BK=64, BD=128)
 
 
 # Programs per D slice walking the heavy-row blocks past FAST_ROWS (persistent): enough to spread a
@@ -303,13 +306,13 @@ def _f32(t):
     return INTERPRET or t.dtype == torch.float32
 
 
-def _scratch(x, H, bwd):
+def _scratch(x, H, bwd, c):
     """(fast rows, h, du, dg, l1 partials, neuron blocks): the scratch for the first fast_rows(M)
     heavy rows. This runs on every call, heavy rows or not, so it is one allocation (views of one
     byte buffer) and no kernel. du and dg are only used in backward, the L1 partials in forward;
     the unused ones are empty views."""
     rows = fast_rows(x.shape[0])
-    nhb = triton.cdiv(H, _config()["BH"])
+    nhb = triton.cdiv(H, c["BH"])
     n_vals = 3 if bwd else 1
     val_bytes = rows * H * x.element_size()
     l1_at = -(-(n_vals * val_bytes) // 16) * 16            # the fp32 partials start 16-byte aligned
@@ -326,12 +329,11 @@ def _rows_kernels(x, dy, w_gate, w_up, w_down_t, cold_i8, heavy_list, n_heavy, o
     M, D = x.shape
     H = w_gate.shape[0]
     c = _config()
-    assert c["BR"] == _ROW_BLOCK
     # the scratch holds h, du, dg in x's dtype, which the dots then meet as the weights' dtype
     if not (x.dtype == dy.dtype == w_gate.dtype == w_up.dtype == w_down_t.dtype):
         raise ValueError(f"heavy rows: x, dy and the weights must share one dtype, got x {x.dtype}, dy {dy.dtype}, "
                          f"w_gate {w_gate.dtype}, w_up {w_up.dtype}, w_down_t {w_down_t.dtype}")
-    fast, sh, sdu, sdg, sl1, nhb = _scratch(x, H, bwd)
+    fast, sh, sdu, sdg, sl1, nhb = _scratch(x, H, bwd, c)
     if M and D and H:
         fast_progs = triton.cdiv(fast, c["BR"])
         if fast_progs:
