@@ -246,6 +246,9 @@ class TrainConfig:
                              and p[0] <= p[1]),
                f"train.profile_steps={p!r} must be [first, last], two step numbers with 0 < first <= last "
                f"(e.g. train.profile_steps=[20,22])")
+        _check(p is None or p[1] <= self.max_steps,
+               f"train.profile_steps={p!r} ends after train.max_steps={self.max_steps}; pick steps up to "
+               f"{self.max_steps}")
 
 
 @dataclass

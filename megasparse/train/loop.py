@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.profiler import record_function
 
 from megasparse import __version__
 from megasparse.config import Config, resolve_batch, save_config
@@ -29,7 +28,7 @@ from megasparse.train.distributed import DistInfo, init_distributed, shutdown_di
 from megasparse.train.flops import executed_flops_per_token, model_flops_per_token, peak_flops
 from megasparse.train.metrics import MetricsLogger
 from megasparse.train.optimizer import build_lr_scheduler, build_optimizer
-from megasparse.train.profiling import StepProfiler
+from megasparse.train.profiling import StepProfiler, phase
 from megasparse.train.resume import apply_resume, plan_resume
 from megasparse.train.universal import universal_info
 
@@ -153,10 +152,10 @@ class Trainer:
     def train_step(self, indices: list[int], totals: StepTotals) -> None:
         lam = self.l1_schedule.coeff(self.step)
         for inputs, labels in self._micro_batches(self.data.train, indices):
-            with record_function("megasparse.forward"):
+            with phase("forward"):
                 out = self.engine(inputs, labels)
                 loss = out.ce_loss + lam * out.aux_loss
-            with record_function("megasparse.nonfinite_vote"):
+            with phase("nonfinite_vote"):
                 finite = self._finite_everywhere(loss)
             if not finite:
                 if self.cfg.train.on_nonfinite == "stop":
@@ -172,11 +171,11 @@ class Trainer:
                 totals.ce += out.ce_loss.detach().float()
                 totals.aux += out.aux_loss.detach().float()
                 totals.micro_batches += 1
-                with record_function("megasparse.statistics"):
+                with phase("statistics"):
                     self.stats.update(out.fire_counts, out.l1_per_layer, out.tokens, out.token_nnz)
-            with record_function("megasparse.backward"):
+            with phase("backward"):
                 self.engine.backward(loss)
-            with record_function("megasparse.engine_step"):   # the optimizer step at the last micro-batch
+            with phase("engine_step"):   # the optimizer step at the last micro-batch
                 self.engine.step()
         self.step += 1
         self.consumed_samples += self.batch.global_batch_size
@@ -294,7 +293,7 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict:
         cfg = self.cfg.train
-        self.profiler.check_window(self.step + 1, cfg.max_steps)
+        self.profiler.check_window(self.step + 1)
         sampler = iter(self.data.sampler(self.batch.global_batch_size, self.parallel.dp_rank, self.batch.dp,
                                          consumed_samples=self.consumed_samples))
         totals, last_record = self._new_totals(), {}
