@@ -48,7 +48,7 @@ def _row_stats_kernel(z_ptr, labels_ptr, max_ptr, sum_exp_ptr, target_ptr, n_row
 
 @triton.jit
 def _grad_kernel(z_ptr, out_ptr, labels_ptr, lse_ptr, scale_ptr, shift_ptr, n_rows, n_cols, stride_z, stride_out,
-                 vocab_start, ignore_index, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SHIFT: tl.constexpr):
+                 stride_scale, vocab_start, ignore_index, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """out = scale * (exp((z - shift) - lse) - onehot), 0 on ignored rows (shift = 0 without
     HAS_SHIFT). Every element is loaded and then stored by the same program, so out may be z."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -60,7 +60,7 @@ def _grad_kernel(z_ptr, out_ptr, labels_ptr, lse_ptr, scale_ptr, shift_ptr, n_ro
     keep = row_ok & (label != ignore_index)
     local = label - vocab_start      # outside [0, n_cols) when another shard owns the label
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    scale = tl.where(keep, tl.load(scale_ptr + rows, mask=row_ok, other=0.0), 0.0)
+    scale = tl.where(keep, tl.load(scale_ptr + rows * stride_scale, mask=row_ok, other=0.0), 0.0)
     if HAS_SHIFT:
         shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
     for start in range(0, n_cols, BLOCK_V):
@@ -121,7 +121,9 @@ def grad_triton(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, s
     itself, whose values are then overwritten). shift: see grad_logits."""
     labels = _check_grad_inputs(logits, labels, lse, scale, vocab_start, out, shift, "grad", KERNEL_DTYPES)
     lse = lse.to(torch.float32).contiguous()
-    scale = scale.to(torch.float32).contiguous()
+    # read with its stride: a mean's gradient reaches here as one value broadcast (stride 0), and a
+    # contiguous copy would cost a launch per backward
+    scale = scale.to(torch.float32)
     has_shift = shift is not None
     shift = shift.to(torch.float32).contiguous() if has_shift else lse   # a dummy pointer without it
     n, v = logits.shape
@@ -131,6 +133,6 @@ def grad_triton(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, s
         return out
     rows, block_v, warps = _config(v, rows, block_v)
     _grad_kernel[(triton.cdiv(n, rows),)](logits, out, labels, lse, scale, shift, n, v, logits.stride(0),
-                                          out.stride(0), vocab_start, ignore_index, ROWS=rows, BLOCK_V=block_v,
-                                          HAS_SHIFT=has_shift, num_warps=warps)
+                                          out.stride(0), scale.stride(0), vocab_start, ignore_index, ROWS=rows,
+                                          BLOCK_V=block_v, HAS_SHIFT=has_shift, num_warps=warps)
     return out
