@@ -11,6 +11,7 @@ about TwELL or the hybrid format. Stable API (other benchmarks import it):
     busy_issue_ms(fn, n) -> [ms]     host issue time per call while the GPU is busy
     activation_stats(x, w_gate, tile=128) -> dict
     rel_err(out, ref) -> float       write_results(stem, payload, markdown) -> (json_path, md_path)
+    peak_mem_mib(step) -> float      MiB step() allocates at its peak, above the memory before it
     add_ffn_case_args(parser, steps) ffn_training_case(args) -> (params, dy)   (the probes' case)
 """
 from __future__ import annotations
@@ -193,6 +194,20 @@ def activation_stats(x: torch.Tensor, w_gate: torch.Tensor, tile: int = 128, chu
     rate = fires / m
     return {"nnz_mean": total / m, "nnz_max": row_max, "tile": tile, "tile_nnz_max": tile_max,
             "busiest_neuron_rate": float(rate.max()), "dead_fraction": float((fires == 0).double().mean())}
+
+
+def peak_mem_mib(step) -> float:
+    """MiB allocated by step() at its peak, above what was allocated before it (its result is
+    held until the peak is read)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

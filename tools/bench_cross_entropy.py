@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import environment, gpu_slug, median_ms, write_results  # noqa: E402
+from bench_common import environment, gpu_slug, median_ms, peak_mem_mib, write_results  # noqa: E402
 
 from kernels.cross_entropy import cross_entropy  # noqa: E402
 
@@ -70,12 +70,7 @@ def case(n: int, vocab: int) -> dict:
         row[f"{name}_ms"] = median_ms(fwd_bwd)
         row[f"{name}_fwd_ms"] = median_ms(lambda: fn(logits.detach(), labels))
         logits.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        row[f"{name}_peak_extra_gb"] = (torch.cuda.max_memory_allocated() - start) / 2**30
+        row[f"{name}_peak_extra_gb"] = peak_mem_mib(fwd_bwd) / 1024
         logits.grad = None
     row["speedup"] = row["torch_ms"] / row["fused_ms"]
     return row

@@ -32,7 +32,7 @@ from kernels.hybrid.hot_panel import gather_hot_rows  # noqa: E402
 from kernels.hybrid.row_pack import cublas_gate_pack  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
 from bench_common import (activation_stats, environment, gpu_slug, graph_replay_ms, median_ms,  # noqa: E402
-                          rel_err, write_results)
+                          peak_mem_mib, rel_err, write_results)
 
 LAMBDA = 1e-2  # weight of the L1 term in the benchmark loss; any nonzero value exercises its gradient
 
@@ -71,18 +71,6 @@ def graph_ms(fn, params, dy):
     remember the stream their tensors were made on)."""
     return graph_replay_ms(lambda p, d: fwd_bwd(fn, p, d),
                            setup=lambda: ([t.detach().clone().requires_grad_() for t in params], dy.clone()))[0]
-
-
-def peak_mem_mib(step):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    g = step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del g
-    return peak / 2**20
 
 
 def saved_mem_mib(fn, params):
