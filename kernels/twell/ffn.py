@@ -92,18 +92,13 @@ def twell_ffn(x: torch.Tensor, weights: TwellWeights, *, return_fire_counts: boo
     side = _side_stream(x.device) if overlap and x.is_cuda and n_hot < h and overflow != "rows" else None
     ovf = OverflowList(overflow_row_cap, d, x.device) if overflow == "kernel" and overflow_row_cap else None
     w = weights
-    # the rows the walk gathers: the exact ones, or their int8 copies (weights.quantize_cold_rows)
-    walk_rows, walk_scales = (w.w_up, w.w_down_t), {}
-    if w.up_int8 is not None:
-        walk_rows = (w.up_int8.q, w.down_t_int8.q)
-        walk_scales = dict(up_scale=w.up_int8.scale, down_scale=w.down_t_int8.scale)
 
     def walk(counts, pairs, s, e):   # the cold up/down of rows [s, e), once the gate has packed them
         with _after(main, side):
             if ovf is not None:
                 list_overflowed(counts[s:e], cap, ovf, row0=s)
-            updown(x[s:e], w.w_gate, *walk_rows, counts[s:e], pairs[s:e], y[s:e], tile=w.tile, cap=cap,
-                   col0=n_hot, entries=updown_entries, num_warps=updown_warps, **walk_scales)
+            updown(x[s:e], w.w_gate, w.w_up, w.w_down_t, counts[s:e], pairs[s:e], y[s:e], tile=w.tile, cap=cap,
+                   col0=n_hot, entries=updown_entries, num_warps=updown_warps)
 
     dense_rows = None
     if n_hot < h:

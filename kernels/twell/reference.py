@@ -27,13 +27,5 @@ def ffn_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
 
 
 def twell_ffn_reference(x: torch.Tensor, weights) -> torch.Tensor:
-    """twell_ffn's contract in pure torch (CPU fallback): same inputs, output in x's dtype.
-    With int8 walk rows (weights.quantize_cold_rows) the sparse neurons use their dequantized
-    rows, as the walk does; the kernel's recompute of overflowed tokens uses the exact ones."""
-    if weights.up_int8 is None:
-        return ffn_reference(x, weights.w_gate_orig(), weights.w_up_orig(), weights.w_down_orig()).to(x.dtype)
-    c, inv = weights.n_hot, weights._inv()
-    w_up, w_down_t = weights.w_up.float(), weights.w_down_t.float()
-    w_up[c:] = weights.up_int8.dequantize()[c:]
-    w_down_t[c:] = weights.down_t_int8.dequantize()[c:]
-    return ffn_reference(x, weights.w_gate_orig(), w_up[inv], w_down_t[inv].t()).to(x.dtype)
+    """twell_ffn's contract in pure torch (CPU fallback): same inputs, output in x's dtype."""
+    return ffn_reference(x, weights.w_gate_orig(), weights.w_up_orig(), weights.w_down_orig()).to(x.dtype)

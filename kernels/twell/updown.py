@@ -55,37 +55,12 @@ def _decode(p, x_ptr, PAIR64: tl.constexpr):
 
 
 @triton.jit
-def _row_scales(su_ptr, sd_ptr, col, ok, QUANT: tl.constexpr):
-    """Per-row dequantization scales of the gathered W_u and W_d^T rows (int8 rows), else 1."""
-    if QUANT:
-        su = tl.load(su_ptr + col, mask=ok, other=0.0)
-        sd = tl.load(sd_ptr + col, mask=ok, other=0.0)
-    else:
-        su = tl.full(col.shape, 1.0, tl.float32)
-        sd = tl.full(col.shape, 1.0, tl.float32)
-    return su, sd
-
-
-@triton.jit
-def _widen(w, QUANT: tl.constexpr):
-    """A loaded weight row in fp32. int8 rows avoid the int-to-float convert, whose throughput
-    (16 per clock per SM on an H100) made the first int8 walk slower than the 16-bit one
-    (NOTES.md run 16): the byte, read unsigned and XORed with 0x4B000080, is the float
-    2^23 + 128 + q, so one subtraction leaves q exactly."""
-    if QUANT:
-        b = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-        return b.to(tl.float32, bitcast=True) - 8388736.0
-    else:
-        return w.to(tl.float32)
-
-
-@triton.jit
-def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr, su_ptr, sd_ptr,
+def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr,
                    D, H, col0, n_tiles,
                    CAP: tl.constexpr, TILE: tl.constexpr, NT_P: tl.constexpr,
                    BLOCK_D: tl.constexpr, E: tl.constexpr, ACCUM: tl.constexpr,
                    PAIR64: tl.constexpr, ACC2D: tl.constexpr, PF: tl.constexpr = False,
-                   EO: tl.constexpr = 0, QUANT: tl.constexpr = False):
+                   EO: tl.constexpr = 0):
     m = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -118,21 +93,19 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr, su_
         wmask = ok_c[:, None] & d_ok[None, :]
         wu_c = tl.load(wu_ptr + wp, mask=wmask, other=0.0)
         wd_c = tl.load(wdt_ptr + wp, mask=wmask, other=0.0)
-        su_c, sd_c = _row_scales(su_ptr, sd_ptr, col0 + t_c * TILE + lc, ok_c, QUANT)
         for e0 in range(0, total, E):
             _g, lc = _decode(p_n, x_ptr, PAIR64)
             wp = (col0 + t_n * TILE + lc).to(tl.int64)[:, None] * D + offs_d[None, :]
             wmask = ok_n[:, None] & d_ok[None, :]
             wu_n = tl.load(wu_ptr + wp, mask=wmask, other=0.0)
             wd_n = tl.load(wdt_ptr + wp, mask=wmask, other=0.0)
-            su_n, sd_n = _row_scales(su_ptr, sd_ptr, col0 + t_n * TILE + lc, ok_n, QUANT)
             ok_nn, slot, t_nn, _s, _o = _entry_slots(e0 + 2 * E + ar_e, total, cinc, cexc, ovf_i, t_idx, m,
                                                      n_tiles, CAP)
             p_nn = tl.load(pair_ptr + slot, mask=ok_nn, other=0)
             g, _lc = _decode(p_c, x_ptr, PAIR64)
-            h = tl.where(ok_c, g * su_c * tl.sum(_widen(wu_c, QUANT) * x[None, :], axis=1), 0.0)
-            acc += tl.sum((h * sd_c)[:, None] * _widen(wd_c, QUANT), axis=0)
-            p_c, ok_c, wu_c, wd_c, su_c, sd_c = p_n, ok_n, wu_n, wd_n, su_n, sd_n
+            h = tl.where(ok_c, g * tl.sum(wu_c.to(tl.float32) * x[None, :], axis=1), 0.0)
+            acc += tl.sum(h[:, None] * wd_c.to(tl.float32), axis=0)
+            p_c, ok_c, wu_c, wd_c = p_n, ok_n, wu_n, wd_n
             p_n, ok_n, t_n = p_nn, ok_nn, t_nn
         out = acc
     else:
@@ -158,10 +131,9 @@ def _updown_kernel(x_ptr, wg_ptr, wu_ptr, wdt_ptr, cnt_ptr, pair_ptr, y_ptr, su_
             if any_ovf > 0:  # rare path: recompute the gate of overflowed tiles from W_g
                 wg = tl.load(wg_ptr + wp, mask=wmask & o_e[:, None], other=0.0).to(tl.float32)
                 g = tl.where(o_e, tl.maximum(tl.sum(wg * x[None, :], axis=1), 0.0), g)
-            wu = _widen(tl.load(wu_ptr + wp, mask=wmask, other=0), QUANT)
-            wd = _widen(tl.load(wdt_ptr + wp, mask=wmask, other=0), QUANT)
-            su, sd = _row_scales(su_ptr, sd_ptr, col, e_ok, QUANT)
-            h = tl.where(e_ok, g * su * tl.sum(wu * x[None, :], axis=1), 0.0) * sd
+            wu = tl.load(wu_ptr + wp, mask=wmask, other=0.0).to(tl.float32)
+            wd = tl.load(wdt_ptr + wp, mask=wmask, other=0.0).to(tl.float32)
+            h = tl.where(e_ok, g * tl.sum(wu * x[None, :], axis=1), 0.0)
             if ACC2D:
                 acc2 += h[:, None] * wd
             else:
@@ -193,36 +165,28 @@ def _ud_configs():
 
 # Tuned once per (D, tile layout); y is only written (ACCUM=False in twell_ffn), so re-running a
 # config while tuning is harmless; with ACCUM=True y is restored between trials.
-_updown_tuned = triton.autotune(configs=_ud_configs(), key=["D", "n_tiles", "CAP", "TILE", "ACCUM", "QUANT"],
+_updown_tuned = triton.autotune(configs=_ud_configs(), key=["D", "n_tiles", "CAP", "TILE", "ACCUM"],
                                 restore_value=["y_ptr"])(_updown_kernel)
 
 
 def updown(x, w_gate, w_up, w_down_t, counts, pairs, y, *, tile: int, cap: int, col0: int,
            accumulate: bool = False, entries: int | None = None, num_warps: int | None = None,
-           acc2d: bool = False, prefetch: bool = False, overflow_entries: int = 0,
-           up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None):
+           acc2d: bool = False, prefetch: bool = False, overflow_entries: int = 0):
     """Launch the sparse up/down kernel; writes (or adds into, if accumulate) y [M, D].
     entries/num_warps/acc2d/prefetch/overflow_entries pick one config instead of the autotuned one
-    (tests, sweeps). int8 w_up / w_down_t rows (quant.py) need their fp32 per-row scales
-    up_scale / down_scale [H]: each gathered row is dequantized by its scale."""
+    (tests, sweeps)."""
     m, d = x.shape
     h = w_gate.shape[0]
     nt = counts.shape[1]
-    quant = w_up.dtype == torch.int8
-    if quant != (w_down_t.dtype == torch.int8) or quant != (up_scale is not None) \
-            or quant != (down_scale is not None):
-        raise ValueError("int8 rows go together: w_up and w_down_t both int8 with up_scale and down_scale, "
-                         "or neither (use kernels.twell.quant.quantize_cold_rows)")
-    su, sd = (up_scale, down_scale) if quant else (w_up, w_down_t)   # unread without QUANT
     if d > MAX_D:
         raise ValueError(f"D={d} > {MAX_D}: the up/down kernel keeps a token's row in registers; "
                          f"use kernels.twell.twell_ffn_reference for such widths")
     if m == 0:
         return y
     block_d = triton.next_power_of_2(d)
-    args = (x, w_gate, w_up, w_down_t, counts, pairs, y, su, sd, d, h, col0, nt)
+    args = (x, w_gate, w_up, w_down_t, counts, pairs, y, d, h, col0, nt)
     meta = dict(CAP=cap, TILE=tile, NT_P=max(2, triton.next_power_of_2(nt)), BLOCK_D=block_d,
-                ACCUM=accumulate, PAIR64=x.dtype == torch.float32, QUANT=quant)
+                ACCUM=accumulate, PAIR64=x.dtype == torch.float32)
     if entries is None and block_d <= 4096:
         _updown_tuned[(m,)](*args, **meta)
         return y

@@ -9,10 +9,6 @@ moves the most popular neurons to the front, and the first `n_hot` of them (a mu
 tile) are computed densely by tensor-core GEMMs; the others go through TwELL and gathers.
 `perm[i]` is the original index of internal neuron i. With n_hot = 0 (prepare_weights' default)
 every neuron is sparse and perm is the identity.
-
-Optional (quantize_cold_rows): int8 copies of w_up and w_down_t (quant.py), which the walk then
-gathers instead of the 16-bit rows: half the bytes, not exact. The hot GEMMs and the recompute of
-overflowed tokens keep the exact rows.
 """
 from __future__ import annotations
 
@@ -21,7 +17,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from ._common import check_matrix
-from .quant import Int8Rows, quantize_rows_int8
 
 
 @dataclass(frozen=True)
@@ -33,8 +28,6 @@ class TwellWeights:
     tile: int = 128         # T: gate GEMM N tile = TwELL tile
     cap: int = 32           # slots per (row, tile): T / C
     n_hot: int = 0          # first n_hot internal neurons are dense (multiple of tile)
-    up_int8: Int8Rows | None = None      # optional: the walk's W_u rows as int8 (quantize_cold_rows)
-    down_t_int8: Int8Rows | None = None  # optional: the walk's W_d^T rows as int8
 
     @property
     def hidden(self) -> int:
@@ -84,19 +77,8 @@ def reorder(weights: TwellWeights, order: torch.Tensor, n_hot: int) -> TwellWeig
     if n_hot < 0 or n_hot % t or n_hot > h:
         raise ValueError(f"n_hot={n_hot} must be a multiple of tile={t} in [0, H={h}]")
     order = order.to(weights.w_gate.device)
-    q_up, q_down = weights.up_int8, weights.down_t_int8
     return replace(weights, w_gate=weights.w_gate[order].contiguous(), w_up=weights.w_up[order].contiguous(),
-                   w_down_t=weights.w_down_t[order].contiguous(), perm=weights.perm[order], n_hot=n_hot,
-                   up_int8=None if q_up is None else q_up[order],
-                   down_t_int8=None if q_down is None else q_down[order])
-
-
-def quantize_cold_rows(weights: TwellWeights) -> TwellWeights:
-    """The same layout plus int8 copies of w_up and w_down_t (per-row scales) for the walk to
-    gather: half its bytes, at ~0.8% relative error per gathered row (quant.py). Approximate, so
-    opt-in; every other path keeps the exact rows. Calibrate before or after: reorder keeps them."""
-    return replace(weights, up_int8=quantize_rows_int8(weights.w_up),
-                   down_t_int8=quantize_rows_int8(weights.w_down_t))
+                   w_down_t=weights.w_down_t[order].contiguous(), perm=weights.perm[order], n_hot=n_hot)
 
 
 def calibrate(weights: TwellWeights, fire_counts: torch.Tensor, tokens: int, *, n_hot: int | None = None,
