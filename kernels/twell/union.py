@@ -203,9 +203,9 @@ def union_ffn(x: torch.Tensor, weights: TwellWeights, *, block_rows: int = BLOCK
         return y
     y = torch.empty(m, d, dtype=x.dtype, device=x.device)
     rows = chunk_rows or default_chunk_rows(h, x.element_size())
-    rows = max(block_rows, rows - rows % block_rows)
-    # whole blocks; at most 65535 blocks per chunk (the launch grid's second axis)
-    rows = max(block_rows, min(rows, -(-m // block_rows) * block_rows, 65535 * block_rows))
+    # whole blocks, at least one; no more than M needs; at most 65535 blocks per chunk (the launch
+    # grid's second axis)
+    rows = max(block_rows, min(rows - rows % block_rows, -(-m // block_rows) * block_rows, 65535 * block_rows))
     buf = torch.empty(rows, h, dtype=x.dtype, device=x.device)
     sizes = []
     for s in range(0, m, rows):
