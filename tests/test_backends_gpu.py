@@ -26,34 +26,61 @@ def sparse_mlp(backend, d=1024, h=2816, m=4096, nnz=29.0):
 def test_twell_backend_matches_torch_in_eval():
     mlp, x = sparse_mlp("twell")
     ref, _ = sparse_mlp("torch")
+    layout = mlp._twell_layout
     with torch.no_grad():
-        y = mlp(x[None])[0]
+        y = mlp(x[None])[0]                      # counting fires on the dense path
         y_ref = ref(x[None])[0]
-    assert mlp.last_backend == "twell"
+    assert mlp.last_backend == "torch" and layout.tokens_seen == 4096 and not layout.final
     assert rel(y, y_ref) < 1e-2
+    # 8192 tokens in, the layout has timed every-neuron-sparse against popular neurons dense
+    # once (no dense candidate: the backend was asked for by name), and keeps the faster
+    with torch.no_grad():
+        mlp(x[None])
+        y2 = mlp(x[None])[0]
+    assert layout.final and len(layout.timings_ms) == 2
+    assert "all sparse" in layout.timings_ms and "dense" not in layout.timings_ms
+    assert layout.choice == min(layout.timings_ms, key=layout.timings_ms.get)
+    assert layout.calibrated == (layout.choice != "all sparse")
+    assert mlp.last_backend == "twell" and rel(y2, y_ref) < 1e-2
     # The cached kernel layout must follow a weight update.
     with torch.no_grad():
         mlp.up_weight.mul_(2.0)
         ref.up_weight.mul_(2.0)
-        y2 = mlp(x[None])[0]
-        y2_ref = ref(x[None])[0]
-    assert rel(y2, y2_ref) < 1e-2 and rel(y2, 2 * y_ref) < 2e-2
-    # 8192 tokens after the update the layout has timed every-neuron-sparse against popular
-    # neurons dense once, and keeps the faster
-    layout = mlp._twell_layout
-    assert not layout.final and not layout.calibrated
-    with torch.no_grad():
-        mlp(x[None])
         y3 = mlp(x[None])[0]
-    assert layout.final and len(layout.timings_ms) == 2 and rel(y3, y2_ref) < 1e-2
-    assert layout.calibrated == (min(layout.timings_ms, key=layout.timings_ms.get) != "all sparse")
+        y3_ref = ref(x[None])[0]
+        assert not layout.final and layout.tokens_seen == 4096
+        mlp(x[None])
+        y4 = mlp(x[None])[0]
+    assert rel(y3, y3_ref) < 1e-2 and rel(y3, 2 * y_ref) < 2e-2
+    assert layout.final and mlp.last_backend == "twell" and rel(y4, y3_ref) < 1e-2
+
+
+def test_auto_layout_times_dense_too_and_never_times_all_sparse_on_dense_activations():
+    """model.mlp_backend=auto in eval: the layout also times the torch GEMMs and keeps the fastest.
+    On a layer where half the neurons fire (an eval before the L1 term has made it sparse)
+    every-neuron-sparse is never run: its tiles would overflow into the row-by-row walk."""
+    for nnz, sparse in ((29.0, True), (1400.0, False)):
+        mlp, x = sparse_mlp("auto", nnz=nnz)
+        ref, _ = sparse_mlp("torch", nnz=nnz)
+        layout = mlp._twell_layout
+        with torch.no_grad():
+            mlp(x[None])
+            mlp(x[None])                         # 8192 tokens: times the candidates
+            y = mlp(x[None])[0]
+            y_ref = ref(x[None])[0]
+        assert layout.final and layout.allow_dense and "dense" in layout.timings_ms
+        assert ("all sparse" in layout.timings_ms) == sparse and (layout.nnz_fraction <= 0.05) == sparse
+        assert layout.choice == min(layout.timings_ms, key=layout.timings_ms.get)
+        assert mlp.last_backend == ("torch" if layout.choice == "dense" else "twell")
+        assert rel(y, y_ref) < 1e-2, (nnz, layout.choice)
 
 
 def test_twell_backend_replays_from_a_cuda_graph():
     """The twell MLP has no host sync once its layout is built, so an inference forward can be
     captured and replayed: the remedy for eager calls that are host-bound (tensor-parallel widths,
-    kernels/twell/NOTES.md run 12). A graph captured while the layout is still counting keeps the
-    layout it captured alive after calibration replaces it, so its replay stays exact."""
+    kernels/twell/NOTES.md run 12). A graph captured while the layout is still counting records
+    the dense path; one captured after calibration keeps its layout alive, so both replays stay
+    exact on new input."""
     mlp, x = sparse_mlp("twell")
     ref, _ = sparse_mlp("torch")
     layout = mlp._twell_layout
@@ -114,7 +141,11 @@ def test_auto_backend_switches_on_measured_nnz():
     assert mlp.last_backend == "hybrid"
     with torch.no_grad():
         mlp(x[None])
-    assert mlp.last_backend == "twell"
+    assert mlp.last_backend == "torch"        # the twell layout counts its first 8192 tokens densely
+    with torch.no_grad():
+        mlp(x[None])
+        mlp(x[None])
+    assert mlp.last_backend == ("torch" if mlp._twell_layout.choice == "dense" else "twell")
 
 
 def test_hybrid_under_activation_checkpointing_in_the_model():

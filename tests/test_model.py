@@ -166,9 +166,9 @@ def test_twell_weight_layout_key_follows_updates_and_never_caches_zero3_params()
 
 
 def test_twell_layout_calibrates_on_its_first_tokens_and_rebuilds_after_an_update():
-    """The model's twell layout serves its first tokens with every neuron sparse while counting
-    fires, then moves the popular neurons to dense GEMMs; a weight update starts over. Every
-    phase computes the same function (the kernels run under the Triton interpreter here)."""
+    """The model's twell layout serves its first tokens on the dense path while counting fires,
+    then moves the popular neurons to dense GEMMs; a weight update starts over. Every phase
+    computes the same function (the kernels run under the Triton interpreter here)."""
     from kernels import twell
     from kernels.synthetic import make_ffn_inputs
     from megasparse.model.twell_layout import TwellLayout
@@ -178,13 +178,18 @@ def test_twell_layout_calibrates_on_its_first_tokens_and_rebuilds_after_an_updat
     layout = TwellLayout(calibration_tokens=30)
     ws = (f.w_gate, f.w_up, f.w_down)
     y_first = layout(f.x[:20], *ws)
-    assert not layout.calibrated and not layout.final and layout.tokens_seen == 20
+    assert not layout.calibrated and not layout.final and layout.tokens_seen == 20 and layout.last_call_dense
     y_second = layout(f.x[20:], *ws)             # 40 tokens seen: calibrates after this call
-    # on CPU the calibrated layout is taken untimed (CUDA times both once)
+    # on CPU the calibrated layout is taken untimed (CUDA times the candidates once)
     assert layout.final and layout.calibrated and layout.weights.n_hot % layout.weights.tile == 0
+    assert layout.choice == f"hot{layout.weights.n_hot}" and layout.timings_ms == {}
+    fires = ((f.x @ f.w_gate.t()) > 0).sum(0)
+    assert torch.equal(layout.fire_counts, fires.int())
+    assert layout.nnz_fraction == pytest.approx(fires.sum().item() / (40 * 300))
     hot = layout.weights.perm[:layout.weights.n_hot]
     assert layout.fire_counts[hot].min() >= layout.fire_counts[layout.weights.perm[layout.weights.n_hot:]].max()
     y_hot = layout(f.x, *ws)
+    assert not layout.last_call_dense
     for y, r in ((y_first, ref[:20]), (y_second, ref[20:]), (y_hot, ref)):
         assert torch.allclose(y, r, rtol=1e-4, atol=1e-5)
     f.w_up.mul_(2.0)                               # an in-place update: a new layout, calibrated afresh
@@ -195,3 +200,71 @@ def test_twell_layout_calibrates_on_its_first_tokens_and_rebuilds_after_an_updat
     assert torch.allclose(never(f.x, *ws), 2 * ref, rtol=1e-4, atol=1e-5) and never.final and not never.calibrated
     with pytest.raises(ValueError, match="calibration_tokens"):
         TwellLayout(calibration_tokens=-1)
+
+
+def _never_twell(monkeypatch):
+    import kernels.twell as twell
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the twell kernels ran on activations counted as too dense for them")
+    monkeypatch.setattr(twell, "twell_ffn", fail)
+
+
+def test_twell_layout_keeps_dense_on_dense_activations_when_allowed(monkeypatch):
+    """Half the neurons fire (an eval before the L1 term has sparsified the layer): every-neuron-
+    sparse would overflow its tiles into a row-by-row walk, so it is never tried. With dense
+    allowed (model.mlp_backend=auto) the layer stays on the torch GEMMs; without, it takes the
+    hot layout, whose gathered tail is sparse by construction."""
+    from kernels import twell
+    from kernels.synthetic import make_ffn_inputs
+    from megasparse.model.twell_layout import DENSE, SPARSE_NNZ_FRACTION, TwellLayout
+
+    f = make_ffn_inputs(48, 32, 300, target_nnz=100.0, seed=4, dtype=torch.float32)
+    ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
+    ws = (f.w_gate, f.w_up, f.w_down)
+    auto = TwellLayout(calibration_tokens=24, allow_dense=True)
+    with monkeypatch.context() as m:
+        _never_twell(m)
+        ys = [auto(f.x[:24], *ws), auto(f.x[24:], *ws), auto(f.x, *ws)]
+    assert auto.final and auto.choice == DENSE and auto.weights is None and auto.last_call_dense
+    assert auto.nnz_fraction > SPARSE_NNZ_FRACTION
+    for y, r in zip(ys, (ref[:24], ref[24:], ref)):
+        assert torch.allclose(y, r, rtol=1e-4, atol=1e-5)
+    explicit = TwellLayout(calibration_tokens=24)          # model.mlp_backend=twell: no dense choice
+    explicit(f.x[:24], *ws)
+    assert explicit.final and explicit.calibrated and explicit.choice.startswith("hot")
+    cold = explicit.weights.perm[explicit.weights.n_hot:]
+    assert (explicit.fire_counts[cold] <= 0.006 * 24).all()   # the gathered tail: rarely-firing neurons
+    assert torch.allclose(explicit(f.x, *ws), ref, rtol=1e-4, atol=1e-5) and not explicit.last_call_dense
+
+
+def test_twell_layout_with_dense_allowed_on_sparse_activations_and_uncached_weights(monkeypatch):
+    """Sparse activations keep the twell kernels on CPU (untimed) even with dense allowed.
+    Uncached (ZeRO-3 gathered) weights can never be counted: with dense allowed they are served
+    dense and no twell copy is built; without, every neuron sparse as before. Turning dense on or
+    off starts a new layout."""
+    from kernels import twell
+    from kernels.synthetic import make_ffn_inputs
+    from megasparse.model.twell_layout import ALL_SPARSE, DENSE, TwellLayout
+
+    f = make_ffn_inputs(40, 32, 300, target_nnz=6.0, seed=2, dtype=torch.float32)
+    ref = twell.ffn_reference(f.x, f.w_gate, f.w_up, f.w_down)
+    ws = (f.w_gate, f.w_up, f.w_down)
+    layout = TwellLayout(calibration_tokens=40, allow_dense=True)
+    layout(f.x, *ws)
+    assert layout.final and layout.choice.startswith("hot") and layout.calibrated
+    layout.allow_dense = False                     # a change of mind starts over
+    assert layout.key is None
+    layout(f.x, *ws)
+    assert layout.final and layout.tokens_seen == 40 and layout.last_call_dense   # counted afresh, not 80
+    gathered = [w.clone() for w in ws]
+    for w in gathered:
+        w.ds_id = 1                                # what DeepSpeed ZeRO-3 tags its partitions with
+    uncached = TwellLayout(allow_dense=True)
+    with monkeypatch.context() as m:
+        _never_twell(m)
+        y = uncached(f.x, *gathered)
+    assert uncached.choice == DENSE and uncached.weights is None and torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+    plain = TwellLayout()
+    y = plain(f.x, *gathered)
+    assert plain.final and plain.choice == ALL_SPARSE and torch.allclose(y, ref, rtol=1e-4, atol=1e-5)

@@ -9,13 +9,15 @@ caller's row-parallel down projection all-reduces y.
 Backends (``model.mlp_backend``):
 - ``torch``: plain torch ops; the reference, and the path on CPU.
 - ``twell``: ``kernels.twell`` inference kernels (no autograd): eval and generation on CUDA. The
-  layer's kernel layout moves its popular neurons to dense GEMMs after its first 8192 tokens
-  (twell_layout.py).
+  layer's layout counts fires over its first 8192 tokens on the dense path, then moves its
+  popular neurons to dense GEMMs (twell_layout.py).
 - ``hybrid``: ``kernels.hybrid`` sparse training kernels (autograd) on CUDA.
 - ``auto``: CUDA + grad enabled + this layer's measured nnz/H under
   ``model.sparse_nnz_threshold`` -> hybrid, if it measured faster than torch for this layer
-  (``model.sparse_calibration``, backend_calibration.py); CUDA + no grad -> twell; otherwise
-  torch. Activations are dense early in training, where the dense path is faster.
+  (``model.sparse_calibration``, backend_calibration.py); CUDA + no grad -> twell, whose layout
+  may then keep the dense path where it measured faster (an eval before the layer is sparse, a
+  narrow tensor-parallel shard); otherwise torch. Activations are dense early in training, where
+  the dense path is faster.
 """
 from __future__ import annotations
 
@@ -141,7 +143,12 @@ class ReluGatedMLP(nn.Module):
         if backend == "torch":
             return torch_gated_mlp(x2d, wg, wu, wd) if self.track_stats else torch_gated_mlp_output(x2d, wg, wu, wd)
         if backend == "twell":
-            return _twell_forward(x2d, wg, wu, wd, self._twell_layout)
+            layout = self._twell_layout
+            layout.allow_dense = self.backend == "auto"   # auto may keep dense where it measures faster
+            result = _twell_forward(x2d, wg, wu, wd, layout)
+            if layout.last_call_dense:
+                self.last_backend = "torch"
+            return result
         return _hybrid_forward(x2d, wg, wu, wd)
 
     def calibrate_pending(self) -> str | None:

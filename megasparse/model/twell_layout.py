@@ -5,32 +5,53 @@ kernels.twell is fastest when the layer's most popular neurons go through dense 
 and the rest through TwELL gathers (kernels.twell.calibrate: 1.27x against dense with every
 neuron sparse, 1.68x with the 1536 most popular dense, at the benchmark layer on an H100;
 kernels/twell/NOTES.md). Which neurons are popular depends on the trained weights and the data,
-so a fresh layout counts each neuron's fires over its first `calibration_tokens` tokens (the
-kernels count them as they go) and then reorders itself once. At narrow tensor-parallel widths
-the dense columns buy no GPU time and cost two more launches, which an eager call pays on the
-host (NOTES.md run 12), so on CUDA both layouts are timed once on the last calibration batch and
-the faster one is kept. Every layout computes the same function, so nothing served while
-calibrating is approximated; only the speed changes.
+so a fresh layout counts each neuron's fires over its first `calibration_tokens` tokens and then
+picks its layout once:
+- `all sparse` (every neuron through the gathers) is a candidate only while the layer fires at
+  most SPARSE_NNZ_FRACTION of its neurons per token. On denser activations the gathers grow with
+  nnz and TwELL tiles overflow into a row-by-row walk: far slower than dense (NOTES.md run 17);
+- `hot<n>` (kernels.twell.calibrate) is safe at any density: every neuron firing on more than
+  0.6% of tokens is dense, so the gathered tail is sparse by construction;
+- `dense` (the torch GEMMs) is a candidate when `allow_dense` is set, which the MLP does for
+  `model.mlp_backend=auto`. Evaluation early in training (before the L1 term has made the layer
+  sparse) and narrow tensor-parallel shards, where an eager twell call is host-bound (NOTES.md
+  run 12), then never run slower than dense.
+On CUDA the candidates are each timed once, as an eager caller would see them, and the fastest is
+kept; on CPU (tests under the interpreter) the choice is untimed: dense if allowed and the layer
+is too dense for `all sparse`, else the hot layout. The counting calls themselves run the dense
+path, which is safe on activations of any density. Every layout computes the same function, so
+nothing is approximated while calibrating; only the speed changes.
 
 A layout can also be preset (`preset_hot(n_hot)`, what `megasparse.inference.load_pretrained`
 does for an export calibrated at export time, docs/export.md): the weights' neurons are then
 already in popularity order, so the first n_hot are made dense as they stand (no permutation),
 nothing is counted or timed at run time, and the layout is final as soon as it is built.
 
+Weights that cannot be cached (ZeRO-3 gathers them per forward: weight_layout_key is None) are
+never counted. With `allow_dense` they are served dense, since an untried twell layout may be the
+slow one; without it, every neuron sparse, rebuilt on every call.
+
 CUDA graphs: a captured call keeps using the layout it captured (its weight copies stay alive
 here, so a replay never reads freed memory). Capture after calibration, and capture again after
-a weight update. Nothing is counted, calibrated or timed during a capture.
+a weight update. Nothing is counted, calibrated or timed during a capture; a capture before the
+layout is final records the dense path.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from megasparse.model.backend_calibration import median_call_ms
 
 CALIBRATION_TOKENS = 8192
 TIMING_CALLS = 3   # per layout, after one warm-up call (which also runs the kernels' autotuners)
+# Most nnz/H per token at which every-neuron-sparse is tried at all. The benchmark layer ran it at
+# 1.31x of dense at nnz 120/5632 (2%) and slower than dense from about 5% on (NOTES.md run 17).
+SPARSE_NNZ_FRACTION = 0.05
+DENSE = "dense"
+ALL_SPARSE = "all sparse"
 
 
 def weight_layout_key(*weights: torch.Tensor) -> tuple | None:
@@ -47,24 +68,36 @@ def weight_layout_key(*weights: torch.Tensor) -> tuple | None:
     return tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.device) for w in weights)
 
 
+def dense_ffn(x, w_gate, w_up, w_down, fire_counts: bool = False):
+    """y = (relu(x W_g^T) * x W_u^T) W_d^T with torch GEMMs; with fire_counts also the int32 [H]
+    count of tokens with g_j > 0 (what the twell kernels would count)."""
+    g = x @ w_gate.t()
+    y = (F.relu(g) * (x @ w_up.t())) @ w_down.t()
+    return (y, (g > 0).sum(0, dtype=torch.int32)) if fire_counts else y
+
+
 class TwellLayout:
     """Callable as layout(x, w_gate, w_up, w_down) -> y, for one layer's weights (nn.Linear
-    layouts). A layout that cannot be cached (weight_layout_key is None: ZeRO-3) is rebuilt on
-    every call and stays uncalibrated."""
+    layouts). `choice` names the layout in use once final: DENSE, ALL_SPARSE or hot<n_hot>."""
 
-    def __init__(self, calibration_tokens: int = CALIBRATION_TOKENS, preset_n_hot: int | None = None):
+    def __init__(self, calibration_tokens: int = CALIBRATION_TOKENS, preset_n_hot: int | None = None,
+                 allow_dense: bool = False):
         if calibration_tokens < 0:
             raise ValueError(f"calibration_tokens={calibration_tokens} must be >= 0 (0: never calibrate)")
         self.calibration_tokens = calibration_tokens
+        self._allow_dense = allow_dense
         self.preset_n_hot: int | None = None
         if preset_n_hot is not None:
             self.preset_hot(preset_n_hot)
         self.key = None
-        self.weights = None       # kernels.twell.TwellWeights
+        self.weights = None       # kernels.twell.TwellWeights of the twell layout in use, else None
+        self.choice: str | None = None
         self.fire_counts = None   # int32 [H] summed over the tokens seen while calibrating
         self.tokens_seen = 0
+        self.nnz_fraction: float | None = None   # mean fires per token / H over those tokens
         self.final = False        # calibration is over (or never happens): the layout stays
-        self.timings_ms: dict[str, float] = {}   # the two layouts, timed once on CUDA
+        self.timings_ms: dict[str, float] = {}   # the candidates, timed once on CUDA
+        self.last_call_dense = False   # the last call ran the torch GEMMs, not the twell kernels
         self._in_graphs: list = []   # layouts a captured CUDA graph computes with
 
     def preset_hot(self, n_hot: int) -> None:
@@ -87,8 +120,18 @@ class TwellLayout:
         return weights if not n_hot else replace(weights, n_hot=n_hot)
 
     @property
+    def allow_dense(self) -> bool:
+        return self._allow_dense
+
+    @allow_dense.setter
+    def allow_dense(self, value: bool) -> None:
+        """The MLP sets it before each call (model.mlp_backend=auto); a change starts a new layout."""
+        if bool(value) != self._allow_dense:
+            self._allow_dense, self.key = bool(value), None
+
+    @property
     def calibrated(self) -> bool:
-        """Popular neurons run through the dense GEMMs."""
+        """Popular neurons run through the dense GEMMs of the twell kernels."""
         return self.weights is not None and self.weights.n_hot > 0
 
     def __call__(self, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -102,33 +145,54 @@ class TwellLayout:
                 raise RuntimeError("the twell layout of this layer was built or changed inside a CUDA graph capture; "
                                    "run an eager forward after the last weight update (and past the layout's "
                                    f"{self.calibration_tokens} calibration tokens) before capturing")
-            self.key, self.weights = key, self._build(twell, w_gate, w_up, w_down)
-            self.fire_counts, self.tokens_seen = None, 0
-            self.final = key is None or self.calibration_tokens == 0 or self.preset_n_hot is not None
-            self.timings_ms = {}
-        if capturing:
-            if key is not None and not any(w is self.weights for w in self._in_graphs):
+            self._reset(twell, key, w_gate, w_up, w_down)
+        self.last_call_dense = self.choice == DENSE or not self.final   # chosen, or still counting
+        if self.choice == DENSE or not self.final and capturing:
+            return dense_ffn(x, w_gate, w_up, w_down)
+        if self.final:
+            if capturing and key is not None and not any(w is self.weights for w in self._in_graphs):
                 self._in_graphs.append(self.weights)
             return twell.twell_ffn(x, self.weights)
-        if self.final:
-            return twell.twell_ffn(x, self.weights)
-        y, fires = twell.twell_ffn(x, self.weights, return_fire_counts=True)
+        y, fires = dense_ffn(x, w_gate, w_up, w_down, fire_counts=True)
         self.fire_counts = fires if self.fire_counts is None else self.fire_counts + fires
         self.tokens_seen += x.shape[0]
         if self.tokens_seen >= self.calibration_tokens:
-            self._choose(twell.calibrate(self.weights, self.fire_counts, self.tokens_seen), x)
+            self._choose(twell, x, w_gate, w_up, w_down)
         return y
 
-    def _choose(self, hot, x: torch.Tensor) -> None:
-        """Keep `hot` (popular neurons dense) unless, timed on CUDA, every-neuron-sparse is faster."""
-        import kernels.twell as twell
+    def _reset(self, twell, key, w_gate, w_up, w_down) -> None:
+        """A new layout for new weights: counting from zero, or final at once when it cannot or
+        need not be calibrated (built now: a preset, calibration_tokens=0, uncached weights)."""
+        self.key, self.weights, self.choice = key, None, None
+        self.fire_counts, self.tokens_seen, self.nnz_fraction = None, 0, None
+        self.timings_ms = {}
+        self.final = key is None or self.calibration_tokens == 0 or self.preset_n_hot is not None
+        if key is None and self.allow_dense and self.preset_n_hot is None:
+            self.choice = DENSE
+        elif self.final:
+            self.weights = self._build(twell, w_gate, w_up, w_down)
+            self.choice = f"hot{self.weights.n_hot}" if self.weights.n_hot else ALL_SPARSE
 
+    def _choose(self, twell, x, w_gate, w_up, w_down) -> None:
+        """Pick the layout from the counted fires (see the module docstring), once."""
         self.final = True
-        if hot.n_hot == 0:
-            return
-        if x.is_cuda:
-            self.timings_ms = {name: median_call_ms(lambda: twell.twell_ffn(x, w), True, 1, TIMING_CALLS)
-                               for name, w in (("all sparse", self.weights), (f"hot{hot.n_hot}", hot))}
-            if self.timings_ms["all sparse"] <= self.timings_ms[f"hot{hot.n_hot}"]:
-                return
-        self.weights = hot
+        self.nnz_fraction = float(self.fire_counts.sum()) / (self.tokens_seen * w_gate.shape[0])
+        base = self._build(twell, w_gate, w_up, w_down)
+        hot = twell.calibrate(base, self.fire_counts, self.tokens_seen)
+        sparse_enough = self.nnz_fraction <= SPARSE_NNZ_FRACTION
+        layouts = {}
+        if sparse_enough or not (hot.n_hot or self.allow_dense):   # the last: nothing else can serve it
+            layouts[ALL_SPARSE] = base
+        if hot.n_hot:
+            layouts[f"hot{hot.n_hot}"] = hot
+        candidates = {**layouts, DENSE: None} if self.allow_dense else layouts
+        if x.is_cuda and len(candidates) > 1:
+            calls = {name: (lambda w=w: dense_ffn(x, w_gate, w_up, w_down) if w is None else twell.twell_ffn(x, w))
+                     for name, w in candidates.items()}
+            self.timings_ms = {name: median_call_ms(call, True, 1, TIMING_CALLS) for name, call in calls.items()}
+            self.choice = min(self.timings_ms, key=self.timings_ms.get)
+        elif self.allow_dense and not sparse_enough:
+            self.choice = DENSE
+        else:
+            self.choice = list(layouts)[-1]   # the hot layout when there is one
+        self.weights = candidates[self.choice]
