@@ -6,7 +6,7 @@
 The benchmark layer (D=2048, H=5632) with BENCHMARKS.md's generator at each nnz target, plus the
 tensor-parallel widths at their share of nnz 29. For each: dense torch, every neuron sparse, the
 calibrated hot layout (popular neurons dense), and a ReluGatedMLP with model.mlp_backend=auto in
-eval after its 8192 calibration tokens (twell_layout.py: which layout it kept and what it timed).
+eval after calibrating on the timed batch (twell_layout.py: which layout it kept and what it timed).
 Times are do_bench medians in one process. Writes bench/results/probe_dense_activations_<gpu>.{json,md}
 ($BENCH_RESULTS_DIR to redirect).
 """
@@ -49,7 +49,7 @@ def case(m: int, h: int, nnz: float) -> dict:
         row[f"{name}_ms"] = median_ms(lambda: twell.twell_ffn(x, w))
         row[f"{name}_err"] = rel_err(twell.twell_ffn(x, w), ref)
     mlp = auto_mlp(f, h)
-    mlp(xc[None])                      # the layout's calibration tokens: counts, then times its candidates
+    mlp(x[None])    # >= 8192 tokens: the layout counts them, then times its candidates on this batch
     layout = mlp._twell_layout
     row.update(auto_choice=layout.choice, auto_timings_ms=layout.timings_ms, auto_nnz_fraction=layout.nnz_fraction,
                auto_ms=median_ms(lambda: mlp(x[None])), auto_err=rel_err(mlp(x[None])[0], ref),
@@ -64,8 +64,9 @@ def markdown(payload: dict) -> str:
              f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}, {env['date_utc']}. "
              f"M={payload['M']}, D={D_MODEL}, BENCHMARKS.md's generator; do_bench medians (ms) in one process; "
              "x = dense ms / this ms. `auto`: ReluGatedMLP(model.mlp_backend=auto) in eval after its 8192 "
-             "calibration tokens; it keeps the fastest of the candidates it timed (dense, and every-neuron-sparse "
-             "only at nnz/H <= 5%).", "",
+             "calibration tokens (the timed batch itself); it keeps the fastest of the candidates it timed, each "
+             "call waited for as an eager caller would (dense, the hot layout, and every-neuron-sparse only at "
+             "nnz/H <= 5%).", "",
              "| H | nnz/token | nnz/H | dense | all sparse (x, err) | hot layout (n_hot, x, err) | auto keeps | auto (x, err) | auto timed |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:

@@ -8,18 +8,23 @@ kernels/twell/NOTES.md). Which neurons are popular depends on the trained weight
 so a fresh layout counts each neuron's fires over its first `calibration_tokens` tokens and then
 picks its layout once:
 - `all sparse` (every neuron through the gathers) is a candidate only while the layer fires at
-  most SPARSE_NNZ_FRACTION of its neurons per token. On denser activations the gathers grow with
-  nnz and TwELL tiles overflow into a row-by-row walk: far slower than dense (NOTES.md run 17);
+  most SPARSE_NNZ_FRACTION of its neurons per token. Its gathers grow with nnz, and on dense
+  activations its TwELL tiles overflow into a row-by-row walk. At the benchmark layer on an H100
+  it ran at 1.24x of dense at 0.5% nnz/H, 0.58x at 2%, 0.29x at 5%, and 0.015x at 25%: 121 ms
+  against 1.9 (bench/results/probe_dense_activations_h100.md, kernels/twell/NOTES.md run 17);
 - `hot<n>` (kernels.twell.calibrate) is safe at any density: every neuron firing on more than
-  0.6% of tokens is dense, so the gathered tail is sparse by construction;
+  0.6% of tokens is dense, so the gathered tail is sparse by construction (1.27-1.61x of dense
+  there from 0.5% to 50% nnz/H, since never-firing neurons skip the up and down GEMMs);
 - `dense` (the torch GEMMs) is a candidate when `allow_dense` is set, which the MLP does for
   `model.mlp_backend=auto`. Evaluation early in training (before the L1 term has made the layer
   sparse) and narrow tensor-parallel shards, where an eager twell call is host-bound (NOTES.md
   run 12), then never run slower than dense.
 On CUDA the candidates are each timed once, as an eager caller would see them, and the fastest is
-kept; on CPU (tests under the interpreter) the choice is untimed: dense if allowed and the layer
-is too dense for `all sparse`, else the hot layout. The counting calls themselves run the dense
-path, which is safe on activations of any density. Every layout computes the same function, so
+kept. They are timed on the last calibration batch, so the choice fits calls of that size: an
+eager twell call issues about ten launches, and at the tensor-parallel widths a call of 16k
+tokens or fewer is host-bound (NOTES.md run 12). On CPU (tests under the interpreter) the choice is
+untimed: dense if allowed and the layer is too dense for `all sparse`, else the hot layout. The
+counting calls themselves run the dense path, which is safe on activations of any density. Every layout computes the same function, so
 nothing is approximated while calibrating; only the speed changes.
 
 A layout can also be preset (`preset_hot(n_hot)`, what `megasparse.inference.load_pretrained`
@@ -46,9 +51,11 @@ import torch.nn.functional as F
 from megasparse.model.backend_calibration import median_call_ms
 
 CALIBRATION_TOKENS = 8192
-TIMING_CALLS = 3   # per layout, after one warm-up call (which also runs the kernels' autotuners)
-# Most nnz/H per token at which every-neuron-sparse is tried at all. The benchmark layer ran it at
-# 1.31x of dense at nnz 120/5632 (2%) and slower than dense from about 5% on (NOTES.md run 17).
+# Per candidate: warm-up calls (the first also runs the kernels' autotuners; the first call after
+# it still ran up to 2x slow on an H100), then timed calls, of which the median counts.
+TIMING_WARMUP, TIMING_CALLS = 2, 5
+# Most nnz/H per token at which every-neuron-sparse is tried at all: past it, it only loses (see
+# above), and timing it on a half-dense layer would cost seconds.
 SPARSE_NNZ_FRACTION = 0.05
 DENSE = "dense"
 ALL_SPARSE = "all sparse"
@@ -189,7 +196,7 @@ class TwellLayout:
         if x.is_cuda and len(candidates) > 1:
             calls = {name: (lambda w=w: dense_ffn(x, w_gate, w_up, w_down) if w is None else twell.twell_ffn(x, w))
                      for name, w in candidates.items()}
-            self.timings_ms = {name: median_call_ms(call, True, 1, TIMING_CALLS) for name, call in calls.items()}
+            self.timings_ms = {name: median_call_ms(call, True, TIMING_WARMUP, TIMING_CALLS) for name, call in calls.items()}
             self.choice = min(self.timings_ms, key=self.timings_ms.get)
         elif self.allow_dense and not sparse_enough:
             self.choice = DENSE
