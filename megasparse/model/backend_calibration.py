@@ -104,6 +104,25 @@ def median_call_ms(call: Callable[[], object], cuda: bool, warmup: int, iters: i
     return times[len(times) // 2]
 
 
+def back_to_back_ms(call: Callable[[], object], warmup: int, rounds: int, calls: int) -> float:
+    """CUDA ms per call() when `calls` of them are issued back to back, as a model's layers are:
+    the host may run ahead, so this is the GPU time, or the host's issue time where that is
+    longer. The median over `rounds` rounds, after `warmup` calls."""
+    for _ in range(warmup):
+        call()
+    per_call = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) / calls)
+    return sorted(per_call)[len(per_call) // 2]
+
+
 def time_forward_backward_ms(fn, x: torch.Tensor, weights: list[torch.Tensor], warmup: int, iters: int) -> float:
     """Median ms of fn(x, *weights) forward + backward of sum(y * x) + l1, on detached copies
     (no gradient reaches the real parameters). Uses x itself as the output gradient, so no

@@ -19,10 +19,13 @@ picks its layout once:
   `model.mlp_backend=auto`. Evaluation early in training (before the L1 term has made the layer
   sparse) and narrow tensor-parallel shards, where an eager twell call is host-bound (NOTES.md
   run 12), then never run slower than dense.
-On CUDA the candidates are each timed once, as an eager caller would see them, and the fastest is
-kept. They are timed on the last calibration batch, so the choice fits calls of that size: an
-eager twell call issues about ten launches, and at the tensor-parallel widths a call of 16k
-tokens or fewer is host-bound (NOTES.md run 12). On CPU (tests under the interpreter) the choice is
+On CUDA the candidates are each timed once and the fastest is kept. Each is timed over calls
+issued back to back, as a model's layers are: the GPU time, or the host's issue time where that
+is longer. An eager twell call issues about ten launches, and at the tensor-parallel widths a
+call of 16k tokens or fewer is host-bound (NOTES.md run 12). A call timed alone and waited for
+would also count the GPU's waits on the host inside the call: +0.3-0.5 ms for the hot layout at
+the benchmark layer, where back to back it is GPU-bound (run 17). The timing uses the last
+calibration batch, so the choice fits calls of that size. On CPU (tests under the interpreter) the choice is
 untimed: dense if allowed and the layer is too dense for `all sparse`, else the hot layout. The
 counting calls themselves run the dense path, which is safe on activations of any density. Every layout computes the same function, so
 nothing is approximated while calibrating; only the speed changes.
@@ -48,12 +51,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from megasparse.model.backend_calibration import median_call_ms
+from megasparse.model.backend_calibration import back_to_back_ms
 
 CALIBRATION_TOKENS = 8192
 # Per candidate: warm-up calls (the first also runs the kernels' autotuners; the first call after
-# it still ran up to 2x slow on an H100), then timed calls, of which the median counts.
-TIMING_WARMUP, TIMING_CALLS = 2, 5
+# it still ran up to 2x slow on an H100), then rounds of back-to-back calls; the median round counts.
+TIMING_WARMUP, TIMING_ROUNDS, TIMING_CALLS = 2, 3, 4
 # Most nnz/H per token at which every-neuron-sparse is tried at all: past it, it only loses (see
 # above), and timing it on a half-dense layer would cost seconds.
 SPARSE_NNZ_FRACTION = 0.05
@@ -196,7 +199,7 @@ class TwellLayout:
         if x.is_cuda and len(candidates) > 1:
             calls = {name: (lambda w=w: dense_ffn(x, w_gate, w_up, w_down) if w is None else twell.twell_ffn(x, w))
                      for name, w in candidates.items()}
-            self.timings_ms = {name: median_call_ms(call, True, TIMING_WARMUP, TIMING_CALLS) for name, call in calls.items()}
+            self.timings_ms = {name: back_to_back_ms(call, TIMING_WARMUP, TIMING_ROUNDS, TIMING_CALLS) for name, call in calls.items()}
             self.choice = min(self.timings_ms, key=self.timings_ms.get)
         elif self.allow_dense and not sparse_enough:
             self.choice = DENSE
