@@ -42,6 +42,7 @@ def test_twell_backend_matches_torch_in_eval():
     assert layout.choice == min(layout.timings_ms, key=layout.timings_ms.get)
     assert layout.calibrated == (layout.choice != "all sparse")
     assert mlp.last_backend == "twell" and rel(y2, y_ref) < 1e-2
+    first_choice = layout.choice
     # The cached kernel layout must follow a weight update.
     with torch.no_grad():
         mlp.up_weight.mul_(2.0)
@@ -53,6 +54,8 @@ def test_twell_backend_matches_torch_in_eval():
         y4 = mlp(x[None])[0]
     assert rel(y3, y3_ref) < 1e-2 and rel(y3, 2 * y_ref) < 2e-2
     assert layout.final and mlp.last_backend == "twell" and rel(y4, y3_ref) < 1e-2
+    # the same nnz/H (the gate did not change), so the kind timed before is kept untimed
+    assert layout.timings_ms == {} and (layout.choice == "all sparse") == (first_choice == "all sparse")
 
 
 def test_auto_layout_times_dense_too_and_never_times_all_sparse_on_dense_activations():

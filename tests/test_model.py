@@ -268,3 +268,38 @@ def test_twell_layout_with_dense_allowed_on_sparse_activations_and_uncached_weig
     plain = TwellLayout()
     y = plain(f.x, *gathered)
     assert plain.final and plain.choice == ALL_SPARSE and torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_twell_layout_reuses_its_last_timed_kind_while_nnz_stays_within_2x(monkeypatch):
+    """A layout rebuilt after a weight update (each eval during training) keeps the kind of layout
+    it timed last, without timing again, unless nnz/H moved past 2x, the call size changed, or it
+    has been reused RETIME_AFTER_REBUILDS times. The timer is faked here (CUDA-only for real)."""
+    import megasparse.model.twell_layout as tl
+
+    times = iter([3.0, 1.0, 2.0,     # all sparse, hot, dense: hot wins
+                  3.0, 2.0, 1.0,     # after nnz/H tripled: dense wins
+                  1.0, 2.0, 3.0,     # another call size: all sparse wins
+                  2.0, 3.0, 1.0])    # after the reuse limit: dense wins
+    timed = []
+
+    def fake_timer(call, *args):
+        timed.append(call)
+        return next(times)
+    monkeypatch.setattr(tl, "back_to_back_ms", fake_timer)
+    layout = tl.TwellLayout(allow_dense=True)
+    x16, x8 = torch.zeros(16, 4), torch.zeros(8, 4)
+
+    def choose(x, nnz, n_hot):
+        layout.nnz_fraction = nnz
+        return layout._time(None, {tl.ALL_SPARSE: 0, f"hot{n_hot}": 1, tl.DENSE: None}, x, None, None, None)
+
+    assert choose(x16, 0.01, 128) == "hot128" and len(timed) == 3
+    assert choose(x16, 0.019, 256) == "hot256" and len(timed) == 3          # same kind, new n_hot, untimed
+    assert choose(x16, 0.006, 128) == "hot128" and len(timed) == 3
+    assert choose(x16, 0.03, 128) == tl.DENSE and len(timed) == 6           # 3x the timed nnz/H
+    assert choose(x8, 0.03, 128) == tl.ALL_SPARSE and len(timed) == 9       # calls of another size
+    for _ in range(tl.RETIME_AFTER_REBUILDS):
+        assert choose(x8, 0.03, 128) == tl.ALL_SPARSE and len(timed) == 9
+    assert choose(x8, 0.03, 128) == tl.DENSE and len(timed) == 12           # re-timed after the limit
+    layout.allow_dense = False                                              # another candidate set
+    assert layout._last_timed is None

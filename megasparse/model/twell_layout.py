@@ -10,10 +10,10 @@ picks its layout once:
 - `all sparse` (every neuron through the gathers) is a candidate only while the layer fires at
   most SPARSE_NNZ_FRACTION of its neurons per token. Its gathers grow with nnz, and on dense
   activations its TwELL tiles overflow into a row-by-row walk. At the benchmark layer on an H100
-  it ran at 1.24x of dense at 0.5% nnz/H, 0.58x at 2%, 0.29x at 5%, and 0.015x at 25%: 121 ms
+  it ran at 1.28x of dense at 0.5% nnz/H, 0.58x at 2%, 0.30x at 5%, and 0.015x at 25%: 121 ms
   against 1.9 (bench/results/probe_dense_activations_h100.md, kernels/twell/NOTES.md run 17);
 - `hot<n>` (kernels.twell.calibrate) is safe at any density: every neuron firing on more than
-  0.6% of tokens is dense, so the gathered tail is sparse by construction (1.27-1.61x of dense
+  0.6% of tokens is dense, so the gathered tail is sparse by construction (1.28-1.64x of dense
   there from 0.5% to 50% nnz/H, since never-firing neurons skip the up and down GEMMs);
 - `dense` (the torch GEMMs) is a candidate when `allow_dense` is set, which the MLP does for
   `model.mlp_backend=auto`. Evaluation early in training (before the L1 term has made the layer
@@ -23,12 +23,16 @@ On CUDA the candidates are each timed once and the fastest is kept. Each is time
 issued back to back, as a model's layers are: the GPU time, or the host's issue time where that
 is longer. An eager twell call issues about ten launches, and at the tensor-parallel widths a
 call of 16k tokens or fewer is host-bound (NOTES.md run 12). A call timed alone and waited for
-would also count the GPU's waits on the host inside the call: +0.3-0.5 ms for the hot layout at
-the benchmark layer, where back to back it is GPU-bound (run 17). The timing uses the last
-calibration batch, so the choice fits calls of that size. On CPU (tests under the interpreter) the choice is
+would also count the GPU's waits on the host inside the call: up to +0.5 ms (over do_bench) for
+the hot layout at the benchmark layer, where back to back it is GPU-bound (run 17). The timing uses the last
+calibration batch, so the choice fits calls of that size. A layout rebuilt after a weight update
+(each eval during training) counts afresh but keeps the kind (dense, all sparse or hot) timed
+last while its nnz/H stays within 2x of the timed one, re-timing at least every 8 rebuilds:
+timing three candidates costs ~40 calls. On CPU (tests under the interpreter) the choice is
 untimed: dense if allowed and the layer is too dense for `all sparse`, else the hot layout. The
-counting calls themselves run the dense path, which is safe on activations of any density. Every layout computes the same function, so
-nothing is approximated while calibrating; only the speed changes.
+counting calls themselves run the dense path, which is safe on activations of any density.
+Every layout computes the same function, so nothing is approximated while calibrating; only the
+speed changes.
 
 A layout can also be preset (`preset_hot(n_hot)`, what `megasparse.inference.load_pretrained`
 does for an export calibrated at export time, docs/export.md): the weights' neurons are then
@@ -60,6 +64,10 @@ TIMING_WARMUP, TIMING_ROUNDS, TIMING_CALLS = 2, 3, 4
 # Most nnz/H per token at which every-neuron-sparse is tried at all: past it, it only loses (see
 # above), and timing it on a half-dense layer would cost seconds.
 SPARSE_NNZ_FRACTION = 0.05
+# A rebuilt layout (after a weight update: every eval during training) keeps the kind of layout
+# timed last without timing again while its nnz/H is within this ratio of the timed one, on calls
+# of the same size, for at most this many rebuilds in a row.
+RETIME_NNZ_RATIO, RETIME_AFTER_REBUILDS = 2.0, 8
 DENSE = "dense"
 ALL_SPARSE = "all sparse"
 
@@ -108,6 +116,7 @@ class TwellLayout:
         self.final = False        # calibration is over (or never happens): the layout stays
         self.timings_ms: dict[str, float] = {}   # the candidates, timed once on CUDA
         self.last_call_dense = False   # the last call ran the torch GEMMs, not the twell kernels
+        self._last_timed: dict | None = None   # the last timed choice's kind, nnz/H, tokens, reuses
         self._in_graphs: list = []   # layouts a captured CUDA graph computes with
 
     def preset_hot(self, n_hot: int) -> None:
@@ -137,7 +146,7 @@ class TwellLayout:
     def allow_dense(self, value: bool) -> None:
         """The MLP sets it before each call (model.mlp_backend=auto); a change starts a new layout."""
         if bool(value) != self._allow_dense:
-            self._allow_dense, self.key = bool(value), None
+            self._allow_dense, self.key, self._last_timed = bool(value), None, None
 
     @property
     def calibrated(self) -> bool:
@@ -197,12 +206,31 @@ class TwellLayout:
             layouts[f"hot{hot.n_hot}"] = hot
         candidates = {**layouts, DENSE: None} if self.allow_dense else layouts
         if x.is_cuda and len(candidates) > 1:
-            calls = {name: (lambda w=w: dense_ffn(x, w_gate, w_up, w_down) if w is None else twell.twell_ffn(x, w))
-                     for name, w in candidates.items()}
-            self.timings_ms = {name: back_to_back_ms(call, TIMING_WARMUP, TIMING_ROUNDS, TIMING_CALLS) for name, call in calls.items()}
-            self.choice = min(self.timings_ms, key=self.timings_ms.get)
+            self.choice = self._time(twell, candidates, x, w_gate, w_up, w_down)
         elif self.allow_dense and not sparse_enough:
             self.choice = DENSE
         else:
             self.choice = list(layouts)[-1]   # the hot layout when there is one
         self.weights = candidates[self.choice]
+
+    def _time(self, twell, candidates: dict, x, w_gate, w_up, w_down) -> str:
+        """The candidate to keep: the kind timed last, if it may be reused (see RETIME_*), else
+        the fastest when timed now."""
+        kinds = {_kind(name): name for name in candidates}
+        last = self._last_timed
+        if (last is not None and last["kind"] in kinds and last["tokens"] == x.shape[0]
+                and last["reuses"] < RETIME_AFTER_REBUILDS
+                and self.nnz_fraction <= RETIME_NNZ_RATIO * last["nnz"] and last["nnz"] <= RETIME_NNZ_RATIO * self.nnz_fraction):
+            last["reuses"] += 1
+            return kinds[last["kind"]]
+        calls = {name: (lambda w=w: dense_ffn(x, w_gate, w_up, w_down) if w is None else twell.twell_ffn(x, w))
+                 for name, w in candidates.items()}
+        self.timings_ms = {name: back_to_back_ms(call, TIMING_WARMUP, TIMING_ROUNDS, TIMING_CALLS)
+                           for name, call in calls.items()}
+        choice = min(self.timings_ms, key=self.timings_ms.get)
+        self._last_timed = {"kind": _kind(choice), "nnz": self.nnz_fraction, "tokens": x.shape[0], "reuses": 0}
+        return choice
+
+
+def _kind(name: str) -> str:
+    return "hot" if name.startswith("hot") else name
