@@ -144,7 +144,8 @@ def test_auto_backend_switches_on_measured_nnz():
     assert mlp.last_backend == "hybrid"
     with torch.no_grad():
         mlp(x[None])
-    assert mlp.last_backend == "torch"        # the twell layout counts its first 8192 tokens densely
+    layout = mlp._twell_layout
+    assert mlp.last_backend == "torch" and layout.tokens_seen == 4096   # counting its first 8192 tokens densely
     with torch.no_grad():
         mlp(x[None])
         mlp(x[None])

@@ -214,7 +214,8 @@ def test_twell_layout_keeps_dense_on_dense_activations_when_allowed(monkeypatch)
     """Half the neurons fire (an eval before the L1 term has sparsified the layer): every-neuron-
     sparse would overflow its tiles into a row-by-row walk, so it is never tried. With dense
     allowed (model.mlp_backend=auto) the layer stays on the torch GEMMs; without, it takes the
-    hot layout, whose gathered tail is sparse by construction."""
+    hot layout, whose gathered tail is sparse by construction (n_hot=256 here covers the ~205
+    neurons that fire at all)."""
     from kernels import twell
     from kernels.synthetic import make_ffn_inputs
     from megasparse.model.twell_layout import DENSE, SPARSE_NNZ_FRACTION, TwellLayout
@@ -268,6 +269,10 @@ def test_twell_layout_with_dense_allowed_on_sparse_activations_and_uncached_weig
     plain = TwellLayout()
     y = plain(f.x, *gathered)
     assert plain.final and plain.choice == ALL_SPARSE and torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+    bad = TwellLayout(preset_n_hot=64)            # a failed build is retried, never half-kept
+    for _ in range(2):
+        with pytest.raises(ValueError, match="multiple of the twell tile"):
+            bad(f.x, *ws)
 
 
 def test_twell_layout_reuses_its_last_timed_kind_while_nnz_stays_within_2x(monkeypatch):
@@ -303,3 +308,65 @@ def test_twell_layout_reuses_its_last_timed_kind_while_nnz_stays_within_2x(monke
     assert choose(x8, 0.03, 128) == tl.DENSE and len(timed) == 12           # re-timed after the limit
     layout.allow_dense = False                                              # another candidate set
     assert layout._last_timed is None
+
+
+def _deepspeed_twell_worker(rank, world, port):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import deepspeed
+
+    from kernels import twell
+    from kernels.synthetic import make_ffn_inputs
+    from megasparse.model.twell_layout import weight_layout_key
+    from megasparse.train.distributed import init_distributed
+
+    init_distributed("cpu", "gloo")
+    f = make_ffn_inputs(24, 32, 300, target_nnz=6.0, seed=2, dtype=torch.float32)
+    mlp = ReluGatedMLP(32, 300)
+    with torch.no_grad():
+        for p, w in ((mlp.gate_weight, f.w_gate), (mlp.up_weight, f.w_up), (mlp.down_weight, f.w_down)):
+            p.copy_(w)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+              "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=mlp, optimizer=torch.optim.AdamW(mlp.parameters(), lr=1e-2),
+                                           config=config)
+    ws = (mlp.gate_weight, mlp.up_weight, mlp.down_weight)
+    layout = mlp._twell_layout
+    layout.calibration_tokens = 0              # final at once: every neuron sparse, from copies
+    with torch.no_grad():
+        y_before = layout(f.x, *ws)
+    key = layout.key
+    y, l1, _, _ = engine(f.x[None])
+    engine.backward((y.float() ** 2).mean() + l1)
+    engine.step()
+    fresh = twell.ffn_reference(f.x, *(w.detach() for w in ws))
+    assert not torch.allclose(fresh, y_before, rtol=1e-3, atol=1e-4)      # the step moved the weights
+    assert weight_layout_key(*ws) == key                                   # ... invisibly to the key
+    with torch.no_grad():
+        assert torch.allclose(layout(f.x, *ws), y_before)                  # so the copies are stale
+        mlp.weights_updated()
+        assert torch.allclose(layout(f.x, *ws), fresh, rtol=1e-4, atol=1e-5)
+    engine.destroy()
+
+
+@pytest.mark.slow
+def test_twell_layout_is_rebuilt_after_a_deepspeed_step_only_when_told():
+    """DeepSpeed's ZeRO optimizer writes the new weights without moving the parameters' version
+    counters, so the twell layout's cache key cannot see the step: ReluGatedMLP.weights_updated()
+    (SparseLlama.weights_updated(), which Trainer.evaluate calls first) must rebuild it."""
+    import torch.multiprocessing as mp
+
+    from tests.trainer_utils import _port
+
+    mp.spawn(_deepspeed_twell_worker, args=(1, _port()), nprocs=1, join=True)
+
+
+def test_sparse_llama_weights_updated_invalidates_every_twell_layout():
+    model = SparseLlama(tiny())
+    for layer in model.layers:
+        layer.mlp._twell_layout.key = ("built",)
+    model.weights_updated()
+    assert all(layer.mlp._twell_layout.key is None for layer in model.layers)
+    assert SparseLlama(tiny(mlp="swiglu")).weights_updated() is None   # no sparse MLPs: nothing to do

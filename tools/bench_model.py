@@ -69,6 +69,8 @@ def twell_overflow(x, mlp) -> dict:
     from kernels.twell.reference import gate_twell_reference
 
     w = mlp._twell_layout.weights
+    if w is None:   # the layout is still counting, or kept the dense path: no TwELL tiles
+        return {"n_hot": None, "overflow_tiles": None, "overflow_tokens": None, "overflow_tokens_2plus": None}
     over = gate_twell_reference(x, w.w_gate, w.tile, w.cap, col0=w.n_hot).overflowed()
     return {"n_hot": w.n_hot, "overflow_tiles": int(over.sum()), "overflow_tokens": int(over.any(1).sum()),
             "overflow_tokens_2plus": int((over.sum(1) >= 2).sum())}
@@ -242,7 +244,8 @@ def main() -> None:
     for backend in ("torch", "twell"):
         prefill[backend], outs[backend] = prefill_case(model, ids, backend, a.warmup, a.iters)
         print("prefill", backend, f"{prefill[backend]['ms']:.2f} ms", flush=True)
-    twell_layouts = [{"n_hot": layer.mlp._twell_layout.weights.n_hot, "timings_ms": layer.mlp._twell_layout.timings_ms}
+    twell_layouts = [{"n_hot": getattr(layer.mlp._twell_layout.weights, "n_hot", None),
+                      "choice": layer.mlp._twell_layout.choice, "timings_ms": layer.mlp._twell_layout.timings_ms}
                      for layer in model.layers if isinstance(layer.mlp, ReluGatedMLP)]
     # fp32 reference of the same weights (torch path), for the error column
     ref_model = load_pretrained(a.model, device="cuda", dtype=torch.float32, mlp_backend="torch")

@@ -38,7 +38,8 @@ def eval_pass(model, batches) -> dict:
         model(ids, ids)     # labels: the fused CE of Trainer.evaluate (no [tokens, vocab] logits)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"first_ms": times[0], "total_ms": sum(times), "later_median_ms": sorted(times[1:])[len(times[1:]) // 2]}
+    later = sorted(times[1:])
+    return {"first_ms": times[0], "total_ms": sum(times), "later_median_ms": later[len(later) // 2]}
 
 
 @torch.no_grad()
@@ -47,6 +48,8 @@ def main():
     ap.add_argument("--label", default="now", help="names the results file (e.g. the tree's commit)")
     ap.add_argument("--micro-batches", type=int, default=4, help="eval forwards (the config's eval_iters)")
     a = ap.parse_args()
+    if a.micro_batches < 2:
+        ap.error(f"--micro-batches={a.micro_batches}: need at least 2 (the first forward is timed apart from the rest)")
     cfg = ModelConfig(vocab_size=32768, d_model=2048, n_layers=8, n_heads=16, n_kv_heads=16, ffn_hidden=5632,
                       max_seq_len=2048)
     model = SparseLlama(cfg, ParallelPlan(init_seed=0)).cuda().to(torch.bfloat16).eval()

@@ -131,12 +131,15 @@ def per_layer(model, ids, iters: int) -> list[dict]:
     for i, (mlp, x) in enumerate(zip(sparse_mlps(model), mlp_inputs(model, ids))):
         w = (mlp.gate_weight, mlp.up_weight, mlp.down_weight)
         layout = mlp._twell_layout
-        _twell_forward(x, *w, layout)   # builds the layout
+        with torch.no_grad():
+            while not layout.final:     # builds the layout (a preset one at once; else after counting)
+                _twell_forward(x, *w, layout)
         fns = {"dense": lambda: torch_gated_mlp_output(x, *w).y,
-               "twell": lambda: _twell_forward(x, *w, layout).y,
-               # the cold gate GEMM in one chunk instead of CHUNK_MIB ones: 3 fewer launches per
-               # chunk saved, for the host-bound eager call
-               "twell_one_chunk": lambda: twell_ffn(x, layout.weights, gate_chunk_rows=x.shape[0])}
+               "twell": lambda: _twell_forward(x, *w, layout).y}
+        if layout.weights is not None:  # a twell layout, not the dense path
+            # the cold gate GEMM in one chunk instead of CHUNK_MIB ones: 3 fewer launches per
+            # chunk saved, for the host-bound eager call
+            fns["twell_one_chunk"] = lambda: twell_ffn(x, layout.weights, gate_chunk_rows=x.shape[0])
         row = {"layer": i, **twell_overflow(x, mlp)}
         with torch.no_grad():
             for name, fn in fns.items():

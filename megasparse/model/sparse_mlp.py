@@ -151,6 +151,11 @@ class ReluGatedMLP(nn.Module):
             return result
         return _hybrid_forward(x2d, wg, wu, wd)
 
+    def weights_updated(self) -> None:
+        """Call after writing the weights in a way their version counters do not record
+        (DeepSpeed's optimizer step, `p.data.copy_`): the twell layout's copies are rebuilt."""
+        self._twell_layout.invalidate()
+
     def calibrate_pending(self) -> str | None:
         """Time dense vs hybrid on the kept input (outside autograd: the trainer calls this at log
         intervals through SparseLlama.set_measured_nnz); returns the choice, or None if nothing

@@ -221,6 +221,14 @@ class SparseLlama(nn.Module):
                            tokens=input_ids.numel(),
                            logits=result if labels is None else None)
 
+    def weights_updated(self) -> None:
+        """Every sparse MLP rebuilds its twell inference layout on its next forward. Needed after
+        any weight write that does not move the parameters' version counters: DeepSpeed's ZeRO
+        optimizer steps do not (twell_layout.py), so Trainer.evaluate calls this first."""
+        for layer in self.layers:
+            if isinstance(layer.mlp, ReluGatedMLP):
+                layer.mlp.weights_updated()
+
     def set_measured_nnz(self, fractions: list[float], step: int | None = None) -> dict:
         """Per-layer measured nnz/H, which the `auto` backend compares with its threshold; layers
         that became eligible since the last call are timed dense vs sparse now (all ranks call

@@ -12,9 +12,12 @@ picks its layout once:
   activations its TwELL tiles overflow into a row-by-row walk. At the benchmark layer on an H100
   it ran at 1.28x of dense at 0.5% nnz/H, 0.58x at 2%, 0.30x at 5%, and 0.015x at 25%: 121 ms
   against 1.9 (bench/results/probe_dense_activations_h100.md, kernels/twell/NOTES.md run 17);
-- `hot<n>` (kernels.twell.calibrate) is safe at any density: every neuron firing on more than
-  0.6% of tokens is dense, so the gathered tail is sparse by construction (1.28-1.64x of dense
-  there from 0.5% to 50% nnz/H, since never-firing neurons skip the up and down GEMMs);
+- `hot<n>` (kernels.twell.calibrate) makes every neuron firing on more than 0.6% of tokens
+  dense, so its gathered tail is sparse by construction (1.28-1.64x of dense at the benchmark
+  layer from 0.5% to 50% nnz/H, since never-firing neurons skip the up and down GEMMs). One
+  exception: n_hot is whole tiles of 128, so where H is not a multiple of 128 up to 127 popular
+  neurons stay in the tail, and on dense activations its last tile overflows into the slower
+  (still exact) walk; timing then weighs it against dense;
 - `dense` (the torch GEMMs) is a candidate when `allow_dense` is set, which the MLP does for
   `model.mlp_backend=auto`. Evaluation early in training (before the L1 term has made the layer
   sparse) and narrow tensor-parallel shards, where an eager twell call is host-bound (NOTES.md
@@ -27,8 +30,8 @@ would also count the GPU's waits on the host inside the call: up to +0.5 ms (ove
 the hot layout at the benchmark layer, where back to back it is GPU-bound (run 17). The timing uses the last
 calibration batch, so the choice fits calls of that size. A layout rebuilt after a weight update
 (each eval during training) counts afresh but keeps the kind (dense, all sparse or hot) timed
-last while its nnz/H stays within 2x of the timed one, re-timing at least every 8 rebuilds:
-timing three candidates costs ~40 calls. On CPU (tests under the interpreter) the choice is
+last while its nnz/H stays within 2x of the timed one, and times again after 8 untimed
+rebuilds: timing three candidates costs ~40 calls. On CPU (tests under the interpreter) the choice is
 untimed: dense if allowed and the layer is too dense for `all sparse`, else the hot layout. The
 counting calls themselves run the dense path, which is safe on activations of any density.
 Every layout computes the same function, so nothing is approximated while calibrating; only the
@@ -37,11 +40,19 @@ speed changes.
 A layout can also be preset (`preset_hot(n_hot)`, what `megasparse.inference.load_pretrained`
 does for an export calibrated at export time, docs/export.md): the weights' neurons are then
 already in popularity order, so the first n_hot are made dense as they stand (no permutation),
-nothing is counted or timed at run time, and the layout is final as soon as it is built.
+nothing is counted or timed at run time, and the layout is final as soon as it is built. A
+preset, like `calibration_tokens=0` (every neuron sparse, never counted), is kept as given even
+with `allow_dense`: the export's counts chose n_hot.
 
 Weights that cannot be cached (ZeRO-3 gathers them per forward: weight_layout_key is None) are
 never counted. With `allow_dense` they are served dense, since an untried twell layout may be the
 slow one; without it, every neuron sparse, rebuilt on every call.
+
+Weights updated without moving their version counter are not seen by the key. DeepSpeed's
+optimizers write the new values through `.data` (ZeRO 1 and 2, and bf16 at stage 0: checked on
+CPU, NOTES.md run 17), as does any `p.data.copy_`. Whoever updates weights that way must call
+`invalidate()` (`SparseLlama.weights_updated()` for a whole model) before the next forward, or
+the layout serves its copies of the old weights. The trainer does it at the start of every eval.
 
 CUDA graphs: a captured call keeps using the layout it captured (its weight copies stay alive
 here, so a replay never reads freed memory). Capture after calibration, and capture again after
@@ -138,6 +149,11 @@ class TwellLayout:
                              f"this layer's H={weights.hidden}; re-export the model or preset another n_hot")
         return weights if not n_hot else replace(weights, n_hot=n_hot)
 
+    def invalidate(self) -> None:
+        """The weights may have changed where the key cannot see it (see the module docstring):
+        rebuild, and count afresh, on the next call. The last timed kind stays reusable."""
+        self.key = None
+
     @property
     def allow_dense(self) -> bool:
         return self._allow_dense
@@ -166,7 +182,7 @@ class TwellLayout:
                                    f"{self.calibration_tokens} calibration tokens) before capturing")
             self._reset(twell, key, w_gate, w_up, w_down)
         self.last_call_dense = self.choice == DENSE or not self.final   # chosen, or still counting
-        if self.choice == DENSE or not self.final and capturing:
+        if self.choice == DENSE or (not self.final and capturing):
             return dense_ffn(x, w_gate, w_up, w_down)
         if self.final:
             if capturing and key is not None and not any(w is self.weights for w in self._in_graphs):
@@ -176,13 +192,17 @@ class TwellLayout:
         self.fire_counts = fires if self.fire_counts is None else self.fire_counts + fires
         self.tokens_seen += x.shape[0]
         if self.tokens_seen >= self.calibration_tokens:
-            self._choose(twell, x, w_gate, w_up, w_down)
+            try:
+                self._choose(twell, x, w_gate, w_up, w_down)
+            except BaseException:
+                self.key = None   # never left half-chosen: the next call starts over
+                raise
         return y
 
     def _reset(self, twell, key, w_gate, w_up, w_down) -> None:
         """A new layout for new weights: counting from zero, or final at once when it cannot or
         need not be calibrated (built now: a preset, calibration_tokens=0, uncached weights)."""
-        self.key, self.weights, self.choice = key, None, None
+        self.key, self.weights, self.choice = None, None, None   # the key last: a failed build retries
         self.fire_counts, self.tokens_seen, self.nnz_fraction = None, 0, None
         self.timings_ms = {}
         self.final = key is None or self.calibration_tokens == 0 or self.preset_n_hot is not None
@@ -191,6 +211,7 @@ class TwellLayout:
         elif self.final:
             self.weights = self._build(twell, w_gate, w_up, w_down)
             self.choice = f"hot{self.weights.n_hot}" if self.weights.n_hot else ALL_SPARSE
+        self.key = key
 
     def _choose(self, twell, x, w_gate, w_up, w_down) -> None:
         """Pick the layout from the counted fires (see the module docstring), once."""

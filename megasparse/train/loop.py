@@ -184,6 +184,9 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean CE over the first eval_iters global batches of the held-out split."""
         self.engine.eval()
+        # DeepSpeed's steps write the weights without moving their version counters, which is
+        # all the twell eval layouts' cache key can see: rebuild them from the current weights.
+        self.engine.module.weights_updated()
         n_valid = len(self.data.valid)
         per_rank = self.batch.global_batch_size // self.batch.dp
         total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
