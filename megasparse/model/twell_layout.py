@@ -84,10 +84,12 @@ ALL_SPARSE = "all sparse"
 
 
 def weight_layout_key(*weights: torch.Tensor) -> tuple | None:
-    """When the kernel's weight layout may be reused: the key changes whenever a weight does, or
-    None when that cannot be told cheaply and the layout must be rebuilt on every call.
+    """When the kernel's weight layout may be reused: the key changes whenever a weight is
+    replaced or updated in place through autograd-visible ops, or None when that cannot be told
+    cheaply and the layout must be rebuilt on every call. Writes through `.data` (DeepSpeed's
+    ZeRO 1/2 steps) are invisible to it: see TwellLayout.invalidate.
 
-    A plain parameter's version counter moves on every in-place optimizer update, and a new
+    A plain parameter's version counter moves on every in-place torch optimizer update, and a new
     tensor has a new address. A ZeRO-3 parameter is gathered into a fresh buffer per forward: the
     caching allocator can hand back the same address, and the parameter keeps its own version
     counter while DeepSpeed updates only the partitions, so (address, version) could repeat after
