@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import environment, gpu_slug, median_ms, rel_err, write_results  # noqa: E402
 from megasparse.model.backend_calibration import back_to_back_ms, median_call_ms  # noqa: E402
-from bench_ffn_infer import CALIB_TOKENS, D_MODEL, H_FULL, make_inputs  # noqa: E402
+from bench_ffn_infer import CALIB_TOKENS, D_MODEL, H_FULL, fp32_reference, make_inputs  # noqa: E402
 from kernels import twell  # noqa: E402
 from megasparse.model.sparse_mlp import ReluGatedMLP  # noqa: E402
 from megasparse.model.twell_layout import dense_ffn  # noqa: E402
@@ -47,7 +47,7 @@ def three_timings(call) -> dict:
 def case(m: int, h: int, nnz: float) -> dict:
     f, x, xc = make_inputs(m, h, nnz)
     ws = (f.w_gate, f.w_up, f.w_down)
-    ref = dense_ffn(x.float(), *(w.float() for w in ws))
+    ref = fp32_reference(x, f)
     w0 = twell.prepare_weights(*ws)
     _, fires = dense_ffn(xc, *ws, fire_counts=True)
     hot = twell.calibrate(w0, fires, CALIB_TOKENS)

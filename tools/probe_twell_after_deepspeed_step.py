@@ -15,18 +15,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import rel_err  # noqa: E402
 from kernels.synthetic import make_ffn_inputs  # noqa: E402
+from kernels.twell.reference import ffn_reference  # noqa: E402
 from megasparse.model.sparse_mlp import ReluGatedMLP  # noqa: E402
 from megasparse.train.distributed import init_distributed  # noqa: E402
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b).norm() / b.norm()).item()
-
-
 def fp32_reference(mlp: ReluGatedMLP, x: torch.Tensor) -> torch.Tensor:
-    wg, wu, wd = (p.detach().float() for p in (mlp.gate_weight, mlp.up_weight, mlp.down_weight))
-    return (torch.relu(x.float() @ wg.t()) * (x.float() @ wu.t())) @ wd.t()
+    return ffn_reference(x, *(p.detach() for p in (mlp.gate_weight, mlp.up_weight, mlp.down_weight)))
 
 
 def check(stage: int, f) -> None:
@@ -44,7 +42,7 @@ def check(stage: int, f) -> None:
     with torch.no_grad():
         mlp(x[None])                      # 8192 tokens: the layout counts and chooses
         y0 = mlp(x[None])[0]
-    print(stage, "eval before steps: choice", mlp._twell_layout.choice, "rel err", rel(y0, fp32_reference(mlp, x)))
+    print(stage, "eval before steps: choice", mlp._twell_layout.choice, "rel err", rel_err(y0, fp32_reference(mlp, x)))
     mlp.backend = "torch"                 # twell is inference-only
     for _ in range(3):
         y, l1, _, _ = engine(x[None])
@@ -54,12 +52,12 @@ def check(stage: int, f) -> None:
     with torch.no_grad():
         y1 = mlp(x[None])[0]
         ref = fp32_reference(mlp, x)
-        print(stage, "eval after 3 steps, no invalidation: rel err vs current weights", rel(y1, ref),
-              "vs the old output", rel(y1, y0.float()))
+        print(stage, "eval after 3 steps, no invalidation: rel err vs current weights", rel_err(y1, ref),
+              "vs the old output", rel_err(y1, y0.float()))
         mlp.weights_updated()
         mlp(x[None])
         y2 = mlp(x[None])[0]
-        print(stage, "after weights_updated():", rel(y2, ref), "choice", mlp._twell_layout.choice)
+        print(stage, "after weights_updated():", rel_err(y2, ref), "choice", mlp._twell_layout.choice)
     engine.destroy()
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from megasparse.errors import ConfigError
 from megasparse.model.backend_calibration import BackendCalibration, time_forward_backward_ms
-from megasparse.model.twell_layout import TwellLayout
+from megasparse.model.twell_layout import TwellLayout, dense_ffn
 
 
 @dataclass
@@ -57,7 +57,7 @@ def torch_gated_mlp_output(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Te
     """y alone, as a dense inference would compute it: no L1 term, no fire counts. Their
     reductions over [M, H] are not free (the whole-model benchmark's dense prefill baseline
     uses this; bench/results/model_h100.md)."""
-    y = (F.relu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
+    y = dense_ffn(x, w_gate, w_up, w_down)
     return MLPResult(y, x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)), None)
 
 
