@@ -41,7 +41,7 @@ from megasparse.model.twell_layout import dense_ffn  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-MARGINS = (0.0, 0.1, 0.2, 0.3, 0.5)
+MARGINS = (0.0, 0.02, 0.05, 0.08, 0.1, 0.2)
 
 
 def quantize_rows(t: torch.Tensor):
