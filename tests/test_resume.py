@@ -1,4 +1,5 @@
 """Exact resume: kill -9 a run, resume it, and get the same per-step losses and final weights."""
+import json
 import os
 import sys
 
@@ -23,9 +24,15 @@ def launch(nproc, run_dir, *overrides):
     return run(train_cmd(run_dir, *overrides) if nproc == 1 else torchrun_cmd(nproc, run_dir, *overrides))
 
 
-def losses_by_step(run_dir):
+# What a log line reports: its interval's mean loss terms and sparsity statistics, and the
+# state at its step. Comparing them catches a resumed interval that lost or doubled its sums.
+LOGGED = ("loss", "ce_loss", "l1_term", "grad_norm", "lr", "l1_coeff", "nnz_per_token", "nnz_max",
+          "dead_window_tokens")
+
+
+def losses_by_step(run_dir, keys=("loss", "grad_norm")):
     # A resumed run appends to the same metrics.jsonl; the last record of a step wins.
-    return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)}
+    return {r["step"]: tuple(r.get(k) for k in keys) for r in read_metrics(run_dir)}
 
 
 def final_weights(run_dir, tag="step00000008"):
@@ -47,9 +54,11 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sigkill_and_resume_is_bit_exact(tmp_path, case):
+    """Logged every 3 steps, so the save at step 4 falls inside an interval: the line at step 6
+    must still average steps 4-6 (each rank's own sums, restored from its file)."""
     nproc, extra = CASES[case]
     common = ["train.max_steps=8", "train.save_interval=4", "train.global_batch_size=4",
-              "train.micro_batch_size=2", *extra]
+              "train.micro_batch_size=2", "train.log_interval=3", *extra]
     check(launch(nproc, tmp_path / "straight", *common))
     killed = run(driver_cmd(nproc, tmp_path / "resumed", "--kill-after-save", 4, *common))
     assert killed.returncode != 0, "the driver should have died by SIGKILL"
@@ -57,21 +66,29 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, case):
     resumed = launch(nproc, tmp_path / "resumed", *common, "train.resume=auto")
     check(resumed)
     assert "resumed from" in resumed.stdout
-    straight, again = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "resumed")
-    assert sorted(again) == list(range(1, 9))
-    assert again == straight  # bit-exact: float equality, loss and grad norm, every step
+    straight, again = (losses_by_step(tmp_path / d, LOGGED) for d in ("straight", "resumed"))
+    assert sorted(again) == [3, 6, 8]
+    assert again == straight  # bit-exact: float equality of everything logged, at every line
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path):
+    """The crash is in a save over an older branch's step 8 (the run went back to step 4 with
+    another LR): DeepSpeed would write into that folder in place, under a `latest` that still
+    points at it. The old folder must be gone and `latest` back on step 4 before the save."""
     common = ["train.max_steps=8", "train.save_interval=4"]
-    died = run(driver_cmd(1, tmp_path / "r", "--kill-in-save", 8, *common))
-    assert died.returncode != 0
     ckpt = tmp_path / "r" / "checkpoints"
+    check(launch(1, tmp_path / "r", *common))
+    assert (ckpt / "latest").read_text() == "step00000008"
+    died = run(driver_cmd(1, tmp_path / "r", "--kill-in-save", 8, *common, "optim.lr=1e-3",
+                          f"train.resume={ckpt / 'step00000004'}"))
+    assert died.returncode != 0
     assert (ckpt / "step00000008").is_dir(), "the interrupted save left its folder behind"
     assert (ckpt / "latest").read_text() == "step00000004"
-    resumed = launch(1, tmp_path / "r", *common, "train.resume=auto")
+    meta = json.loads((ckpt / "step00000008" / "megasparse.json").read_text())
+    assert meta["config"]["optim"]["lr"] == 1e-3, "only the new branch's files may be in the folder"
+    resumed = launch(1, tmp_path / "r", *common, "optim.lr=1e-3", "train.resume=auto")
     check(resumed)
     assert "resumed from" in resumed.stdout and "step00000004" in resumed.stdout
     assert (ckpt / "latest").read_text() == "step00000008"
@@ -82,13 +99,16 @@ def test_resume_at_dp1_from_dp2_checkpoint_sees_same_global_batches(tmp_path, st
     """Through a DeepSpeed universal checkpoint. ZeRO-3 caught two loader bugs we work around
     (shared Adam step tensor, group 0's weight decay copied to every group)."""
     common = ["train.max_steps=8", "train.save_interval=4", "train.global_batch_size=4",
-              "train.micro_batch_size=2", f"parallel.zero_stage={stage}", f"parallel.tp={tp}"]
+              "train.micro_batch_size=2", "train.log_interval=3", f"parallel.zero_stage={stage}",
+              f"parallel.tp={tp}"]
     check(launch(2 * tp, tmp_path / "dp2", *common))
     run(driver_cmd(2 * tp, tmp_path / "switch", "--kill-after-save", 4, *common))
     check(launch(tp, tmp_path / "switch", *common, "train.resume=auto"))  # dp=1: accumulation 2
-    straight, switched = losses_by_step(tmp_path / "dp2"), losses_by_step(tmp_path / "switch")
-    for step in range(1, 9):
-        assert switched[step][0] == pytest.approx(straight[step][0], rel=1e-5), step
+    keys = ("loss", "nnz_per_token", "nnz_max", "dead_window_tokens")
+    straight, switched = losses_by_step(tmp_path / "dp2", keys), losses_by_step(tmp_path / "switch", keys)
+    assert sorted(switched) == [3, 6, 8]
+    for step in (3, 6, 8):   # the save at step 4 fell inside the interval of step 6
+        assert switched[step] == pytest.approx(straight[step], rel=1e-5), step
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):
@@ -103,6 +123,25 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     proc = launch(1, tmp_path / "r", "train.max_steps=4", "train.resume=auto", "model.d_model=64")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model.d_model=32" in proc.stderr
+    proc = launch(1, tmp_path / "r", "train.max_steps=4", "train.resume=auto", "train.seed=999")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "train.seed=1234" in proc.stderr
+
+
+def test_a_changed_lr_on_resume_is_the_configs(tmp_path):
+    """LambdaLR restores the checkpoint's base LR; the schedule's factor reads the new config.
+    Mixed, a lower optim.lr gave a higher LR (2e-3 x a factor built for 1e-3)."""
+    from megasparse.config import load_config
+    from megasparse.train.optimizer import lr_multiplier
+
+    check(launch(1, tmp_path / "r", "train.max_steps=2"))
+    resumed = launch(1, tmp_path / "r", "train.max_steps=4", "train.resume=auto", "optim.lr=1e-3")
+    check(resumed)
+    assert "optim.lr 0.002 -> 0.001" in resumed.stdout
+    cfg = load_config("configs/demo.yaml", [*TINY, "optim.lr=1e-3", "train.max_steps=4"]).optim
+    lrs = {step: lr for step, (lr,) in losses_by_step(tmp_path / "r", ("lr",)).items()}
+    for step in (3, 4):
+        assert lrs[step] == pytest.approx(1e-3 * lr_multiplier(step, cfg, 4), rel=1e-9), step
 
 
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])

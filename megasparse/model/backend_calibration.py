@@ -42,6 +42,15 @@ class BackendCalibration:
         self.timings_ms: dict[str, float] = {}
         self.sample: torch.Tensor | None = None  # the input kept for the pending measurement
 
+    def state_dict(self) -> dict:
+        """The choice and its schedule (identical on every rank: decide() agrees across ranks)."""
+        return {"choice": self.choice, "nnz_at_choice": self.nnz_at_choice, "step": self.step,
+                "step_at_choice": self.step_at_choice}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.choice, self.nnz_at_choice = state["choice"], state["nnz_at_choice"]
+        self.step, self.step_at_choice = state["step"], state["step_at_choice"]
+
     def backend(self, nnz_fraction: float) -> str:
         """What an eligible (under-threshold) training forward runs now."""
         if not self.enabled or self.choice == "hybrid":

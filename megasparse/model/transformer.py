@@ -246,6 +246,21 @@ class SparseLlama(nn.Module):
                     decided[i] = (choice, layer.mlp.calibration.timings_ms)
         return decided
 
+    def backend_state(self) -> list:
+        """Per layer, what the `auto` MLP dispatch has learned (the measured nnz/H and the timed
+        dense/sparse choice), so a resumed run runs the same kernels as the uninterrupted one."""
+        return [{"measured_nnz_fraction": layer.mlp.measured_nnz_fraction,
+                 "calibration": layer.mlp.calibration.state_dict()} if isinstance(layer.mlp, ReluGatedMLP) else None
+                for layer in self.layers]
+
+    def load_backend_state(self, state: list) -> None:
+        if len(state) != len(self.layers):
+            raise ValueError(f"MLP backend state for {len(state)} layers, but the model has {len(self.layers)}")
+        for layer, s in zip(self.layers, state):
+            if s is not None and isinstance(layer.mlp, ReluGatedMLP):
+                layer.mlp.measured_nnz_fraction = s["measured_nnz_fraction"]
+                layer.mlp.calibration.load_state_dict(s["calibration"])
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:

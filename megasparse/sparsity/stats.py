@@ -159,19 +159,53 @@ class SparsityStats:
         return local.cpu()
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """Everything exact resume needs: the open interval's sums and the window (on CPU)."""
-        return {"fire": self.fire.cpu(), "l1": self.l1.cpu(), "nnz_max": self.nnz_max.cpu(),
-                "tokens": self.tokens, "batches": self.batches, "has_counts": self.has_counts,
-                "has_max": self.has_max, "intervals": [(n, f.cpu()) for n, f in self._intervals],
-                "window_fire": self.window_fire.cpu(), "window_token_count": self.window_token_count}
+    def state_dict(self, dp_group=None) -> dict:
+        """Everything exact resume needs: the open interval's sums and the window (on CPU).
 
-    def load_state_dict(self, state: dict) -> None:
+        A collective over the DP group (every rank calls it while saving): the open interval is
+        per DP rank, but DeepSpeed writes the client state from DP rank 0 only, so its sums are
+        DP-reduced here (nnz_max by max). The window already is DP-reduced. The state therefore
+        does not depend on the DP degree, and load_state_dict gives the sums to one DP rank."""
+        fire, l1, nnz_max = self.fire.clone(), self.l1.clone(), self.nnz_max.clone()
+        counts = torch.tensor([self.tokens, self.batches], dtype=torch.int64, device=self.device)
+        if _world(dp_group) > 1:
+            for t in (fire, l1, counts):
+                dist.all_reduce(t, group=dp_group)
+            dist.all_reduce(nnz_max, op=dist.ReduceOp.MAX, group=dp_group)
+        tokens, batches = counts.tolist()
+        cpu = lambda t: t.to("cpu", copy=True)  # noqa: E731  (never an alias of the live sums)
+        return {"fire": cpu(fire), "l1": cpu(l1), "nnz_max": cpu(nnz_max), "dp_reduced": True,
+                "tokens": tokens, "batches": batches, "has_counts": self.has_counts,
+                "has_max": self.has_max, "intervals": [(n, cpu(f)) for n, f in self._intervals],
+                "window_fire": cpu(self.window_fire), "window_token_count": self.window_token_count}
+
+    def interval_state(self) -> dict:
+        """This rank's own open-interval sums (not reduced), for an exact resume at the same layout."""
+        cpu = lambda t: t.to("cpu", copy=True)  # noqa: E731
+        return {"fire": cpu(self.fire), "l1": cpu(self.l1), "nnz_max": cpu(self.nnz_max),
+                "tokens": self.tokens, "batches": self.batches}
+
+    def load_interval(self, state: dict) -> None:
+        """Put back interval_state()'s sums (after load_state_dict, which restores the flags)."""
+        if tuple(state["fire"].shape) == tuple(self.fire.shape):
+            to = lambda t: t.to(self.device, copy=True)  # noqa: E731
+            self.fire, self.l1, self.nnz_max = to(state["fire"]), to(state["l1"]), to(state["nnz_max"])
+            self.tokens, self.batches = state["tokens"], state["batches"]
+
+    def load_state_dict(self, state: dict, holds_interval: bool = True) -> bool:
+        """Restore a state_dict. The open interval's DP-reduced sums go to the rank with
+        holds_interval (DP rank 0); the others restart it from zero, so the next log interval
+        sums them once. Returns False, restoring nothing, for another local layout (TP changed):
+        the statistics then restart, and nothing else depends on them."""
         if tuple(state["fire"].shape) != tuple(self.fire.shape):
-            return  # another layout (e.g. TP changed): statistics restart, nothing else depends on them
-        to = lambda t: t.to(self.device)  # noqa: E731
-        self.fire, self.l1, self.nnz_max = to(state["fire"]), to(state["l1"]), to(state["nnz_max"])
-        self.tokens, self.batches = state["tokens"], state["batches"]
+            return False
+        to = lambda t: t.to(self.device, copy=True)  # noqa: E731
+        self._reset_interval()
+        if holds_interval:
+            self.fire, self.l1, self.nnz_max = to(state["fire"]), to(state["l1"]), to(state["nnz_max"])
+            self.tokens, self.batches = state["tokens"], state["batches"]
+        # the same flags on every rank: reduce_and_reset's collectives depend on them
         self.has_counts, self.has_max = state["has_counts"], state["has_max"]
         self._intervals = deque((n, to(f)) for n, f in state["intervals"])
         self.window_fire, self.window_token_count = to(state["window_fire"]), state["window_token_count"]
+        return True

@@ -5,11 +5,19 @@ A save writes, into the tag folder `checkpoints/step00000100/`:
   and our client_state: step, consumed samples, L1 schedule/controller, statistics windows,
   config, tokenizer and data hashes, version);
 - `rng_rank<r>.pt` per rank: python, numpy, torch CPU/CUDA and TP-tracker RNG states;
+- `interval_rank<r>.pt` per rank: that rank's sums of the open log interval (loss terms and
+  sparsity statistics), which a resume at the same layout restores exactly;
 - `megasparse.json` (rank 0): the facts a resume checks before loading anything heavy.
 
 Only after every rank has finished (a barrier) and the files are fsynced does rank 0 point
 `latest` at the new tag, with an atomic rename. A crash mid-save therefore leaves `latest` on
 the previous, complete checkpoint; the half-written folder is ignored and later pruned.
+
+A tag can already exist: a run resumed from an earlier step of the same run folder saves over
+the later steps of the branch it left. DeepSpeed would overwrite such a folder in place, so a
+crash mid-save would leave new files beside the old branch's, under a `latest` that may point
+there. So rank 0 first moves `latest` back to the newest other complete tag, then deletes the
+old folder (and its `_universal` copy, built from it), before anyone writes.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from megasparse.errors import CheckpointError
 
 LATEST = "latest"
 META = "megasparse.json"
+UNIVERSAL_SUFFIX = "_universal"   # stepN_universal/: DeepSpeed's universal copy of stepN (universal.py)
 _TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -98,28 +107,60 @@ def restore_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------ save
 
+def _tags(ckpt_dir: str) -> list[str]:
+    """The step folders, oldest first."""
+    return sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), key=lambda t: int(_TAG.match(t).group(1)))
+
+
+def _remove_tag(ckpt_dir: str, tag: str) -> None:
+    """A step folder and the universal copy built from it (which would be stale without it)."""
+    for name in (tag, tag + UNIVERSAL_SUFFIX):
+        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
 def prune_checkpoints(ckpt_dir: str, keep_last: int, keep_every: int | None) -> list[str]:
     """Delete all but the newest `keep_last` tags, never `latest`'s, keeping every step that is
     a multiple of `keep_every` for good. Returns the deleted tags."""
     latest = read_latest(ckpt_dir)
-    tags = sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), key=lambda t: int(_TAG.match(t).group(1)))
+    tags = _tags(ckpt_dir)
     doomed = []
     for tag in tags[:-keep_last] if keep_last > 0 else tags:
         step = int(_TAG.match(tag).group(1))
         if tag == latest or (keep_every and step % keep_every == 0):
             continue
-        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+        _remove_tag(ckpt_dir, tag)
         doomed.append(tag)
     return doomed
 
 
+def clear_tag_for_save(ckpt_dir: str, tag: str) -> None:
+    """Rank 0, before a save of `tag`: if the folder exists (an older branch of this run), point
+    `latest` away from it first, at the newest other complete tag (or remove `latest` when there
+    is none), then delete it, so no crash can leave `latest` on a mix of two branches."""
+    if not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        return
+    if read_latest(ckpt_dir) == tag:
+        complete = [t for t in _tags(ckpt_dir) if t != tag and os.path.isfile(os.path.join(ckpt_dir, t, META))]
+        if complete:
+            write_latest(ckpt_dir, complete[-1])
+        else:
+            os.remove(os.path.join(ckpt_dir, LATEST))
+    _remove_tag(ckpt_dir, tag)
+
+
 def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, rank: int, meta: dict,
-                    keep_last: int = 0, keep_every: int | None = None) -> str:
-    """Save on every rank (ZeRO shards are per rank); return the tag."""
+                    keep_last: int = 0, keep_every: int | None = None, rank_state: dict | None = None) -> str:
+    """Save on every rank (ZeRO shards are per rank); return the tag. rank_state, if given, is
+    this rank's own file (`interval_rank<r>.pt`)."""
     tag = tag_for_step(step)
+    if rank == 0:
+        clear_tag_for_save(ckpt_dir, tag)
+    _barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     tag_dir = os.path.join(ckpt_dir, tag)
     torch.save(capture_rng_state(), os.path.join(tag_dir, f"rng_rank{rank:05d}.pt"))
+    if rank_state is not None:
+        torch.save(rank_state, os.path.join(tag_dir, f"interval_rank{rank:05d}.pt"))
     if rank == 0:
         _atomic_write_text(os.path.join(tag_dir, META), json.dumps(meta, indent=1))
     _barrier()
@@ -180,6 +221,12 @@ def check_compatible(meta: dict, model_cfg: dict, tp: int, where: str) -> None:
     if meta["tp"] != tp:
         raise CheckpointError(f"{where} was saved at parallel.tp={meta['tp']} but this run uses parallel.tp={tp}; "
                               f"reshard it first: megasparse convert {where} OUT --tp {tp}")
+
+
+def load_rank_state(load_dir: str, tag: str, rank: int) -> dict | None:
+    """This rank's `interval_rank<r>.pt`, or None (a checkpoint written before it existed)."""
+    path = os.path.join(load_dir, tag, f"interval_rank{rank:05d}.pt")
+    return torch.load(path, weights_only=False) if os.path.isfile(path) else None
 
 
 def load_rng_state(load_dir: str, tag: str, rank: int, same_layout: bool) -> None:

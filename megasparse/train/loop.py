@@ -10,7 +10,6 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from megasparse.sparsity.stats import SparsityStats
 from megasparse.train.checkpoint import save_checkpoint
 from megasparse.train.deepspeed_config import build_deepspeed_config
 from megasparse.train.distributed import DistInfo, init_distributed, shutdown_distributed
+from megasparse.train.interval import StepTotals
 from megasparse.train.flops import executed_flops_per_token, model_flops_per_token, peak_flops
 from megasparse.train.metrics import MetricsLogger
 from megasparse.train.optimizer import build_lr_scheduler, build_optimizer
@@ -37,16 +37,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class StepTotals:
-    """Sums over a log interval, kept on the device so that logging is the only sync."""
-    loss: torch.Tensor
-    ce: torch.Tensor
-    aux: torch.Tensor
-    micro_batches: int = 0
-    skipped: int = 0
 
 
 class Trainer:
@@ -80,6 +70,7 @@ class Trainer:
         self.profiler = StepProfiler(cfg.train.profile_steps, self.run_dir, self.dist.device, self.is_main)
         self.step = 0
         self.consumed_samples = 0
+        self.totals = StepTotals(self.dist.device)   # the open log interval (a resume restores it)
         self.stop_signal_received = False  # set by the handler, never cleared: a signal is not lost
         self.stop_requested = False        # what all ranks agreed on at the last micro-batch
         self._install_signal_handlers()
@@ -204,12 +195,21 @@ class Trainer:
         return {"step": self.step, "val_loss": val_loss, "val_ppl": float(np.exp(min(val_loss, 50.0)))}
 
     def client_state(self) -> dict:
+        """What DeepSpeed saves beside the model (from DP rank 0). Collectives over DP: the open
+        interval's sums are DP-reduced here, for a resume at another DP degree."""
+        dp = self.parallel.dp_group
         return {"step": self.step, "consumed_samples": self.consumed_samples,
                 "config": self.cfg.to_dict(), "l1_schedule": self.l1_schedule.state_dict(),
-                "sparsity_stats": self.stats.state_dict(),
-                "universal_checkpoint_info": universal_info([n for n, _ in self.engine.module.named_parameters()]), "sparsity_reinit": self.reinit.state_dict(),
+                "sparsity_stats": self.stats.state_dict(dp), "open_interval": self.totals.reduced_state(dp),
+                "mlp_backends": self.engine.module.backend_state(),
+                "universal_checkpoint_info": universal_info([n for n, _ in self.engine.module.named_parameters()]),
+                "sparsity_reinit": self.reinit.state_dict(),
                 "tokenizer_hash": self.data.tokenizer_hash, "data_hash": self.data.data_hash,
                 "megasparse_version": __version__}
+
+    def rank_state(self) -> dict:
+        """This rank's own open-interval sums, for an exact resume at the same layout."""
+        return {"open_interval": self.totals.state(), "sparsity_interval": self.stats.interval_state()}
 
     def _shard_layout(self) -> dict:
         """name -> how it is split over TP (what `megasparse convert` needs to reshard)."""
@@ -224,7 +224,8 @@ class Trainer:
 
     def checkpoint_meta(self) -> dict:
         return {"shards": self._shard_layout(), "optimizer_states": True, "step": self.step, "consumed_samples": self.consumed_samples, "tp": self.cfg.parallel.tp,
-                "dp": self.batch.dp, "zero_stage": self.cfg.parallel.zero_stage, "config": self.cfg.to_dict(),
+                "dp": self.batch.dp, "zero_stage": self.cfg.parallel.zero_stage, "seed": self.cfg.train.seed,
+                "config": self.cfg.to_dict(),
                 "tokenizer_hash": self.data.tokenizer_hash, "data_hash": self.data.data_hash,
                 "megasparse_version": __version__}
 
@@ -235,10 +236,12 @@ class Trainer:
         dump_window_firing_rates(self.run_dir, self.step, self.stats, self.parallel.tp_group, self.is_main)
         t = self.cfg.train
         return save_checkpoint(self.engine, self.ckpt_dir, self.step, self.client_state(), self.dist.rank,
-                               self.checkpoint_meta(), keep_last=t.keep_last, keep_every=t.keep_every)
+                               self.checkpoint_meta(), keep_last=t.keep_last, keep_every=t.keep_every,
+                               rank_state=self.rank_state())
 
     # ------------------------------------------------------------------ logging
-    def _log_record(self, totals: StepTotals, steps: int, elapsed: float) -> dict:
+    def _log_record(self, totals: StepTotals) -> dict:
+        steps, elapsed = totals.steps, totals.seconds
         cfg = self.cfg
         sums = torch.stack([totals.loss, totals.ce, totals.aux,
                             torch.tensor(float(totals.micro_batches), device=self.dist.device)])
@@ -282,10 +285,6 @@ class Trainer:
         record.update(self.reinit(self.step, self.stats, self.engine))      # periodic, when enabled
         return record
 
-    def _new_totals(self) -> StepTotals:
-        z = lambda: torch.zeros((), device=self.dist.device)  # noqa: E731
-        return StepTotals(z(), z(), z())
-
     def _progress(self):
         if self.is_main and self.cfg.train.progress_bar and sys.stdout.isatty():
             from tqdm import tqdm
@@ -299,25 +298,27 @@ class Trainer:
         self.profiler.check_window(self.step + 1)
         sampler = iter(self.data.sampler(self.batch.global_batch_size, self.parallel.dp_rank, self.batch.dp,
                                          consumed_samples=self.consumed_samples))
-        totals, last_record = self._new_totals(), {}
-        t0, steps_in_window = time.perf_counter(), 0
+        last_record = {}
+        t0 = time.perf_counter() - self.totals.seconds   # a resumed interval's time so far counts
         bar = self._progress()
         try:
             while self.step < cfg.max_steps:
                 self.profiler.before_step(self.step + 1)
-                self.train_step(next(sampler), totals)
+                self.train_step(next(sampler), self.totals)
                 self.profiler.after_step(self.step)
-                steps_in_window += 1
+                self.totals.steps += 1
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     if self.dist.device.type == "cuda":
                         torch.cuda.synchronize()
-                    last_record = self._log_record(totals, steps_in_window, time.perf_counter() - t0)
+                    self.totals.seconds = time.perf_counter() - t0
+                    last_record = self._log_record(self.totals)
                     self.metrics.log(last_record)
-                    totals, steps_in_window = self._new_totals(), 0
+                    self.totals = StepTotals(self.dist.device)
                     t0 = time.perf_counter()
                 pause = time.perf_counter()
+                self.totals.seconds = pause - t0   # what a save in this pause records
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                     self.metrics.log(self.evaluate(), prefix="valid")
                 if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps or self.stop_requested:

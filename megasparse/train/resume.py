@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from megasparse.errors import CheckpointError
-from megasparse.train.checkpoint import check_compatible, load_rng_state, read_meta, resolve_resume
+from megasparse.train.checkpoint import check_compatible, load_rank_state, load_rng_state, read_meta, resolve_resume
+from megasparse.train.interval import StepTotals
 from megasparse.train.universal import UNIVERSAL_SUFFIX, ensure_universal
 
 
@@ -39,6 +40,11 @@ def plan_resume(trainer) -> ResumePlan | None:
     meta = read_meta(load_dir, tag)
     check_compatible(meta, cfg.model.__dict__, cfg.parallel.tp, where)
     trainer.data.check_resume(meta["tokenizer_hash"], meta["data_hash"], where)
+    saved_seed = meta.get("seed")   # absent in checkpoints written before it was recorded
+    if saved_seed is not None and saved_seed != cfg.train.seed:
+        raise CheckpointError(f"{where} was trained with train.seed={saved_seed}, but this run has "
+                              f"train.seed={cfg.train.seed}; the seed fixes the sample order, so another one would "
+                              f"repeat some samples and skip others. Resume with train.seed={saved_seed}")
     reset = cfg.train.reset_optimizer_on_resume
     states = meta.get("optimizer_states", True)
     if not states and not reset:
@@ -130,6 +136,8 @@ def apply_resume(trainer, plan: ResumePlan) -> None:
             group.update(hyper)
     _restore_adamw_implementation(scheduler.optimizer, groups)   # also unshares the loader's step tensor
     if not reset:
+        _schedule_from_config(scheduler, trainer.cfg.optim, client.get("config", {}).get("optim", {}),
+                              trainer.is_main)
         # DeepSpeed's universal ZeRO loader restores the optimizer's moments but not its param
         # groups, so the first resumed step would use the LR of step 0; take it from the
         # restored scheduler instead (a no-op for an ordinary load).
@@ -141,10 +149,43 @@ def apply_resume(trainer, plan: ResumePlan) -> None:
         scheduler.last_epoch = trainer.step - 1
         scheduler.step()
     trainer.l1_schedule.load_state_dict(client["l1_schedule"])
-    if "sparsity_stats" in client and plan.same_dp:
-        trainer.stats.load_state_dict(client["sparsity_stats"])
+    _restore_open_interval(trainer, plan, client)
+    if "mlp_backends" in client:
+        trainer.engine.module.load_backend_state(client["mlp_backends"])
     trainer.reinit.load_state_dict(client.get("sparsity_reinit", {}))
     load_rng_state(plan.load_dir, plan.tag, trainer.dist.rank, same_layout=plan.same_dp)
     if trainer.is_main:
         print(f"resumed from {plan.source}: step {trainer.step}, {trainer.consumed_samples} samples consumed",
               flush=True)
+
+
+def _restore_open_interval(trainer, plan: ResumePlan, client: dict) -> None:
+    """The log interval the save fell into (interval.py). At the same layout every rank takes its
+    own sums from its file, so the next log line is bit-identical to the uninterrupted run's; at
+    another DP degree DP rank 0 takes the DP sums from the client state and the others start from
+    zero. The statistics window is DP-reduced already and is restored whenever the local shapes
+    match (not after a TP change)."""
+    own = load_rank_state(plan.load_dir, plan.tag, trainer.dist.rank) if plan.same_dp else None
+    holds_sums = own is not None or trainer.parallel.dp_rank == 0
+    stats = client.get("sparsity_stats")
+    if stats is not None and trainer.stats.load_state_dict(stats, holds_interval=own is None and holds_sums) \
+            and own is not None:
+        trainer.stats.load_interval(own["sparsity_interval"])
+    totals = own["open_interval"] if own is not None else client.get("open_interval")
+    trainer.totals = StepTotals.restored(trainer.dist.device, totals, holds_sums=holds_sums)
+
+
+_SCHEDULE_FIELDS = ("lr", "min_lr", "warmup_steps", "lr_decay_steps")
+
+
+def _schedule_from_config(scheduler, optim_cfg, saved_optim: dict, is_main: bool) -> None:
+    """The LR schedule is this run's config at the saved step. Its multiplier already reads the
+    config (optimizer.lr_multiplier), but torch's LambdaLR restores the checkpoint's base LR, so a
+    changed optim.lr would multiply the old LR by a factor built for the new one. Set the base LR
+    from the config too, and say what changed."""
+    changed = [f"optim.{k} {saved_optim[k]} -> {getattr(optim_cfg, k)}" for k in _SCHEDULE_FIELDS
+               if k in saved_optim and saved_optim[k] != getattr(optim_cfg, k)]
+    scheduler.base_lrs = [optim_cfg.lr for _ in scheduler.base_lrs]
+    scheduler._last_lr = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    if changed and is_main:
+        print(f"resume: the LR schedule follows this run's config ({', '.join(changed)})", flush=True)

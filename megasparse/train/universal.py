@@ -16,8 +16,8 @@ import sys
 from deepspeed.checkpoint import constants as C
 
 from megasparse.errors import CheckpointError
+from megasparse.train.checkpoint import UNIVERSAL_SUFFIX
 
-UNIVERSAL_SUFFIX = "_universal"
 UNIVERSAL_COMPLETE = ".complete"   # written last into a finished universal folder
 
 
