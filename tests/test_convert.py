@@ -19,22 +19,37 @@ def logits_cmd(nproc, out, *overrides):
             "--master_port", str(_port()), *args]
 
 
-def test_tp2_to_tp1_conversion_gives_same_logits(tmp_path):
-    common = ["train.global_batch_size=2", "train.micro_batch_size=2", "parallel.tp=2"]
+@pytest.mark.parametrize("stage", [1, 3])
+def test_tp2_to_tp1_conversion_gives_same_logits(tmp_path, stage):
+    """ZeRO-3 keeps the weights only in its optimizer shards: each TP rank's are consolidated."""
+    common = ["train.global_batch_size=2", "train.micro_batch_size=2", "parallel.tp=2",
+              f"parallel.zero_stage={stage}"]
     check(run(torchrun_cmd(2, tmp_path / "tp2", "train.max_steps=3", *common)))
     ckpt = tmp_path / "tp2" / "checkpoints"
     conv = run([sys.executable, "-m", "megasparse.cli", "convert", str(ckpt), str(tmp_path / "tp1"), "--tp", "1"])
     check(conv)
     assert (tmp_path / "tp1" / "latest").read_text() == "step00000003"
     load = ["train.reset_optimizer_on_resume=true", "train.max_steps=3"]
-    check(run(logits_cmd(2, tmp_path / "a.pt", *load, "parallel.tp=2", f"train.resume={ckpt}",
-                         f"train.run_dir={tmp_path / 'la'}")))
-    check(run(logits_cmd(1, tmp_path / "b.pt", *load, "parallel.tp=1", f"train.resume={tmp_path / 'tp1'}",
-                         f"train.run_dir={tmp_path / 'lb'}")))
+    # the reference: an ordinary resume of the tp=2 checkpoint (DeepSpeed's own weights-only load
+    # of a ZeRO-3 checkpoint consolidates every TP rank's shards into one and fails)
+    check(run(logits_cmd(2, tmp_path / "a.pt", "train.max_steps=3", "parallel.tp=2", f"parallel.zero_stage={stage}",
+                         f"train.resume={ckpt}", f"train.run_dir={tmp_path / 'la'}")))
+    check(run(logits_cmd(1, tmp_path / "b.pt", *load, "parallel.tp=1", "parallel.zero_stage=1",
+                         f"train.resume={tmp_path / 'tp1'}", f"train.run_dir={tmp_path / 'lb'}")))
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert a["step"] == b["step"] == 3
     assert a["logits"].shape == b["logits"].shape and a["logits"].shape[-1] == 512
     torch.testing.assert_close(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
+    if stage == 3:   # export reads a ZeRO-3 checkpoint the same way: the same weights as the conversion
+        from megasparse.export import export_checkpoint
+        from megasparse.inference import load_pretrained
+
+        export_checkpoint(str(ckpt), str(tmp_path / "hf"), log=lambda *a: None)
+        exported = load_pretrained(str(tmp_path / "hf"), mlp_backend="torch").state_dict()
+        converted = torch.load(tmp_path / "tp1" / "step00000003" / "mp_rank_00_model_states.pt",
+                               weights_only=False)["module"]
+        assert exported.keys() == converted.keys()
+        assert all(torch.equal(exported[k], converted[k]) for k in exported)
 
 
 def test_weights_only_conversion_needs_the_reset_flag_and_right_tp(tmp_path):

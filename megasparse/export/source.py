@@ -1,7 +1,8 @@
 """Read a megasparse training checkpoint as full (tp=1) weights, its model config and its facts.
 
-Any TP degree: the `mp_rank_XX_model_states.pt` files of every TP rank are read and merged with the
-sharding recorded in megasparse.json, exactly as `megasparse convert` does (train/convert.py).
+Any TP degree and ZeRO stage: every TP rank's weights are read (ZeRO-3's consolidated from its
+optimizer shards) and merged with the sharding recorded in megasparse.json, exactly as
+`megasparse convert` does (train/convert.py).
 """
 from __future__ import annotations
 
@@ -58,18 +59,17 @@ def locate(path: str) -> tuple[str, str]:
 
 def load_source(path: str) -> SourceCheckpoint:
     from megasparse.config import config_from_dict
-    from megasparse.train.convert import load_model_shards, merge_shards, refuse_zero3
+    from megasparse.train.convert import load_shards, merge_shards
 
     load_dir, tag = locate(path)
     folder = os.path.join(load_dir, tag)
     meta = read_meta(load_dir, tag)
-    refuse_zero3(folder, meta)
     try:
         model_cfg = config_from_dict(meta["config"]).model
     except (KeyError, ConfigError) as err:
         raise CheckpointError(f"{folder}/{META} records no valid config ({err}); it was not written by "
                               f"`megasparse train`") from err
-    shards = load_model_shards(folder, int(meta.get("tp", 1)))
+    shards = load_shards(folder, meta)
     try:
         state = merge_shards([saved["module"] for saved in shards], meta.get("shards", {}))
     except KeyError as err:

@@ -28,11 +28,50 @@ def model_file(folder: str, tp_rank: int) -> str:
     return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
 
 
-def refuse_zero3(folder: str, meta: dict) -> None:
-    """convert and export read the model-states files, which a ZeRO-3 save leaves empty."""
-    if meta.get("zero_stage") == 3:
-        raise CheckpointError(f"{folder} is a ZeRO-3 checkpoint: its weights live in the optimizer shards; "
-                              f"consolidate it first with the zero_to_fp32.py script DeepSpeed saved beside it")
+def load_shards(folder: str, meta: dict) -> list[dict]:
+    """The model-states dicts of every TP rank of a step folder, "module" holding the weights, for
+    any ZeRO stage (convert and export)."""
+    tp = int(meta.get("tp", 1))
+    return load_zero3_shards(folder, tp) if meta.get("zero_stage") == 3 else load_model_shards(folder, tp)
+
+
+def load_zero3_shards(folder: str, tp: int) -> list[dict]:
+    """ZeRO-3 keeps every weight only as fp32 partitions in the optimizer shards, and its
+    model-states files hold empty placeholders. DeepSpeed's zero_to_fp32 consolidates the
+    partitions, but it reads every *_states.pt file of a folder, so each TP rank's files are
+    linked into a folder of their own first. The weights are cast to the placeholders' dtype (the
+    dtype the model trained in, which the ZeRO-1/2 files hold)."""
+    import contextlib
+    import glob
+    import io
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    shards = []
+    for rank in range(tp):
+        files = sorted(glob.glob(os.path.join(folder, f"zero_pp_rank_*_mp_rank_{rank:02d}_*_states.pt")))
+        head = os.path.join(folder, f"zero_pp_rank_0_mp_rank_{rank:02d}_model_states.pt")
+        if head not in files or not any(f.endswith("_optim_states.pt") for f in files):
+            raise CheckpointError(f"{folder} was saved with ZeRO-3 at tp={tp}, but TP rank {rank}'s files "
+                                  f"(zero_pp_rank_*_mp_rank_{rank:02d}_model_states.pt and _optim_states.pt) are "
+                                  f"missing; the save was incomplete: use another step folder")
+        with tempfile.TemporaryDirectory() as tmp:
+            os.mkdir(os.path.join(tmp, "rank"))
+            for f in files:
+                os.symlink(os.path.abspath(f), os.path.join(tmp, "rank", os.path.basename(f)))
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):   # its progress lines
+                    weights = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="rank")
+            except Exception as err:   # truncated shards, pickle errors ...: a damaged checkpoint
+                raise CheckpointError(f"{folder}: DeepSpeed could not consolidate TP rank {rank}'s ZeRO-3 shards "
+                                      f"({type(err).__name__}: {err}); use another step folder") from err
+        saved = torch.load(head, map_location="cpu", weights_only=False)
+        placeholders = saved.get("module") or {}
+        saved["module"] = {name: w.to(placeholders[name].dtype) if name in placeholders else w
+                           for name, w in weights.items()}
+        shards.append(saved)
+    return shards
 
 
 def load_model_shards(folder: str, tp: int) -> list[dict]:
@@ -109,11 +148,10 @@ def convert(src: str, dst: str, tp: int, weights_only: bool = False) -> str:
     load_dir, tag = found
     folder = os.path.join(load_dir, tag)
     meta = read_meta(load_dir, tag)
-    refuse_zero3(folder, meta)
     cfg_dict = dict(meta["config"])
     cfg_dict["parallel"] = {**cfg_dict["parallel"], "tp": tp}
     config_from_dict(cfg_dict)  # validates tp against heads, kv heads, H and vocab, with clear errors
-    shards = load_model_shards(folder, meta["tp"])
+    shards = load_shards(folder, meta)
     full = merge_shards([s["module"] for s in shards], meta.get("shards", {}))
     out_tag = tag_for_step(meta["step"])
     out_folder = os.path.join(dst, out_tag)
