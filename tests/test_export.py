@@ -373,9 +373,65 @@ def test_load_errors_are_clear(tmp_path, tokenizer):
     os.remove(weights)
     with pytest.raises(CheckpointError, match="holds no model.safetensors"):
         load_pretrained(str(out))
-    os.remove(out / "tokenizer.model")
+    tok = out / "tokenizer.model"
+    good = tok.read_bytes()
+    tok.write_bytes(good + b"\0")          # another tokenizer: not the one config.json records
+    with pytest.raises(DataError, match="exported with a tokenizer of sha256"):
+        load_tokenizer(str(out))
+    tok.write_bytes(good)
+    assert load_tokenizer(str(out)).get_piece_size() == VOCAB
+    os.remove(tok)
     with pytest.raises(DataError, match="tokenizer.model does not exist"):
         load_tokenizer(str(out))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(rope_theta=40000.0, rope_parameters={"rope_type": "default", "rope_theta": 40000.0}),
+     "rope_theta=40000.0, but its megasparse.model section says 10000"),
+    (lambda c: c.update(hidden_act="silu"), "mlp='swiglu', but its megasparse.model section says 'relu_gated'"),
+    (lambda c: c["megasparse"]["model"].update(qk_norm=True), r"does not know: \['qk_norm'\]"),
+    (lambda c: c["megasparse"].update(format_version=99), "format_version=99, newer than"),
+])
+def test_config_sections_that_disagree_are_refused(tmp_path, tokenizer, edit, message):
+    """transformers reads the HF fields and keeps our section when it re-saves a folder: an edit
+    on one side must not load as another model without a word."""
+    out = tmp_path / "hf"
+    export_checkpoint(str(hand_built(tmp_path / "ckpt", tokenizer)), str(out), **QUIET)
+    config = json.loads((out / "config.json").read_text())
+    edit(config)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        load_pretrained(str(out))
+
+
+def test_tied_config_with_a_different_lm_head_is_refused():
+    from megasparse.export.hf_format import from_hf_names
+
+    embed = torch.randn(8, 4)
+    tensors = {"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(4)}
+    assert set(from_hf_names({**tensors, "lm_head.weight": embed.clone()}, "relu_gated", True, "x")) == \
+        {"embed.weight", "norm.weight"}                                  # equal: tied, dropped
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=true but stores an lm_head.weight that differs"):
+        from_hf_names({**tensors, "lm_head.weight": embed + 1}, "relu_gated", True, "x")
+
+
+def test_a_failed_publish_puts_the_previous_export_back(tmp_path, monkeypatch):
+    import megasparse.export.writer as writer
+
+    out, new = tmp_path / "out", tmp_path / "new"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    new.mkdir()
+    real = os.replace
+
+    def second_rename_fails(src, dst):
+        if str(src) == str(new):
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+    monkeypatch.setattr(writer.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        writer._publish(str(new), str(out))
+    assert (out / "config.json").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["new", "out"]
 
 
 def test_plain_hf_llama_loads(tmp_path):

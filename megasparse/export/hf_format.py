@@ -86,7 +86,14 @@ _HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 def from_hf_names(tensors: dict, mlp: str, tie_embeddings: bool, where: str) -> dict:
-    """HF Llama names -> ours. With tied embeddings a stored lm_head.weight is dropped."""
+    """HF Llama names -> ours. With tied embeddings a stored lm_head.weight is dropped, if it
+    equals the embeddings (transformers does not tie weights that differ: it would compute
+    another model)."""
+    head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if tie_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+        raise CheckpointError(f"{where} says tie_word_embeddings=true but stores an lm_head.weight that differs from "
+                              f"model.embed_tokens.weight; set tie_word_embeddings=false in config.json to load "
+                              f"both (as transformers does), or drop lm_head.weight to tie them")
     glob, layer = _name_table(mlp)
     glob_back = {hf: ours for ours, hf in glob.items()}
     layer_back = {hf: ours for ours, hf in layer.items()}
@@ -151,16 +158,48 @@ def _hf_rope_theta(config: dict, where: str) -> float:
     return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+# ModelConfig fields that the HF Llama fields also state: both must agree (_check_sections)
+_HF_STATED = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "mlp",
+              "tie_embeddings", "rope_theta", "norm_eps")
+
+
 def model_config_from_hf(config: dict, where: str) -> ModelConfig:
     """ModelConfig of an export: its "megasparse" section, else the HF Llama fields (so a plain HF
-    Llama with hidden_act relu or silu loads too)."""
-    ours = (config.get("megasparse") or {}).get("model")
-    if ours is not None:
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        try:
-            return ModelConfig(**{k: v for k, v in ours.items() if k in known})
-        except (TypeError, ConfigError) as err:
-            raise ConfigError(f"{where}: the megasparse.model section is invalid ({err}); re-export the model") from err
+    Llama with hidden_act relu or silu loads too). With both, they must agree: transformers reads
+    only the HF fields, and keeps our section when it re-saves a folder, so an edit on one side
+    would make the two loaders compute different functions."""
+    section = config.get("megasparse") or {}
+    ours = section.get("model")
+    if ours is None:
+        return _model_config_from_hf_fields(config, where)
+    version = section.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ConfigError(f"{where} has megasparse.format_version={version!r}, newer than this megasparse reads "
+                          f"({FORMAT_VERSION}); upgrade megasparse")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(ours) - known)
+    if unknown:
+        raise ConfigError(f"{where}: megasparse.model has fields this megasparse does not know: {unknown}; it was "
+                          f"written by another version, so upgrade megasparse or re-export the model")
+    try:
+        cfg = ModelConfig(**ours)
+    except (TypeError, ConfigError) as err:
+        raise ConfigError(f"{where}: the megasparse.model section is invalid ({err}); re-export the model") from err
+    _check_sections(cfg, _model_config_from_hf_fields(config, where), where)
+    return cfg
+
+
+def _check_sections(ours: ModelConfig, hf: ModelConfig, where: str) -> None:
+    for name in _HF_STATED:
+        a, b = getattr(ours, name), getattr(hf, name)
+        same = abs(a - b) <= 1e-9 * max(abs(a), abs(b)) if isinstance(a, float) else a == b
+        if not same:
+            raise ConfigError(f"{where}: its Hugging Face fields give {name}={b!r}, but its megasparse.model section "
+                              f"says {a!r}; transformers reads the first and megasparse the second, so they would "
+                              f"compute different models. Make them agree (or re-export the model)")
+
+
+def _model_config_from_hf_fields(config: dict, where: str) -> ModelConfig:
     if config.get("model_type") != "llama":
         raise ConfigError(f"{where} has model_type={config.get('model_type')!r}; megasparse loads Llama "
                           f"checkpoints only (model_type 'llama')")

@@ -131,7 +131,12 @@ def _publish(tmp: str, out: str) -> None:
             os.replace(out, old)
         else:
             os.rmdir(out)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)   # put the previous export back where it was
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -119,9 +119,23 @@ def load_tokenizer(path: str):
     file = os.path.join(path, TOKENIZER_FILE)
     if not os.path.isfile(file):
         raise DataError(f"{file} does not exist; `megasparse export` copies the tokenizer there (re-export, or "
-                        f"copy the run's sentencepiece .model to it)")
+                        f"copy the run's own sentencepiece .model to it)")
+    recorded = (_config_if_any(path).get("megasparse") or {}).get("tokenizer_sha256")
+    if recorded:
+        from megasparse.data.tokenizer import file_sha256
+
+        actual = file_sha256(file)
+        if actual != recorded:
+            raise DataError(f"{file} has sha256 {actual[:12]}..., but the model was exported with a tokenizer of "
+                            f"sha256 {recorded[:12]}... (config.json); the token ids would not be the model's. "
+                            f"Put the run's own tokenizer back (re-export the model to get it)")
     try:
         return spm.SentencePieceProcessor(model_file=file)
     except (OSError, RuntimeError) as err:
         raise DataError(f"{file} is not a valid sentencepiece model ({err}); re-export the model") from err
+
+
+def _config_if_any(path: str) -> dict:
+    """config.json of the folder, or {} when it has none (a bare tokenizer folder)."""
+    return read_config(path) if os.path.isfile(os.path.join(path, CONFIG_FILE)) else {}
 
