@@ -12,12 +12,14 @@ def _tag(ckpt, name, complete=True):
 
 
 def test_saving_over_an_existing_tag_moves_latest_back_then_deletes_it(tmp_path):
-    for name, complete in (("step00000004", True), ("step00000006", False), ("step00000008", True)):
+    # step 12 is a later step of an abandoned branch: a crash must not make resume=auto go there
+    for name, complete in (("step00000004", True), ("step00000006", False), ("step00000008", True),
+                           ("step00000012", True)):
         _tag(tmp_path, name, complete)
     (tmp_path / "step00000008_universal").mkdir()
     (tmp_path / LATEST).write_text("step00000008")
     clear_tag_for_save(str(tmp_path), "step00000008")
-    assert read_latest(str(tmp_path)) == "step00000004"   # the newest other *complete* tag
+    assert read_latest(str(tmp_path)) == "step00000004"   # the newest *complete* tag of an earlier step
     assert not (tmp_path / "step00000008").exists() and not (tmp_path / "step00000008_universal").exists()
     clear_tag_for_save(str(tmp_path), "step00000010")      # a new tag: nothing to do
     assert read_latest(str(tmp_path)) == "step00000004"
@@ -94,3 +96,6 @@ def test_mlp_backend_choices_round_trip():
     b.load_backend_state(a.backend_state())
     assert b.backend_state() == a.backend_state()
     assert b.layers[1].mlp.calibration.choice == "hybrid" and b.layers[0].mlp.measured_nnz_fraction == 1.0
+    c = SparseLlama(cfg)      # after a TP change: the choice was timed at another local H
+    c.load_backend_state(a.backend_state(), keep_choices=False)
+    assert c.layers[1].mlp.measured_nnz_fraction == 0.03 and c.layers[1].mlp.calibration.choice is None

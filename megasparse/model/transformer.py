@@ -253,13 +253,16 @@ class SparseLlama(nn.Module):
                  "calibration": layer.mlp.calibration.state_dict()} if isinstance(layer.mlp, ReluGatedMLP) else None
                 for layer in self.layers]
 
-    def load_backend_state(self, state: list) -> None:
+    def load_backend_state(self, state: list, keep_choices: bool = True) -> None:
+        """backend_state() back. keep_choices=False restores only the measured nnz/H, so each
+        layer times its choice again (it depends on the local H: after a TP change)."""
         if len(state) != len(self.layers):
             raise ValueError(f"MLP backend state for {len(state)} layers, but the model has {len(self.layers)}")
         for layer, s in zip(self.layers, state):
             if s is not None and isinstance(layer.mlp, ReluGatedMLP):
                 layer.mlp.measured_nnz_fraction = s["measured_nnz_fraction"]
-                layer.mlp.calibration.load_state_dict(s["calibration"])
+                if keep_choices:
+                    layer.mlp.calibration.load_state_dict(s["calibration"])
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -16,8 +16,8 @@ the previous, complete checkpoint; the half-written folder is ignored and later 
 A tag can already exist: a run resumed from an earlier step of the same run folder saves over
 the later steps of the branch it left. DeepSpeed would overwrite such a folder in place, so a
 crash mid-save would leave new files beside the old branch's, under a `latest` that may point
-there. So rank 0 first moves `latest` back to the newest other complete tag, then deletes the
-old folder (and its `_universal` copy, built from it), before anyone writes.
+there. So rank 0 first moves `latest` back to the newest complete tag of an earlier step, then
+deletes the old folder (and its `_universal` copy, built from it), before anyone writes.
 """
 from __future__ import annotations
 
@@ -135,12 +135,14 @@ def prune_checkpoints(ckpt_dir: str, keep_last: int, keep_every: int | None) -> 
 
 def clear_tag_for_save(ckpt_dir: str, tag: str) -> None:
     """Rank 0, before a save of `tag`: if the folder exists (an older branch of this run), point
-    `latest` away from it first, at the newest other complete tag (or remove `latest` when there
-    is none), then delete it, so no crash can leave `latest` on a mix of two branches."""
+    `latest` away from it first, at the newest complete tag of an earlier step (or remove `latest`
+    when there is none), then delete it, so no crash can leave `latest` on a mix of two branches."""
     if not os.path.isdir(os.path.join(ckpt_dir, tag)):
         return
     if read_latest(ckpt_dir) == tag:
-        complete = [t for t in _tags(ckpt_dir) if t != tag and os.path.isfile(os.path.join(ckpt_dir, t, META))]
+        step = int(_TAG.match(tag).group(1))
+        complete = [t for t in _tags(ckpt_dir) if int(_TAG.match(t).group(1)) < step   # not an abandoned later one
+                    and os.path.isfile(os.path.join(ckpt_dir, t, META))]
         if complete:
             write_latest(ckpt_dir, complete[-1])
         else:

@@ -32,7 +32,9 @@ def load_shards(folder: str, meta: dict) -> list[dict]:
     """The model-states dicts of every TP rank of a step folder, "module" holding the weights, for
     any ZeRO stage (convert and export)."""
     tp = int(meta.get("tp", 1))
-    return load_zero3_shards(folder, tp) if meta.get("zero_stage") == 3 else load_model_shards(folder, tp)
+    # a folder written by `megasparse convert` keeps its source's zero_stage but holds plain model files
+    zero3 = meta.get("zero_stage") == 3 and not os.path.isfile(model_file(folder, 0))
+    return load_zero3_shards(folder, tp) if zero3 else load_model_shards(folder, tp)
 
 
 def load_zero3_shards(folder: str, tp: int) -> list[dict]:
@@ -50,11 +52,12 @@ def load_zero3_shards(folder: str, tp: int) -> list[dict]:
 
     shards = []
     for rank in range(tp):
-        files = sorted(glob.glob(os.path.join(folder, f"zero_pp_rank_*_mp_rank_{rank:02d}_*_states.pt")))
+        # the optimizer shards of a bf16 run are named bf16_zero_pp_rank_...
+        files = sorted(glob.glob(os.path.join(folder, f"*zero_pp_rank_*_mp_rank_{rank:02d}_*_states.pt")))
         head = os.path.join(folder, f"zero_pp_rank_0_mp_rank_{rank:02d}_model_states.pt")
         if head not in files or not any(f.endswith("_optim_states.pt") for f in files):
             raise CheckpointError(f"{folder} was saved with ZeRO-3 at tp={tp}, but TP rank {rank}'s files "
-                                  f"(zero_pp_rank_*_mp_rank_{rank:02d}_model_states.pt and _optim_states.pt) are "
+                                  f"(zero_pp_rank_*_mp_rank_{rank:02d}_model_states.pt and *_optim_states.pt) are "
                                   f"missing; the save was incomplete: use another step folder")
         with tempfile.TemporaryDirectory() as tmp:
             os.mkdir(os.path.join(tmp, "rank"))

@@ -151,7 +151,9 @@ def apply_resume(trainer, plan: ResumePlan) -> None:
     trainer.l1_schedule.load_state_dict(client["l1_schedule"])
     _restore_open_interval(trainer, plan, client)
     if "mlp_backends" in client:
-        trainer.engine.module.load_backend_state(client["mlp_backends"])
+        # a converted folder's choices were timed at another layout (often another local H)
+        trainer.engine.module.load_backend_state(client["mlp_backends"],
+                                                 keep_choices="converted_from" not in plan.meta)
     trainer.reinit.load_state_dict(client.get("sparsity_reinit", {}))
     load_rng_state(plan.load_dir, plan.tag, trainer.dist.rank, same_layout=plan.same_dp)
     if trainer.is_main:
@@ -164,10 +166,11 @@ def _restore_open_interval(trainer, plan: ResumePlan, client: dict) -> None:
     own sums from its file, so the next log line is bit-identical to the uninterrupted run's; at
     another DP degree DP rank 0 takes the DP sums from the client state and the others start from
     zero. The statistics window is DP-reduced already and is restored whenever the local shapes
-    match (not after a TP change)."""
+    match. Not from a `megasparse convert` folder: its client state is TP rank 0's, copied to
+    every TP rank, and the statistics are per TP shard."""
     own = load_rank_state(plan.load_dir, plan.tag, trainer.dist.rank) if plan.same_dp else None
     holds_sums = own is not None or trainer.parallel.dp_rank == 0
-    stats = client.get("sparsity_stats")
+    stats = None if "converted_from" in plan.meta else client.get("sparsity_stats")
     if stats is not None and trainer.stats.load_state_dict(stats, holds_interval=own is None and holds_sums) \
             and own is not None:
         trainer.stats.load_interval(own["sparsity_interval"])
