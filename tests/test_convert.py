@@ -19,7 +19,7 @@ def logits_cmd(nproc, out, *overrides):
             "--master_port", str(_port()), *args]
 
 
-@pytest.mark.parametrize("stage,dtype", [(1, "fp32"), (3, "fp32"), (3, "bf16")])
+@pytest.mark.parametrize("stage,dtype", [(1, "fp32"), (3, "bf16")])
 def test_tp2_to_tp1_conversion_gives_same_logits(tmp_path, stage, dtype):
     """ZeRO-3 keeps the weights only in its optimizer shards: each TP rank's are consolidated
     (a bf16 run names them bf16_zero_pp_rank_...). bf16 logits at tp=2 and tp=1 differ by

@@ -338,6 +338,15 @@ def test_bad_inputs_are_clear_errors(tmp_path, tokenizer, calibration_dir, capsy
     assert (out / "keep.txt").exists()
     export_checkpoint(str(ckpt), str(out), overwrite=True, **QUIET)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
+    # non-finite weights, in the checkpoint or from a cast to fp16
+    nan = hand_built(tmp_path / "nan", tokenizer, edit=lambda st: st["layers.1.mlp.up_weight"].view(-1)[5].fill_(
+        float("nan")))
+    with pytest.raises(CheckpointError, match="layers.1.mlp.up_weight holds NaN or inf.*earlier step folder"):
+        export_checkpoint(str(nan), str(tmp_path / "o1"), **QUIET)
+    big = hand_built(tmp_path / "big", tokenizer, edit=lambda st: st["norm.weight"].fill_(1e5))
+    with pytest.raises(CheckpointError, match="model.norm.weight exceeds the range of float16.*--dtype bf16"):
+        export_checkpoint(str(big), str(tmp_path / "o1"), dtype="fp16", **QUIET)
+    export_checkpoint(str(big), str(tmp_path / "o1"), dtype="bf16", **QUIET)
     # a step folder without model files
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megasparse.errors import ConfigError, DataError
+from megasparse.errors import CheckpointError, ConfigError, DataError
 from megasparse.export.calibrate import CALIBRATION_TOKENS, calibrate_and_permute, read_calibration_tokens
 from megasparse.export.hf_format import (CONFIG_FILE, DTYPE_NAMES, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE,
                                          hf_config, parse_dtype, to_hf_names)
@@ -122,6 +122,19 @@ def _write(tmp: str, tensors: dict, config: dict, tokenizer_path: str) -> None:
     fsync_tree(tmp)
 
 
+def _check_finite(state: dict, tensors: dict, dtype: torch.dtype, folder: str) -> None:
+    """A NaN or inf weight exports a model that computes NaN, and a cast to fp16 turns values past
+    its range (+-65504) into inf: refuse either, naming the tensor."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{folder}: {name} holds NaN or inf values (the training diverged by this step); "
+                                  f"export an earlier step folder")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name} exceeds the range of {DTYPE_NAMES[dtype]} (fp16 holds at most +-65504); "
+                                  f"export with --dtype bf16 or fp32")
+
+
 def _publish(tmp: str, out: str) -> None:
     """Rename tmp to out; an old out (--overwrite) is moved aside first and removed after."""
     old = None
@@ -193,6 +206,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, calibration_data: str | 
     }
     config = hf_config(cfg, export_dtype, _special_ids(tok), megasparse)
     tensors = _unshared(to_hf_names(state, cfg.mlp), export_dtype)
+    _check_finite(state, tensors, export_dtype, src.folder)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         _write(tmp, tensors, config, tok.path)
