@@ -166,24 +166,22 @@ class SparsityStats:
         per DP rank, but DeepSpeed writes the client state from DP rank 0 only, so its sums are
         DP-reduced here (nnz_max by max). The window already is DP-reduced. The state therefore
         does not depend on the DP degree, and load_state_dict gives the sums to one DP rank."""
+        return {**self.interval_state(dp_group, reduced=True), "dp_reduced": True,
+                "has_counts": self.has_counts, "has_max": self.has_max,
+                "intervals": [(n, _cpu(f)) for n, f in self._intervals],
+                "window_fire": _cpu(self.window_fire), "window_token_count": self.window_token_count}
+
+    def interval_state(self, dp_group=None, reduced: bool = False) -> dict:
+        """The open interval's sums (on CPU): this rank's own, for an exact resume at the same
+        layout, or with `reduced` their DP sums (a collective over dp_group)."""
         fire, l1, nnz_max = self.fire.clone(), self.l1.clone(), self.nnz_max.clone()
         counts = torch.tensor([self.tokens, self.batches], dtype=torch.int64, device=self.device)
-        if _world(dp_group) > 1:
+        if reduced and _world(dp_group) > 1:
             for t in (fire, l1, counts):
                 dist.all_reduce(t, group=dp_group)
             dist.all_reduce(nnz_max, op=dist.ReduceOp.MAX, group=dp_group)
         tokens, batches = counts.tolist()
-        cpu = lambda t: t.to("cpu", copy=True)  # noqa: E731  (never an alias of the live sums)
-        return {"fire": cpu(fire), "l1": cpu(l1), "nnz_max": cpu(nnz_max), "dp_reduced": True,
-                "tokens": tokens, "batches": batches, "has_counts": self.has_counts,
-                "has_max": self.has_max, "intervals": [(n, cpu(f)) for n, f in self._intervals],
-                "window_fire": cpu(self.window_fire), "window_token_count": self.window_token_count}
-
-    def interval_state(self) -> dict:
-        """This rank's own open-interval sums (not reduced), for an exact resume at the same layout."""
-        cpu = lambda t: t.to("cpu", copy=True)  # noqa: E731
-        return {"fire": cpu(self.fire), "l1": cpu(self.l1), "nnz_max": cpu(self.nnz_max),
-                "tokens": self.tokens, "batches": self.batches}
+        return {"fire": _cpu(fire), "l1": _cpu(l1), "nnz_max": _cpu(nnz_max), "tokens": tokens, "batches": batches}
 
     def load_interval(self, state: dict) -> None:
         """Put back interval_state()'s sums (after load_state_dict, which restores the flags)."""
@@ -199,13 +197,17 @@ class SparsityStats:
         the statistics then restart, and nothing else depends on them."""
         if tuple(state["fire"].shape) != tuple(self.fire.shape):
             return False
-        to = lambda t: t.to(self.device, copy=True)  # noqa: E731
         self._reset_interval()
         if holds_interval:
-            self.fire, self.l1, self.nnz_max = to(state["fire"]), to(state["l1"]), to(state["nnz_max"])
-            self.tokens, self.batches = state["tokens"], state["batches"]
+            self.load_interval(state)
         # the same flags on every rank: reduce_and_reset's collectives depend on them
         self.has_counts, self.has_max = state["has_counts"], state["has_max"]
+        to = lambda t: t.to(self.device, copy=True)  # noqa: E731
         self._intervals = deque((n, to(f)) for n, f in state["intervals"])
         self.window_fire, self.window_token_count = to(state["window_fire"]), state["window_token_count"]
         return True
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy for a checkpoint, never an alias of the live sums (t.cpu() is one on CPU)."""
+    return t.to("cpu", copy=True)

@@ -107,9 +107,13 @@ def restore_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------ save
 
+def _step_of(tag: str) -> int:
+    return int(_TAG.match(tag).group(1))
+
+
 def _tags(ckpt_dir: str) -> list[str]:
     """The step folders, oldest first."""
-    return sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), key=lambda t: int(_TAG.match(t).group(1)))
+    return sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), key=_step_of)
 
 
 def _remove_tag(ckpt_dir: str, tag: str) -> None:
@@ -125,8 +129,7 @@ def prune_checkpoints(ckpt_dir: str, keep_last: int, keep_every: int | None) -> 
     tags = _tags(ckpt_dir)
     doomed = []
     for tag in tags[:-keep_last] if keep_last > 0 else tags:
-        step = int(_TAG.match(tag).group(1))
-        if tag == latest or (keep_every and step % keep_every == 0):
+        if tag == latest or (keep_every and _step_of(tag) % keep_every == 0):
             continue
         _remove_tag(ckpt_dir, tag)
         doomed.append(tag)
@@ -140,8 +143,7 @@ def clear_tag_for_save(ckpt_dir: str, tag: str) -> None:
     if not os.path.isdir(os.path.join(ckpt_dir, tag)):
         return
     if read_latest(ckpt_dir) == tag:
-        step = int(_TAG.match(tag).group(1))
-        complete = [t for t in _tags(ckpt_dir) if int(_TAG.match(t).group(1)) < step   # not an abandoned later one
+        complete = [t for t in _tags(ckpt_dir) if _step_of(t) < _step_of(tag)   # not an abandoned later one
                     and os.path.isfile(os.path.join(ckpt_dir, t, META))]
         if complete:
             write_latest(ckpt_dir, complete[-1])
